@@ -1,0 +1,19 @@
+# The two set-up commands of the README. Both install into the current Python,
+# taking the local CPU build of torch (no multi-GB CUDA download) when torch is absent.
+PYTHON ?= python3
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test bench
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+demo: install
+	$(PYTHON) -m headwise demo
+
+test: install
+	$(PYTHON) -m pytest tests
+
+bench: install
+	$(PYTHON) bench/bench_attention.py

@@ -1,0 +1,34 @@
+"""Who may attend to whom: immutable, composable attention patterns.
+
+See :class:`headwise.patterns.Pattern` for what every pattern provides, and
+:mod:`headwise.patterns.library` for the position and alignment conventions.
+"""
+
+from headwise.patterns.base import EMPTY, FULL, PARTIAL, Pattern
+from headwise.patterns.library import (
+    block_sparse,
+    causal,
+    documents,
+    full,
+    modality_mutual,
+    per_head,
+    sinks,
+    sliding_window,
+    strided,
+)
+
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "Pattern",
+    "block_sparse",
+    "causal",
+    "documents",
+    "full",
+    "modality_mutual",
+    "per_head",
+    "sinks",
+    "sliding_window",
+    "strided",
+]

@@ -1,0 +1,228 @@
+"""The :class:`Pattern` object: who may attend to whom.
+
+A pattern answers one question, "may query ``i`` of head ``h`` attend key ``j``?", as a pure
+function of indices (FlexAttention's ``mask_mod`` style). From that predicate every consumer derives
+what it needs:
+
+* ``mask_mod(q_len, kv_len)`` - the predicate itself, for FlexAttention and custom kernels;
+* ``dense_mask(q_len, kv_len)`` - a boolean ``(H_p, Lq, Lk)`` tensor, for the reference oracle;
+* ``block_layout(q_len, kv_len, block)`` - ``(H_p, nQ, nK)`` codes EMPTY/PARTIAL/FULL, computed
+  in row chunks so no ``Lq x Lk`` tensor is ever built;
+* ``block_mask(...)`` - a FlexAttention ``BlockMask`` assembled from that layout;
+* ``density(q_len, kv_len)`` - the fraction of visible (query, key) pairs.
+
+``H_p`` is 1 for head-agnostic patterns and the number of heads for :func:`per_head` stacks.
+Patterns are immutable and hashable, so derived layouts are cached per (pattern, lengths).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Predicates are evaluated over at most this many (head, query, key) elements at a time.
+_CHUNK_ELEMENTS = 1 << 22
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Pattern:
+    """Base class of all attention patterns. Subclasses implement :meth:`_allowed`.
+
+    Compose with ``a & b`` (both must allow) and ``a | b`` (either allows); stack one pattern per
+    head with :func:`headwise.patterns.per_head`.
+    """
+
+    #: number of heads the pattern distinguishes; ``None`` = the same for every head
+    num_heads: int | None = None
+
+    # ----------------------------------------------------------------- to be implemented
+    def _allowed(
+        self,
+        h: torch.Tensor,
+        q_idx: torch.Tensor,
+        kv_idx: torch.Tensor,
+        q_len: int,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """Boolean tensor, broadcast of the index tensors: may ``q_idx`` attend ``kv_idx``."""
+        raise NotImplementedError
+
+    def check_lengths(self, q_len: int, kv_len: int) -> None:
+        """Raise ``ValueError`` if the pattern was built for other sequence lengths."""
+
+    # ----------------------------------------------------------------- composition
+    def __and__(self, other: Pattern) -> Pattern:
+        from headwise.patterns.library import _Intersection
+
+        return _Intersection(_flatten(_Intersection, (self, other)))
+
+    def __or__(self, other: Pattern) -> Pattern:
+        from headwise.patterns.library import _Union
+
+        return _Union(_flatten(_Union, (self, other)))
+
+    # ----------------------------------------------------------------- derived views
+    def mask_mod(self, q_len: int, kv_len: int) -> MaskMod:
+        """The predicate as ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the given lengths."""
+        self.check_lengths(q_len, kv_len)
+        return _mask_mod(self, q_len, kv_len)
+
+    def dense_mask(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Boolean mask of shape ``(H_p, q_len, kv_len)``; ``True`` = may attend."""
+        self.check_lengths(q_len, kv_len)
+        return self._rows(0, q_len, q_len, kv_len, torch.device(device or "cpu"))
+
+    def block_layout(
+        self,
+        q_len: int,
+        kv_len: int,
+        block_size: int | tuple[int, int] = 128,
+        *,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Block codes ``(H_p, ceil(Lq/bq), ceil(Lk/bk))``: EMPTY=0, PARTIAL=1, FULL=2 (uint8)."""
+        self.check_lengths(q_len, kv_len)
+        block_q, block_k = _pair(block_size)
+        return _block_layout(self, q_len, kv_len, block_q, block_k, str(device or "cpu"))
+
+    def block_mask(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ):
+        """A FlexAttention ``BlockMask`` (fully visible blocks skip the predicate)."""
+        self.check_lengths(q_len, kv_len)
+        block_q, block_k = _pair(block_size)
+        return _flex_block_mask(self, q_len, kv_len, block_q, block_k, str(device or "cpu"))
+
+    def density(self, q_len: int, kv_len: int) -> float:
+        """Fraction of (head, query, key) triples that are visible, in ``[0, 1]``."""
+        self.check_lengths(q_len, kv_len)
+        return _density(self, q_len, kv_len)
+
+    # ----------------------------------------------------------------- helpers
+    def _rows(
+        self, start: int, stop: int, q_len: int, kv_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """Dense mask of query rows ``start:stop``, shape ``(H_p, stop - start, kv_len)``."""
+        heads = self.num_heads or 1
+        h = torch.arange(heads, device=device).view(-1, 1, 1)
+        q_idx = torch.arange(start, stop, device=device).view(1, -1, 1)
+        kv_idx = torch.arange(kv_len, device=device).view(1, 1, -1)
+        allowed = self._allowed(h, q_idx, kv_idx, q_len, kv_len)
+        return allowed.expand(heads, stop - start, kv_len)
+
+    def _row_chunks(self, q_len: int, kv_len: int):
+        heads = self.num_heads or 1
+        step = max(1, _CHUNK_ELEMENTS // max(1, heads * kv_len))
+        for start in range(0, q_len, step):
+            yield start, min(q_len, start + step)
+
+
+def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    block_q, block_k = (block_size, block_size) if isinstance(block_size, int) else block_size
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_size must be positive; got {block_size}")
+    return int(block_q), int(block_k)
+
+
+def _flatten(kind: type, parts: tuple[Pattern, ...]) -> tuple[Pattern, ...]:
+    flat: list[Pattern] = []
+    for part in parts:
+        if not isinstance(part, Pattern):
+            raise TypeError(f"can only combine Pattern objects; got {type(part).__name__}")
+        flat.extend(part.parts if isinstance(part, kind) else (part,))
+    heads = {p.num_heads for p in flat if p.num_heads is not None}
+    if len(heads) > 1:
+        raise ValueError(f"cannot combine per-head patterns with different head counts {heads}")
+    return tuple(flat)
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_mod(pattern: Pattern, q_len: int, kv_len: int) -> MaskMod:
+    # Cached so that FlexAttention sees the same function object for the same problem and does
+    # not recompile.
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pattern._allowed(h, q_idx, kv_idx, q_len, kv_len)
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=256)
+def _block_layout(
+    pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_k: int, device: str
+) -> torch.Tensor:
+    heads = pattern.num_heads or 1
+    n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+    any_visible = torch.zeros(heads, n_q * block_q, n_k, dtype=torch.bool, device=device)
+    all_visible = torch.ones_like(any_visible)
+    pad_k = n_k * block_k - kv_len
+    # Rows are chunked so each chunk holds whole query blocks.
+    step = max(block_q, (_CHUNK_ELEMENTS // max(1, heads * kv_len)) // block_q * block_q)
+    for start in range(0, q_len, step):
+        stop = min(q_len, start + step)
+        rows = pattern._rows(start, stop, q_len, kv_len, torch.device(device))
+        blocks_any = torch.nn.functional.pad(rows, (0, pad_k), value=False)
+        blocks_all = torch.nn.functional.pad(rows, (0, pad_k), value=True)
+        any_visible[:, start:stop] = blocks_any.view(heads, stop - start, n_k, block_k).any(-1)
+        all_visible[:, start:stop] = blocks_all.view(heads, stop - start, n_k, block_k).all(-1)
+    any_visible = any_visible.view(heads, n_q, block_q, n_k).any(2)
+    # Padding rows past q_len count as visible for "all" so a partial last block can be FULL.
+    all_visible[:, q_len:] = True
+    all_visible = all_visible.view(heads, n_q, block_q, n_k).all(2)
+    layout = torch.full((heads, n_q, n_k), EMPTY, dtype=torch.uint8, device=device)
+    layout[any_visible] = PARTIAL
+    layout[all_visible & any_visible] = FULL
+    return layout
+
+
+@functools.lru_cache(maxsize=256)
+def _density(pattern: Pattern, q_len: int, kv_len: int) -> float:
+    if q_len == 0 or kv_len == 0:
+        return 0.0
+    visible = 0
+    for start, stop in pattern._row_chunks(q_len, kv_len):
+        visible += int(pattern._rows(start, stop, q_len, kv_len, torch.device("cpu")).sum())
+    return visible / ((pattern.num_heads or 1) * q_len * kv_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(
+    pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_k: int, device: str
+):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = _block_layout(pattern, q_len, kv_len, block_q, block_k, device)
+
+    def indices_of(code: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = layout == code
+        counts = hit.sum(-1, dtype=torch.int32)
+        # Stable sort puts the selected block columns first, in increasing order.
+        order = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None], order[None]
+
+    partial_counts, partial_indices = indices_of(PARTIAL)
+    full_counts, full_indices = indices_of(FULL)
+    return BlockMask.from_kv_blocks(
+        partial_counts,
+        partial_indices,
+        full_counts,
+        full_indices,
+        BLOCK_SIZE=(block_q, block_k),
+        mask_mod=_mask_mod(pattern, q_len, kv_len),
+        seq_lengths=(q_len, kv_len),
+    )
