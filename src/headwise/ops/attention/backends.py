@@ -1,0 +1,199 @@
+"""The softmax-attention backends and what each can serve.
+
+Each backend is a small class (after xFormers' operator classes) with
+
+* ``reasons(problem) -> list[str]``: why it cannot serve this problem (empty = it can);
+* ``run(q, k, v, pattern, scale, bias, score_mod) -> (out, lse)``: ``out`` ``(B, Lq, H, Dv)`` in
+  the input dtype and ``lse`` ``(B, H, Lq)`` (``None`` when the backend cannot produce it).
+
+The dispatcher in :mod:`headwise.ops.attention.dispatch` walks them in priority order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from headwise.ops.attention.blockwise import blockwise_attention
+from headwise.ops.attention.problem import AttentionProblem, bias_4d
+from headwise.ops.attention.reference import reference_attention
+from headwise.patterns import Pattern
+from headwise.patterns.library import Causal, Full
+
+#: the reference backend materialises B*H*Lq*Lk scores; ``auto`` refuses it above this size
+REFERENCE_AUTO_LIMIT = 1 << 24
+#: distinct compiled FlexAttention graphs (patterns x shapes) before a call raises
+FLEX_RECOMPILE_LIMIT = 256
+
+
+class Backend:
+    name = ""
+    #: one line for ``explain`` and the README
+    summary = ""
+
+    def reasons(self, problem: AttentionProblem) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, q, k, v, pattern, scale, bias, score_mod):
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    summary = "plain PyTorch, float32 accumulation, materialises B*H*Lq*Lk scores (the oracle)"
+
+    def reasons(self, problem):
+        return []
+
+    def run(self, q, k, v, pattern, scale, bias, score_mod):
+        return reference_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
+
+
+def _sdpa_causal_kind(pattern: Pattern | None) -> str | None:
+    """``"none"``, ``"top_left"`` or ``"bottom_right"`` for patterns SDPA takes natively."""
+    if pattern is None or isinstance(pattern, Full):
+        return "none"
+    if isinstance(pattern, Causal):
+        return pattern.align
+    return None
+
+
+class SdpaBackend(Backend):
+    name = "sdpa"
+    summary = "torch.nn.functional.scaled_dot_product_attention (dense or plain causal)"
+
+    def reasons(self, problem):
+        reasons = []
+        kind = _sdpa_causal_kind(problem.pattern)
+        if kind is None:
+            reasons.append(
+                f"pattern {type(problem.pattern).__name__} is not full or plain causal"
+            )
+        elif (
+            kind == "bottom_right"
+            and problem.q_len > problem.kv_len
+            and problem.device.type != "cpu"
+        ):
+            reasons.append("causal rows without keys (Lq > Lk) give NaN in SDPA's GPU kernels")
+        if problem.has_score_mod:
+            reasons.append("score_mod is not supported by SDPA")
+        if problem.return_lse:
+            reasons.append("SDPA does not return the log-sum-exp")
+        return reasons
+
+    def run(self, q, k, v, pattern, scale, bias, score_mod):
+        q_len, kv_len = q.shape[1], k.shape[1]
+        kind = _sdpa_causal_kind(pattern)
+        mask = None
+        is_causal = False
+        if kind != "none":
+            if kind == "top_left" or q_len == kv_len:
+                is_causal = True
+            else:
+                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(
+                    kv_len - q_len
+                )
+        if bias is not None:
+            attn_bias = bias_4d(bias).to(q.dtype)
+            if is_causal:
+                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
+                is_causal = False
+            mask = attn_bias if mask is None else attn_bias.masked_fill(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return out.transpose(1, 2), None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # dynamic=False: one compiled graph per shape; a new sequence length compiles once and is
+    # then served from the cache (see the README's "recompilation" notes).
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    summary = "torch FlexAttention, compiled, with the pattern's BlockMask (block 128)"
+    block_size = 128
+
+    def reasons(self, problem):
+        reasons = []
+        if problem.device.type == "cpu":
+            if problem.needs_grad:
+                reasons.append("FlexAttention has no backward on CPU")
+            if problem.return_lse:
+                reasons.append("compiled FlexAttention cannot return the LSE on CPU")
+        elif problem.device.type != "cuda":
+            reasons.append(f"FlexAttention is not compiled for device {problem.device.type}")
+        if problem.head_dim > 256 or problem.value_dim > 256:
+            reasons.append(f"head_dim > 256 ({problem.head_dim}, {problem.value_dim})")
+        if problem.dtype == torch.float64:
+            reasons.append("float64 is not supported by compiled FlexAttention")
+        return reasons
+
+    def run(self, q, k, v, pattern, scale, bias, score_mod):
+        block_mask = None
+        if pattern is not None:
+            block_mask = pattern.block_mask(
+                q.shape[1], k.shape[1], block_size=self.block_size, device=q.device
+            )
+        mod = _with_bias(score_mod, bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        return_lse = q.device.type != "cpu"
+        # Each (pattern, score_mod, shape) is one compiled graph. Past dynamo's default limit of 8
+        # torch would silently run FlexAttention unfused (L x L memory); raise the limit and make
+        # hitting it an error instead.
+        with torch._dynamo.config.patch(
+            recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+        ):
+            result = _compiled_flex()(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                score_mod=mod,
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=q.shape[2] != k.shape[2],
+                return_lse=return_lse,
+            )
+        out, lse = result if return_lse else (result, None)
+        return out.transpose(1, 2), lse
+
+
+def _with_bias(score_mod, bias, batch, heads, q_len, kv_len):
+    if bias is None:
+        return score_mod
+    full_bias = bias_4d(bias).expand(batch, heads, q_len, kv_len)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        if score_mod is not None:
+            score = score_mod(score, b, h, q_idx, kv_idx)
+        return score + full_bias[b, h, q_idx, kv_idx].to(score.dtype)
+
+    return mod
+
+
+class BlockwiseBackend(Backend):
+    name = "blockwise"
+    summary = "PyTorch row blocks that skip empty key blocks; exact, forward+backward anywhere"
+
+    def reasons(self, problem):
+        return []
+
+    def run(self, q, k, v, pattern, scale, bias, score_mod):
+        return blockwise_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (SdpaBackend(), FlexBackend(), BlockwiseBackend(), ReferenceBackend())
+}

@@ -1,0 +1,233 @@
+"""Blockwise softmax attention in PyTorch: any pattern, forward and backward, on any device.
+
+Queries are processed in row blocks of ``block`` tokens. For each row block the pattern's block
+layout names the key blocks with at least one visible entry; only those keys are gathered, so
+empty blocks cost nothing and no ``Lq x Lk`` tensor is built (peak extra memory is
+``B * H * block * keys_selected``). Within a row block the softmax is exact (the same
+``masked_softmax_av`` as the reference). Backward is FlashAttention-2 style: it keeps only
+``out`` and ``lse`` and recomputes each row block's probabilities,
+
+    dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,
+    dV = P^T dO,  dbias = dS (reduced over broadcast dims).
+
+This is the CPU training path for sparse patterns (FlexAttention has no CPU backward).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from headwise.ops.attention.problem import ScoreMod, bias_4d
+from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
+from headwise.patterns import EMPTY, FULL, Pattern
+
+DEFAULT_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class _RowBlock:
+    q_start: int
+    q_stop: int
+    keys: slice | torch.Tensor  # key positions this row block may see
+    needs_mask: bool  # False when every selected key is visible to every row and head
+
+
+@functools.lru_cache(maxsize=128)
+def _plan(
+    pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
+) -> tuple[_RowBlock, ...]:
+    if pattern is None:
+        return tuple(
+            _RowBlock(s, min(q_len, s + block), slice(0, kv_len), False)
+            for s in range(0, q_len, block)
+        )
+    layout = pattern.block_layout(q_len, kv_len, block, device="cpu")
+    nonempty = (layout != EMPTY).any(0)
+    all_full = (layout == FULL).all(0)
+    rows = []
+    for r in range(layout.shape[1]):
+        cols = torch.nonzero(nonempty[r]).flatten()
+        q_start, q_stop = r * block, min(q_len, (r + 1) * block)
+        needs_mask = not bool(all_full[r, cols].all())
+        if len(cols) == 0:
+            keys: slice | torch.Tensor = slice(0, 0)
+        elif int(cols[-1] - cols[0]) + 1 == len(cols):
+            keys = slice(int(cols[0]) * block, min(kv_len, (int(cols[-1]) + 1) * block))
+        else:
+            starts = cols * block
+            keys = (starts[:, None] + torch.arange(block)).flatten()
+            keys = keys[keys < kv_len].to(device)
+        rows.append(_RowBlock(q_start, q_stop, keys, needs_mask))
+    return tuple(rows)
+
+
+def _key_positions(keys: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(keys, slice):
+        return torch.arange(keys.start, keys.stop, device=device)
+    return keys
+
+
+class _Blockwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, pattern, scale, score_mod, block):
+        batch, q_len, heads, _ = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        dtype = compute_dtype(q.dtype)
+        plan = _plan(pattern, q_len, kv_len, block, str(q.device))
+        # (B, Hkv, G, L, D) so GQA needs no copy of K/V per query head.
+        qg = _grouped_q(q, kv_heads, dtype)
+        kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+        vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+        out = torch.zeros(batch, kv_heads, group, q_len, v.shape[3], dtype=dtype, device=q.device)
+        lse = torch.full((batch, heads, q_len), float("-inf"), dtype=dtype, device=q.device)
+        for row in plan:
+            n_keys = _count(row.keys)
+            if n_keys == 0:
+                continue
+            scores = _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len)
+            block_out, block_lse = masked_softmax_av(scores, vg[:, :, :, row.keys])
+            out[:, :, :, row.q_start : row.q_stop] = block_out
+            lse[:, :, row.q_start : row.q_stop] = block_lse.reshape(batch, heads, -1)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.params = (pattern, scale, score_mod, plan)
+        out = out.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        bias = bias.detach() if bias is not None else None
+        pattern, scale, score_mod, plan = ctx.params
+        batch, q_len, heads, _ = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        dtype = out.dtype
+        qg = _grouped_q(q, kv_heads, dtype)
+        kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+        vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+        dout = _grouped_q(grad_out, kv_heads, dtype)
+        delta = (dout * out).sum(-1)  # (B, Hkv, G, Lq)
+        lse = lse.view(batch, kv_heads, group, q_len)
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(dtype).view(batch, kv_heads, group, q_len)
+        safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        dq = torch.zeros_like(qg)
+        dk = torch.zeros_like(kg.squeeze(2))
+        dv = torch.zeros_like(vg.squeeze(2))
+        need_bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dbias = torch.zeros_like(bias_4d(bias), dtype=dtype) if need_bias_grad else None
+        for row in plan:
+            if _count(row.keys) == 0:
+                continue
+            rows = slice(row.q_start, row.q_stop)
+            q_blk = qg[:, :, :, rows]
+            with torch.enable_grad():
+                raw = (q_blk @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
+                raw = raw.detach().requires_grad_(score_mod is not None)
+                scores = _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len)
+            probs = torch.exp(scores.detach() - safe_lse[:, :, :, rows, None])
+            d_out = dout[:, :, :, rows]
+            dv_sel = (probs.transpose(-1, -2) @ d_out).sum(2)
+            d_probs = d_out @ vg[:, :, :, row.keys].transpose(-1, -2)
+            d_scores = probs * (d_probs - delta[:, :, :, rows, None])
+            if dbias is not None:
+                _accumulate_bias_grad(dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row)
+            if score_mod is not None:
+                (d_scores,) = torch.autograd.grad(scores, raw, d_scores)
+            d_scores = d_scores * scale
+            dq[:, :, :, rows] = d_scores @ kg[:, :, :, row.keys]
+            dk_sel = (d_scores.transpose(-1, -2) @ q_blk).sum(2)
+            _add_keys(dk, dk_sel, row.keys)
+            _add_keys(dv, dv_sel, row.keys)
+        grad_q = dq.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
+        grad_k = dk.transpose(1, 2).to(k.dtype)
+        grad_v = dv.transpose(1, 2).to(v.dtype)
+        grad_bias = dbias.reshape(bias.shape).to(bias.dtype) if dbias is not None else None
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
+
+
+def _grouped_q(t: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    batch, length, heads, dim = t.shape
+    return t.reshape(batch, length, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).to(
+        dtype
+    )
+
+
+def _count(keys: slice | torch.Tensor) -> int:
+    return keys.stop - keys.start if isinstance(keys, slice) else len(keys)
+
+
+def _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len):
+    raw = (qg[:, :, :, row.q_start : row.q_stop] @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
+    return _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len)
+
+
+def _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len):
+    """score_mod, bias and mask on a ``(B, Hkv, G, rows, keys)`` block of raw scores."""
+    batch, kv_heads, group, n_rows, n_keys = raw.shape
+    heads = kv_heads * group
+    scores = raw.reshape(batch, heads, n_rows, n_keys)
+    q_idx = torch.arange(row.q_start, row.q_stop, device=raw.device)
+    kv_idx = _key_positions(row.keys, raw.device)
+    if score_mod is not None:
+        scores = score_mod(scores, *score_indices(batch, heads, q_idx, kv_idx))
+    if bias is not None:
+        scores = scores + _bias_block(bias_4d(bias), row).to(scores.dtype)
+    if pattern is not None and row.needs_mask:
+        h = torch.arange(pattern.num_heads or 1, device=raw.device).view(-1, 1, 1)
+        visible = pattern._allowed(h, q_idx.view(1, -1, 1), kv_idx.view(1, 1, -1), q_len, kv_len)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.reshape(batch, kv_heads, group, n_rows, n_keys)
+
+
+def _bias_block(bias: torch.Tensor, row: _RowBlock) -> torch.Tensor:
+    rows = slice(row.q_start, row.q_stop) if bias.shape[2] > 1 else slice(None)
+    block = bias[:, :, rows]
+    return block[..., row.keys] if bias.shape[3] > 1 else block
+
+
+def _accumulate_bias_grad(dbias: torch.Tensor, d_scores: torch.Tensor, row: _RowBlock) -> None:
+    for dim in (0, 1):
+        if dbias.shape[dim] == 1:
+            d_scores = d_scores.sum(dim, keepdim=True)
+    if dbias.shape[2] == 1:
+        d_scores = d_scores.sum(2, keepdim=True)
+        target = dbias
+    else:
+        target = dbias[:, :, row.q_start : row.q_stop]
+    if dbias.shape[3] == 1:
+        target += d_scores.sum(3, keepdim=True)
+    elif isinstance(row.keys, slice):
+        target[..., row.keys] += d_scores
+    else:
+        target.index_add_(3, row.keys, d_scores)
+
+
+def _add_keys(grad: torch.Tensor, update: torch.Tensor, keys: slice | torch.Tensor) -> None:
+    if isinstance(keys, slice):
+        grad[:, :, keys] += update
+    else:
+        grad.index_add_(2, keys, update)
+
+
+def blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | None = None,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    score_mod: ScoreMod | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
+
+    ``lse`` is float32 (float64 for float64 inputs).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _Blockwise.apply(q, k, v, bias, pattern, scale, score_mod, block)

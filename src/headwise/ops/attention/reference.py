@@ -1,0 +1,89 @@
+"""The oracle: softmax attention in plain PyTorch, float32 (or float64) accumulation, L x L scores.
+
+    S = score_mod(scale * Q K^T) + bias,   S[h, i, j] = -inf where the pattern hides key j
+    lse_i = log sum_j exp(S_ij),            O_i = sum_j exp(S_ij - lse_i) V_j
+
+A row with no visible key returns O_i = 0 and lse_i = -inf (never NaN). Gradients come from
+autograd. Every fast backend is tested against this function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.ops.attention.problem import ScoreMod, bias_4d
+from headwise.patterns import Pattern
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked_softmax_av(
+    scores: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(scores) @ values`` and the row log-sum-exp, safe for rows that are all ``-inf``.
+
+    ``scores`` is ``(..., Lq, n)``, ``values`` is ``(..., n, Dv)`` (broadcastable batch dims).
+    """
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(-1, keepdim=True)
+    visible = total > 0
+    out = (weights / torch.where(visible, total, torch.ones_like(total))) @ values
+    lse = torch.where(
+        visible,
+        row_max + torch.log(torch.where(visible, total, torch.ones_like(total))),
+        torch.full_like(total, float("-inf")),
+    )
+    return out, lse.squeeze(-1)
+
+
+def score_indices(
+    batch: int, heads: int, q_idx: torch.Tensor, kv_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors ``b, h, q, kv`` broadcastable to ``(B, H, len(q_idx), len(kv_idx))``."""
+    device = q_idx.device
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1, 1),
+        q_idx.view(1, 1, -1, 1),
+        kv_idx.view(1, 1, 1, -1),
+    )
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | None = None,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    score_mod: ScoreMod | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out (B, Lq, H, Dv) in q.dtype, lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
+
+    ``lse`` is float32 (float64 for float64 inputs).
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    dtype = compute_dtype(q.dtype)
+    group = heads // kv_heads
+    qh = q.transpose(1, 2).to(dtype)
+    kh = k.transpose(1, 2).to(dtype).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).to(dtype).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        q_idx = torch.arange(q_len, device=q.device)
+        kv_idx = torch.arange(kv_len, device=q.device)
+        scores = score_mod(scores, *score_indices(batch, heads, q_idx, kv_idx))
+    if bias is not None:
+        scores = scores + bias_4d(bias).to(dtype)
+    if pattern is not None:
+        visible = pattern.dense_mask(q_len, kv_len, device=q.device)
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+    out, lse = masked_softmax_av(scores, vh)
+    return out.transpose(1, 2).to(q.dtype), lse

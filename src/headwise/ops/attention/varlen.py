@@ -1,0 +1,70 @@
+"""Unpadded (packed) batches, after "Boosting Distributed Training Performance of the Unpadded BERT
+Model" (Zeng et al., 2022): token-wise work runs on the ``(T, ...)`` packed real tokens only, and
+attention sees a block-diagonal pattern given by ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Real tokens of a padded batch: ``tokens`` ``(T, ...)``, ``cu_seqlens`` ``(B + 1,)`` int32,
+    ``indices`` ``(T,)`` flat positions in the ``(B * L)`` padded layout, and the padded size."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    indices: torch.Tensor
+    max_seqlen: int
+    batch: int
+    seq_len: int
+
+
+def pack(x: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
+    """Drop padding: ``x`` ``(B, L, ...)`` with ``attention_mask`` ``(B, L)`` (True/1 = real token).
+
+    Real tokens keep their order inside each sequence; they need not be a prefix.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, L, ...); got shape {tuple(x.shape)}")
+    if attention_mask.shape != x.shape[:2]:
+        raise ValueError(
+            f"attention_mask must be (B, L) = {tuple(x.shape[:2])}; got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=x.device, dtype=torch.bool)
+    seqlens = mask.sum(1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+    indices = torch.nonzero(mask.flatten()).flatten()
+    tokens = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[indices]
+    max_seqlen = int(seqlens.max()) if len(seqlens) else 0
+    return Packed(tokens, cu_seqlens, indices, max_seqlen, x.shape[0], x.shape[1])
+
+
+def unpack(tokens: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Scatter packed ``tokens`` ``(T, ...)`` back to ``(B, L, ...)``, zeros at padding."""
+    if tokens.shape[0] != packed.indices.shape[0]:
+        raise ValueError(
+            f"tokens must have T = {packed.indices.shape[0]} rows; got {tuple(tokens.shape)}"
+        )
+    out = tokens.new_zeros(packed.batch * packed.seq_len, *tokens.shape[1:])
+    out = out.index_copy(0, packed.indices, tokens)
+    return out.view(packed.batch, packed.seq_len, *tokens.shape[1:])
+
+
+def seqlens_from_cu(name: str, cu_seqlens: torch.Tensor, total: int) -> tuple[int, ...]:
+    """Validate ``cu_seqlens`` against ``total`` packed tokens and return the lengths."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        raise ValueError(f"{name} must be a 1-D tensor [0, ..., T] of length >= 2; got {shape}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64; got {cu_seqlens.dtype}")
+    values = cu_seqlens.tolist()
+    lengths = tuple(b - a for a, b in zip(values, values[1:]))
+    if values[0] != 0 or min(lengths) < 0 or values[-1] != total:
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at T={total}; got {values}"
+        )
+    return lengths
