@@ -143,6 +143,11 @@ class FlexBackend(Backend):
         return reasons
 
     def run(self, q, k, v, pattern, scale, bias, score_mod):
+        if q.device.type == "cpu":
+            # torch refuses CPU inputs that require grad even under no_grad; reasons() already
+            # made sure no gradient is needed here.
+            q, k, v = q.detach(), k.detach(), v.detach()
+            bias = bias.detach() if bias is not None else None
         block_mask = None
         if pattern is not None:
             block_mask = pattern.block_mask(

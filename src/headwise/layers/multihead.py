@@ -1,0 +1,395 @@
+"""Multi-head attention with GQA/MQA, qk-norm, rotary embeddings, packed batches and a KV cache.
+
+Shapes follow the library convention: activations ``(B, L, E)``, heads ``(B, L, H, D)``, packed
+batches ``(T, E)`` / ``(T, H, D)`` with ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from headwise import patterns
+from headwise.ops.attention import Backend, attention, attention_varlen
+from headwise.ops.attention.varlen import seqlens_from_cu
+from headwise.patterns import Pattern
+
+QKNorm = Literal["rms", "layer"]
+_QK_NORMS = ("rms", "layer")
+
+
+def _shape(t: object) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoFormer, Su et al. 2021), "rotate_half" convention.
+
+    ``x`` ``(..., L, H, D)`` with even ``D``, ``positions`` ``(L,)`` (any integers, negative too).
+    Channel ``i < D/2`` is paired with ``i + D/2`` (Llama / GPT-NeoX layout, not the interleaved
+    ``(2i, 2i+1)`` pairs of the paper) and the pair is rotated by ``theta_i = p * base^(-2i/D)``::
+
+        x'_i       = x_i cos(theta_i) - x_{i+D/2} sin(theta_i)
+        x'_{i+D/2} = x_{i+D/2} cos(theta_i) + x_i sin(theta_i)
+
+    so ``<rot(q, p), rot(k, p')>`` depends on ``p - p'`` only.
+    """
+    half = x.shape[-1] // 2
+    # Angles in float32 at least: p * theta loses whole radians in half precision at long L.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
+    angles = positions.to(device=x.device, dtype=dtype)[:, None] * inv_freq
+    cos = angles.cos()[:, None, :]
+    sin = angles.sin()[:, None, :]
+    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far, for incremental self-attention.
+
+    Buffers ``k`` and ``v`` ``(B, max_len, H_kv, D)`` are preallocated; the first ``length``
+    positions are filled. Keys are stored after qk-norm and rotary, so a decoding step transforms
+    only its new tokens. Meant for inference (``torch.no_grad()``): each step writes into the
+    buffers in place, which autograd would reject on a later backward.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = tuple(
+            _check_positive(name, value)
+            for name, value in (
+                ("batch", batch),
+                ("max_len", max_len),
+                ("num_kv_heads", num_kv_heads),
+                ("head_dim", head_dim),
+            )
+        )
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``, ``v`` ``(B, L_new, H_kv, D)``; return all keys and values so far."""
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[0] != self.batch or t.shape[2:] != self.k.shape[2:]:
+                raise ValueError(
+                    f"{name} must be (B, L_new, H_kv, D) = ({self.batch}, L_new, "
+                    f"{self.k.shape[2]}, {self.k.shape[3]}) to fit the cache; got {_shape(t)}"
+                )
+            if t.dtype != self.k.dtype or t.device != self.k.device:
+                raise ValueError(
+                    f"{name} must match the cache's {self.k.dtype} on {self.k.device}; got "
+                    f"{t.dtype} on {t.device}"
+                )
+        end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(
+                f"cache holds max_len={self.max_len} tokens; {self.length} cached + "
+                f"{k.shape[1]} new = {end}"
+            )
+        self.k[:, self.length : end] = k
+        self.v[:, self.length : end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the buffers are reused)."""
+        self.length = 0
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head softmax attention (Vaswani et al. 2017, "Attention Is All You Need").
+
+    For input ``x`` ``(B, Lq, E)`` and context ``c`` (``x`` itself for self-attention)::
+
+        Q = x W_q + b_q                (B, Lq, H, D)
+        K = c W_k + b_k,  V = c W_v + b_v   (B, Lk, H_kv, D)
+        Q, K <- norm(Q), norm(K)       per head over D, if qk_norm
+        Q, K <- rot(Q, p_q), rot(K, p_k)    if rotary (see :func:`apply_rotary`)
+        O_h = softmax(scale * Q_h K_g^T, hidden where the pattern says no) V_g,  g = h // (H/H_kv)
+        y = concat_h(O_h) W_o + b_o    (B, Lq, E)
+
+    ``H_kv < H`` is grouped-query attention (GQA, Ainslie et al. 2023): ``H / H_kv`` query heads
+    share one key/value head; ``H_kv = 1`` is multi-query attention.
+
+    Args:
+        embed_dim: ``E``, width of ``x`` and of the output.
+        num_heads: ``H`` query heads.
+        num_kv_heads: ``H_kv`` key/value heads, dividing ``H`` (default ``H``).
+        head_dim: ``D`` (default ``E // H``, which then must divide exactly).
+        kv_dim: width of ``context`` for cross-attention (default ``E``).
+        bias: biases in the four projections.
+        qk_norm: ``None``, ``"rms"`` (RMSNorm, as Qwen3 / Gemma 3) or ``"layer"`` (LayerNorm, as
+            ViT-22B) over each head's ``D`` channels of ``Q`` and ``K``, one learnt scale shared
+            by all heads, applied before rotary. Keeps logits bounded at large scale.
+        rotary: rotary position embeddings (RoFormer, Su et al. 2021), self-attention only. Query
+            and key positions are token indices: offset by the cache length when decoding, and
+            restarting at 0 for each sequence of a packed batch.
+        rope_base: rotary base frequency.
+        pattern: a :mod:`headwise.patterns` object, bottom-right aligned (``None`` = full).
+        causal: shortcut for ``patterns.causal()``, intersected with ``pattern`` if both given.
+        scale: score scale (default ``1 / sqrt(D)``).
+        backend: passed to :func:`headwise.ops.attention.attention`.
+
+    Call as ``mha(x)``, ``mha(x, context)``, ``mha(x_packed, cu_seqlens=cu)`` with ``x_packed``
+    ``(T, E)``, or step by step with ``cache = mha.new_cache(B, max_len)`` then
+    ``y = mha(x_new, cache=cache)``: the cache is updated in place, and step outputs equal the
+    full-sequence ones for causal patterns (by bottom-right alignment).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        kv_dim: int | None = None,
+        bias: bool = True,
+        qk_norm: QKNorm | None = None,
+        rotary: bool = False,
+        rope_base: float = 10000.0,
+        pattern: Pattern | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        _check_positive("embed_dim", embed_dim)
+        _check_positive("num_heads", num_heads)
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"num_heads must divide embed_dim when head_dim is not given; got "
+                    f"embed_dim={embed_dim}, num_heads={num_heads}"
+                )
+            head_dim = embed_dim // num_heads
+        _check_positive("head_dim", head_dim)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_positive("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads must divide num_heads; got num_heads={num_heads}, "
+                f"num_kv_heads={num_kv_heads}"
+            )
+        kv_dim = embed_dim if kv_dim is None else _check_positive("kv_dim", kv_dim)
+        if qk_norm is not None and qk_norm not in _QK_NORMS:
+            raise ValueError(f"qk_norm must be None or one of {_QK_NORMS}; got {qk_norm!r}")
+        if rotary and head_dim % 2:
+            raise ValueError(f"rotary needs an even head_dim; got head_dim={head_dim}")
+        if not rope_base > 0:
+            raise ValueError(f"rope_base must be positive; got {rope_base!r}")
+        if pattern is not None:
+            if not isinstance(pattern, Pattern):
+                raise ValueError(
+                    f"pattern must be a headwise Pattern; got {type(pattern).__name__}"
+                )
+            if pattern.num_heads is not None and pattern.num_heads != num_heads:
+                raise ValueError(
+                    f"pattern is per-head for {pattern.num_heads} heads; got num_heads={num_heads}"
+                )
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.kv_dim = kv_dim
+        self.rotary = rotary
+        self.rope_base = float(rope_base)
+        self.pattern = pattern
+        self.causal = causal
+        self.scale = scale
+        self.backend = backend
+
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.q_norm, self.k_norm = (
+            (_qk_norm(qk_norm, head_dim), _qk_norm(qk_norm, head_dim))
+            if qk_norm is not None
+            else (nn.Identity(), nn.Identity())
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kv_dim={self.kv_dim}, "
+            f"rotary={self.rotary}, pattern={self.pattern}, causal={self.causal}"
+        )
+
+    def new_cache(
+        self,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty :class:`KVCache` for this layer, on the parameters' dtype and device."""
+        weight = self.k_proj.weight
+        return KVCache(
+            batch,
+            max_len,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=dtype or weight.dtype,
+            device=device or weight.device,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` to ``context`` (default ``x``).
+
+        Args:
+            x: ``(B, Lq, E)``, or packed ``(T, E)`` with ``cu_seqlens``.
+            context: ``(B, Lk, kv_dim)`` for cross-attention.
+            cu_seqlens: ``(N + 1,)`` int offsets of the sequences in a packed ``x``; each
+                sequence attends only to itself. The layer's pattern is evaluated in packed
+                positions (as :func:`attention_varlen` does), so relative patterns such as
+                causal or sliding windows apply per sequence, absolute ones (sinks) do not.
+            cache: a :class:`KVCache` of earlier tokens (self-attention); updated in place.
+            bias: additive scores broadcastable to ``(B, H, Lq, Lk)`` (key padding, ALiBi),
+                ``Lk`` counting cached tokens; not with ``cu_seqlens``.
+
+        Returns:
+            ``(B, Lq, E)``, or ``(T, E)`` for packed input.
+        """
+        if cu_seqlens is not None:
+            return self._forward_packed(x, context, cu_seqlens, cache, bias)
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            hint = "; packed (T, E) input needs cu_seqlens" if _is_rank(x, 2) else ""
+            raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {_shape(x)}{hint}")
+        batch, q_len, _ = x.shape
+        if cache is not None and (not isinstance(cache, KVCache) or cache.batch != batch):
+            got = f"batch {cache.batch}" if isinstance(cache, KVCache) else type(cache).__name__
+            raise ValueError(f"cache must be a KVCache for batch B={batch}; got {got}")
+        q = self.q_norm(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim))
+        if context is None:
+            k, v = self._project_kv(x)
+        else:
+            self._check_context(context, batch, cache)
+            k, v = self._project_kv(context)
+        if self.rotary:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + q_len, device=x.device)
+            q = apply_rotary(q, positions, self.rope_base)
+            k = apply_rotary(k, positions, self.rope_base)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, self._pattern(), scale=self.scale, bias=bias, backend=self.backend)
+        return self.out_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim))
+
+    def _forward_packed(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        cu_seqlens: torch.Tensor,
+        cache: KVCache | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"with cu_seqlens, x must be packed (T, E={self.embed_dim}); got {_shape(x)}"
+            )
+        for name, value in (("context", context), ("cache", cache), ("bias", bias)):
+            if value is not None:
+                raise ValueError(f"cu_seqlens (packed self-attention) takes no {name}")
+        total = x.shape[0]
+        lengths = seqlens_from_cu("cu_seqlens", cu_seqlens, total)
+        q = self.q_norm(self.q_proj(x).view(total, self.num_heads, self.head_dim))
+        k, v = self._project_kv(x)
+        if self.rotary:
+            # Position within its own sequence: token index minus the start of its sequence.
+            starts = torch.repeat_interleave(
+                cu_seqlens[:-1].to(device=x.device, dtype=torch.long),
+                torch.tensor(lengths, device=x.device),
+                output_size=total,
+            )
+            positions = torch.arange(total, device=x.device) - starts
+            q = apply_rotary(q, positions, self.rope_base)
+            k = apply_rotary(k, positions, self.rope_base)
+        out = attention_varlen(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            pattern=self.pattern,
+            causal=self.causal,
+            scale=self.scale,
+            backend=self.backend,
+        )
+        return self.out_proj(out.reshape(total, self.num_heads * self.head_dim))
+
+    def _project_kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = (*c.shape[:-1], self.num_kv_heads, self.head_dim)
+        return self.k_norm(self.k_proj(c).view(heads)), self.v_proj(c).view(heads)
+
+    def _check_context(self, context: torch.Tensor, batch: int, cache: KVCache | None) -> None:
+        if (
+            not isinstance(context, torch.Tensor)
+            or context.dim() != 3
+            or context.shape[0] != batch
+            or context.shape[-1] != self.kv_dim
+        ):
+            raise ValueError(
+                f"context must be (B={batch}, Lk, kv_dim={self.kv_dim}); got {_shape(context)}"
+            )
+        if cache is not None:
+            raise ValueError("cache is for self-attention; got a context as well")
+        if self.rotary:
+            raise ValueError(
+                "rotary relates positions within one sequence and applies to self-attention "
+                "only; got a context"
+            )
+
+    def _pattern(self) -> Pattern | None:
+        if not self.causal:
+            return self.pattern
+        return patterns.causal() if self.pattern is None else self.pattern & patterns.causal()
+
+
+def _is_rank(x: object, rank: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == rank
+
+
+def _qk_norm(kind: str, head_dim: int) -> nn.Module:
+    # A fixed eps (1e-6, as Qwen3) so results do not depend on the dtype, unlike torch's default.
+    if kind == "rms":
+        return nn.RMSNorm(head_dim, eps=1e-6)
+    return nn.LayerNorm(head_dim, eps=1e-6)
+
+
+__all__ = ["KVCache", "MultiHeadAttention", "apply_rotary"]

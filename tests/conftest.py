@@ -1,0 +1,73 @@
+"""Shared test helpers: the FlashAttention-3 tolerance rule.
+
+A fast path passes when its error against a float64 oracle is at most twice the error of a plain
+PyTorch computation in the same low precision, plus twice the dtype's rounding error of the
+oracle's values (anchors.md §12):
+
+    err(fast) <= 2 * err(naive low precision) + 2 * rounding(dtype)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rounding_error(oracle: torch.Tensor, dtype: torch.dtype) -> float:
+    """FA3's floor: how far ``oracle`` moves when rounded through ``dtype`` (+0.3 then -0.3)."""
+    shifted = ((oracle.to(dtype) + 0.3) - 0.3).to(oracle.dtype)
+    return float((shifted - oracle).abs().max()) if oracle.numel() else 0.0
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference, treating matching infinities (e.g. LSE = -inf) as equal."""
+    a, b = a.detach().double(), b.detach().double()
+    same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - b).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_fa3_close(
+    fast: torch.Tensor,
+    naive: torch.Tensor,
+    oracle: torch.Tensor,
+    dtype: torch.dtype,
+    what: str = "",
+    factor: float = 2.0,
+) -> None:
+    assert not torch.isnan(fast).any(), f"{what}: NaN in fast path"
+    err_fast = max_error(fast, oracle)
+    err_naive = max_error(naive, oracle)
+    finite = oracle[torch.isfinite(oracle)].detach()
+    magnitude = float(finite.abs().max()) if finite.numel() else 0.0
+    # float32 accumulation-order noise; negligible next to bf16/fp16 rounding
+    floor = 2 * rounding_error(finite, dtype) + 1e-6 * max(1.0, magnitude)
+    bound = factor * err_naive + floor
+    assert err_fast <= bound, (
+        f"{what}: error {err_fast:.3g} > {factor} x naive {err_naive:.3g} + floor {floor:.3g}"
+    )
+
+
+def naive_attention(q, k, v, mask=None, bias=None, scale=None, score_mod=None):
+    """Textbook attention in the inputs' own dtype (the FA rule's low-precision comparison).
+
+    ``q`` ``(B, Lq, H, D)``, ``k``/``v`` ``(B, Lk, H_kv, D)``, ``mask`` ``(H|1, Lq, Lk)`` bool.
+    Returns ``(out, lse)``; empty rows give zeros and ``-inf``.
+    """
+    group = q.shape[2] // k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, 1)
+    vh = v.transpose(1, 2).repeat_interleave(group, 1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        b, h, i, j = (torch.arange(n).view(*[-1 if d == a else 1 for d in range(4)])
+                      for a, n in enumerate(s.shape))
+        s = score_mod(s, b, h, i, j)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if mask is not None:
+        s = s.masked_fill(~mask[None], float("-inf"))
+    lse = torch.logsumexp(s.float(), -1)
+    empty = torch.isinf(lse)[..., None]
+    p = torch.softmax(s, -1).masked_fill(empty, 0)
+    return (p @ vh).transpose(1, 2), lse

@@ -1,0 +1,262 @@
+"""Every backend against the float64 oracle (FA3 rule), for every pattern, forward, LSE and grads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_fa3_close, naive_attention
+
+import headwise.patterns as P
+from headwise.ops.attention import REFERENCE_AUTO_LIMIT, attention, explain
+from headwise.ops.attention.reference import reference_attention
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 5.0 * torch.tanh(score / 5.0)
+
+
+def make_inputs(
+    batch=2, q_len=37, kv_len=37, heads=4, kv_heads=2, dim=16, dtype=torch.float32, seed=0
+):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+    return (
+        rand(batch, q_len, heads, dim),
+        rand(batch, kv_len, kv_heads, dim),
+        rand(batch, kv_len, kv_heads, dim),
+    )
+
+
+def check_against_oracle(backend, q, k, v, pattern=None, bias=None, score_mod=None, grads=True):
+    """Run ``backend`` and compare out, LSE and grads of q, k, v (and bias) with the oracle."""
+    dtype = q.dtype
+    q_len, kv_len = q.shape[1], k.shape[1]
+    lse_wanted = backend in ("blockwise", "reference")
+    result = attention(
+        q, k, v, pattern, bias=bias, score_mod=score_mod, backend=backend, return_lse=lse_wanted
+    )
+    out, lse = result if lse_wanted else (result, None)
+    leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+    d64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
+    bias64 = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    oracle, oracle_lse = reference_attention(
+        *d64, pattern, bias=bias64, score_mod=score_mod
+    )
+    mask = pattern.dense_mask(q_len, kv_len) if pattern is not None else None
+    naive, naive_lse = naive_attention(q, k, v, mask, bias=bias, score_mod=score_mod)
+    assert out.shape == (q.shape[0], q_len, q.shape[2], v.shape[3])
+    assert out.dtype == dtype
+    assert_fa3_close(out, naive, oracle, dtype, f"{backend} out")
+    if lse is not None:
+        assert_fa3_close(lse, naive_lse, oracle_lse, dtype, f"{backend} lse")
+    if not grads:
+        return
+    grad = torch.randn_like(oracle)
+    fast_grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    naive_grads = torch.autograd.grad(naive, leaves, grad.to(dtype))
+    oracle_leaves = [t for t in (*d64, bias64) if t is not None and t.requires_grad]
+    oracle_grads = torch.autograd.grad(oracle, oracle_leaves, grad)
+    for name, f, n, o in zip("qkvb", fast_grads, naive_grads, oracle_grads):
+        assert_fa3_close(f, n, o, dtype, f"{backend} d{name}", factor=3.0)
+
+
+PATTERNS = {
+    "none": None,
+    "causal": P.causal(),
+    "causal_top_left": P.causal("top_left"),
+    "window": P.sliding_window(5),
+    "window_bidir": P.sliding_window(4, 3),
+    "window_sinks": P.sliding_window(6) | P.sinks(2),
+    "strided_causal": P.strided(3, 1) & P.causal(),
+    "documents": P.documents([10, 0, 1, 26], causal=True),
+    "modality": P.modality_mutual([((3, 12), (12, 20))]),
+    "block_sparse": P.block_sparse(torch.rand(3, 3) > 0.4, 16),
+    "per_head": P.per_head(
+        [P.causal(), P.sliding_window(3, 3), P.strided(4) | P.sinks(1), P.full()]
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("backend", ["blockwise", "reference", "sdpa"])
+def test_backend_matches_oracle(backend, name, dtype):
+    pattern = PATTERNS[name]
+    q, k, v = make_inputs(dtype=dtype)
+    if backend == "sdpa" and name not in ("none", "causal", "causal_top_left"):
+        with pytest.raises(ValueError, match="not full or plain causal"):
+            attention(q, k, v, pattern, backend="sdpa")
+        return
+    check_against_oracle(backend, q, k, v, pattern)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["blockwise", "sdpa"])
+@pytest.mark.parametrize("bias_shape", [(1, 4, 37, 37), (2, 1, 1, 37), (37, 37)])
+def test_bias_and_its_gradient(backend, bias_shape, dtype):
+    q, k, v = make_inputs(dtype=dtype)
+    bias = torch.randn(bias_shape).to(dtype)
+    bias[..., 3] = float("-inf")  # a key hidden by the bias
+    bias.requires_grad_()
+    check_against_oracle(backend, q, k, v, P.causal() if backend == "sdpa" else P.sliding_window(9), bias=bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_mod_softcap(dtype):
+    q, k, v = make_inputs(dtype=dtype)
+    check_against_oracle("blockwise", q, k, v, P.causal(), score_mod=softcap)
+
+
+@pytest.mark.parametrize(
+    "q_len,kv_len", [(1, 1), (1, 50), (50, 1), (65, 64), (64, 65), (129, 200), (200, 129)]
+)
+@pytest.mark.parametrize("backend", ["blockwise", "sdpa"])
+def test_odd_lengths_and_cross_attention(backend, q_len, kv_len):
+    q, k, v = make_inputs(batch=1, q_len=q_len, kv_len=kv_len)
+    check_against_oracle(backend, q, k, v, P.causal())
+    if backend == "blockwise":
+        check_against_oracle(backend, q, k, v, P.sliding_window(7, 2))
+
+
+@pytest.mark.parametrize("dim", [8, 24, 64, 100, 128, 256])
+def test_head_dims(dim):
+    q, k, v = make_inputs(batch=1, q_len=33, kv_len=33, dim=dim)
+    check_against_oracle("blockwise", q, k, v, P.sliding_window(8))
+    check_against_oracle("sdpa", q, k, v, P.causal())
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_gqa_ratios(group):
+    q, k, v = make_inputs(heads=8, kv_heads=8 // group)
+    check_against_oracle("blockwise", q, k, v, P.per_head([P.causal(), P.sliding_window(2)] * 4))
+    check_against_oracle("sdpa", q, k, v, P.causal())
+
+
+def test_value_dim_differs_from_head_dim():
+    q, k, _ = make_inputs()
+    v = torch.randn(2, 37, 2, 24, requires_grad=True)
+    check_against_oracle("blockwise", q, k, v, P.causal())
+    check_against_oracle("sdpa", q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "reference", "sdpa"])
+def test_rows_without_keys_are_zero_not_nan(backend):
+    # bottom-right causal with Lq > Lk: the first Lq - Lk rows see nothing
+    q, k, v = make_inputs(batch=1, q_len=20, kv_len=8)
+    lse_wanted = backend != "sdpa"
+    result = attention(q, k, v, P.causal(), backend=backend, return_lse=lse_wanted)
+    out = result[0] if lse_wanted else result
+    assert torch.all(out[:, :12] == 0) and not torch.isnan(out).any()
+    if lse_wanted:
+        assert torch.isneginf(result[1][:, :, :12]).all()
+        assert torch.isfinite(result[1][:, :, 12:]).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[0][:, :12] == 0)
+
+
+def test_lse_gradient_flows():
+    q, k, v = make_inputs()
+    out, lse = attention(q, k, v, P.sliding_window(4), backend="blockwise", return_lse=True)
+    ref_out, ref_lse = attention(q, k, v, P.sliding_window(4), backend="reference", return_lse=True)
+    g_fast = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref_out.sum() + ref_lse.sum(), (q, k, v))
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+@pytest.mark.parametrize("name", ["window_sinks", "documents", "per_head", "block_sparse"])
+def test_masked_keys_cannot_influence_output(backend, name):
+    pattern = PATTERNS[name]
+    q, k, v = make_inputs()
+    out = attention(q, k, v, pattern, backend=backend)
+    mask = pattern.dense_mask(37, 37)  # (Hp, Lq, Lk)
+    # A key hidden from every query of a head group can be changed freely.
+    group = q.shape[2] // k.shape[2]
+    seen = mask.expand(q.shape[2], -1, -1).reshape(k.shape[2], group, 37, 37).any(1).any(1)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    for h in range(k.shape[2]):
+        hidden = ~seen[h]
+        k2[:, hidden, h] = 1e4
+        v2[:, hidden, h] = -1e4
+    out2 = attention(q, k2, v2, pattern, backend=backend)
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+    # and gradients never reach keys no query sees
+    grads = torch.autograd.grad(out.square().sum(), (k, v))
+    for g in grads:
+        for h in range(k.shape[2]):
+            assert torch.all(g[:, ~seen[h], h] == 0)
+
+
+def test_flex_forward_on_cpu_matches_oracle():
+    q, k, v = make_inputs(q_len=150, kv_len=150)
+    with torch.no_grad():
+        for pattern in (P.sliding_window(20) | P.sinks(3), P.documents([60, 0, 1, 89])):
+            check_against_oracle("flex", q, k, v, pattern, grads=False)
+
+
+def test_flex_explains_its_cpu_limits():
+    q, k, v = make_inputs()
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        attention(q, k, v, P.causal(), backend="flex")
+    with torch.no_grad(), pytest.raises(ValueError, match="LSE"):
+        attention(q, k, v, P.causal(), backend="flex", return_lse=True)
+
+
+# ----------------------------------------------------------------- the auto rule
+def test_auto_picks_sdpa_for_dense_and_blockwise_for_sparse():
+    q, k, v = make_inputs()
+    assert explain(q, k, v).backend == "sdpa"
+    assert explain(q, k, v, P.causal()).backend == "sdpa"
+    choice = explain(q, k, v, P.sliding_window(4))
+    assert choice.backend == "blockwise"
+    assert "not full or plain causal" in choice.reasons["sdpa"][0]
+    choice = explain(q, k, v, P.causal(), return_lse=True)
+    assert choice.backend == "blockwise" and "log-sum-exp" in choice.reasons["sdpa"][0]
+    assert "blockwise" in str(choice)
+
+
+def test_auto_never_silently_falls_back_to_reference_for_large_problems():
+    side = int(math.isqrt(REFERENCE_AUTO_LIMIT)) + 1
+    q = torch.randn(1, side, 1, 8)
+    with pytest.raises(ValueError, match="auto limit"):
+        attention(q, q, q, P.sliding_window(3), backend=("sdpa", "reference"))
+    small = torch.randn(1, 16, 1, 8)
+    out = attention(small, small, small, P.sliding_window(3), backend=("sdpa", "reference"))
+    assert out.shape == small.shape
+
+
+# ----------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        (((2, 8, 64), (2, 8, 4, 16), (2, 8, 4, 16)), {}, r"q must be \(B, L, H, D\); got shape \(2, 8, 64\)"),
+        (((2, 8, 4, 16), (3, 8, 4, 16), (3, 8, 4, 16)), {}, "batch size"),
+        (((2, 8, 4, 16), (2, 8, 3, 16), (2, 8, 3, 16)), {}, "multiple of k/v heads"),
+        (((2, 8, 4, 16), (2, 8, 4, 32), (2, 8, 4, 16)), {}, "head_dim"),
+        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 9, 4, 16)), {}, "length and heads"),
+        (((2, 0, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {}, "empty"),
+        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"pattern": P.documents([3, 4])}, "covers 7"),
+        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"pattern": P.per_head([P.full()] * 2)}, "per-head for 2"),
+        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"bias": torch.zeros(3, 8, 8)}, "broadcast"),
+        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"backend": "magic"}, "backend must be"),
+    ],
+)
+def test_bad_input_raises_value_error(args, kwargs, match):
+    q, k, v = (torch.randn(s) for s in args)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **kwargs)
+
+
+def test_dtype_mismatch_raises():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="share a dtype"):
+        attention(q, q.double(), q)
