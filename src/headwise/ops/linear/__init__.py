@@ -12,6 +12,7 @@ kernel), ``feature_maps.py``.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -201,7 +202,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
 
-    n = 2 ** int(math.floor(math.log2(num_heads)))
+    n = 2 ** math.floor(math.log2(num_heads))
     slopes = power_of_two(n) + power_of_two(2 * n)[0::2][: num_heads - n]
     return torch.tensor(slopes, dtype=torch.float32)
 
@@ -237,21 +238,29 @@ def _run(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense ``(B, L, H, .)`` inputs after feature map; returns ``(o, state)``."""
     if backend in ("naive", "recurrent"):
-        ref = naive.quadratic_linear_attention if backend == "naive" else naive.recurrent_linear_attention
+        ref = (
+            naive.quadratic_linear_attention
+            if backend == "naive"
+            else naive.recurrent_linear_attention
+        )
         o, state = ref(q, k, v, lam, causal=causal, initial_state=initial_state)
         if return_state and state is None:
             state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
         return o, state
     forward_fn, chunk = _select(backend, q, v, chunk_size)
     if q.shape[1] == 0:
-        state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=compute_dtype(q.dtype))
+        state = q.new_zeros(
+            q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=compute_dtype(q.dtype)
+        )
         if initial_state is not None:
             state = state + initial_state
         return v.new_zeros(v.shape), state
     gamma = _log_decay(lam, q)
 
     def causal_fn(qq, kk, vv, s0, want_state):
-        o, state = DecayedLinearAttention.apply(qq, kk, vv, gamma, s0, forward_fn, chunk, want_state)
+        o, state = DecayedLinearAttention.apply(
+            qq, kk, vv, gamma, s0, forward_fn, chunk, want_state
+        )
         return o, (state if want_state else None)
 
     if causal:
@@ -271,7 +280,9 @@ def _select(backend: str, q: torch.Tensor, v: torch.Tensor, chunk_size: int | No
     if backend == "auto":
         from headwise.ops.linear import triton_chunk
 
-        backend = "triton" if q.is_cuda and triton_chunk.supports(q, v, chunk_size) is None else "chunk"
+        backend = (
+            "triton" if q.is_cuda and triton_chunk.supports(q, v, chunk_size) is None else "chunk"
+        )
     if backend == "triton":
         from headwise.ops.linear import triton_chunk
 
@@ -350,7 +361,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool) 
     rank = 3 if varlen else 4
     for name, x, last in (("q", q, "D"), ("k", k, "D"), ("v", v, "E")):
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor; got {type(x).__name__}")
+            raise TypeError(f"{name} must be a tensor; got {type(x).__name__}")
         if x.dim() != rank:
             hint = " (packed input because cu_seqlens is given)" if varlen else ""
             raise ValueError(f"{name} must be {layout.format(last)}{hint}; got {_shape(x)}")
@@ -386,7 +397,7 @@ def _check_decay(
             raise ValueError(f"decay must be on {device}; got {decay.device}")
         lam = decay.reshape(-1)
     else:
-        raise ValueError(f"decay must be a float, a tensor or None; got {type(decay).__name__}")
+        raise TypeError(f"decay must be a float, a tensor or None; got {type(decay).__name__}")
     bad = ~((lam > 0) & (lam <= 1))
     if bool(bad.any()):
         raise ValueError(f"decay values must lie in (0, 1]; got {lam.detach().cpu().tolist()}")
@@ -402,7 +413,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> list[int]:
     offsets = cu_seqlens.tolist()
     if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at T={total}; got {offsets}")
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    lengths = [b - a for a, b in itertools.pairwise(offsets)]
     if any(n < 0 for n in lengths):
         raise ValueError(f"cu_seqlens must be non-decreasing; got {offsets}")
     return lengths
@@ -412,7 +423,7 @@ def _check_state(
     state: torch.Tensor, expected: tuple[int, ...], q: torch.Tensor, name: str = "initial_state"
 ) -> None:
     if not isinstance(state, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor; got {type(state).__name__}")
+        raise TypeError(f"{name} must be a tensor; got {type(state).__name__}")
     if _shape(state) != expected:
         raise ValueError(
             f"{name} must be (B, H, D', E) = {expected} (E + 1 columns with normalize); "

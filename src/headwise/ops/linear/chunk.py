@@ -28,7 +28,7 @@ So :class:`DecayedLinearAttention` runs any forward routine three more times for
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 #: ``(q, k, v, gamma, initial_state, chunk_size, return_state) -> (o, final_state | None)``;
 #: ``o`` is returned in the compute dtype (float32, or float64 for float64 inputs).
 ForwardFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int, bool],
-    tuple[torch.Tensor, Optional[torch.Tensor]],
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool],
+    tuple[torch.Tensor, torch.Tensor | None],
 ]
 
 

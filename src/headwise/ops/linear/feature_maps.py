@@ -19,7 +19,8 @@ tensors (the length axis is ``-3``), or a plain callable applied to both. Names 
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol, Union, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class FeatureMap(Protocol):
     def key(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-FeatureMapLike = Union[str, FeatureMap, Callable[[torch.Tensor], torch.Tensor], None]
+FeatureMapLike = str | FeatureMap | Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class _Symmetric:

@@ -96,9 +96,15 @@ def _kernel():
             mask_t = rows < length
             mask_qk = mask_t[:, None] & mask_d[None, :]
             mask_v = mask_t[:, None] & mask_e[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=mask_qk, other=0.0)
-            k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=mask_qk, other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vl + offs_e[None, :], mask=mask_v, other=0.0)
+            q = tl.load(
+                q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=mask_qk, other=0.0
+            )
+            k = tl.load(
+                k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=mask_qk, other=0.0
+            )
+            v = tl.load(
+                v_base + rows[:, None] * stride_vl + offs_e[None, :], mask=mask_v, other=0.0
+            )
 
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
