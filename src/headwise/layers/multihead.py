@@ -332,7 +332,9 @@ class MultiHeadAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(total, self.num_heads, self.head_dim))
         k, v = self._project_kv(x)
         if self.rotary:
-            # Position within its own sequence: token index minus the start of its sequence.
+            # Positions restart at 0 per sequence. RoPE being relative, outputs would be the same
+            # in exact arithmetic with packed indices, but angles as small as in an unpacked call
+            # keep the rounding the same too (float32 p * theta degrades at large p).
             starts = torch.repeat_interleave(
                 cu_seqlens[:-1].to(device=x.device, dtype=torch.long),
                 torch.tensor(lengths, device=x.device),
