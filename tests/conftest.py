@@ -60,8 +60,10 @@ def naive_attention(q, k, v, mask=None, bias=None, scale=None, score_mod=None):
     vh = v.transpose(1, 2).repeat_interleave(group, 1)
     s = (qh @ kh.transpose(-1, -2)) * scale
     if score_mod is not None:
-        b, h, i, j = (torch.arange(n).view(*[-1 if d == a else 1 for d in range(4)])
-                      for a, n in enumerate(s.shape))
+        b, h, i, j = (
+            torch.arange(n).view(*[-1 if d == a else 1 for d in range(4)])
+            for a, n in enumerate(s.shape)
+        )
         s = score_mod(s, b, h, i, j)
     if bias is not None:
         s = s + bias.to(s.dtype)

@@ -1,1 +1,32 @@
-"""headwise."""
+"""headwise: multi-head attention mechanisms from recent research under one fast, correct API.
+
+Layout everywhere: ``(B, L, H, D)`` (batch, length, heads, head dim); packed varlen ``(T, H, D)``.
+"""
+
+from headwise import layers, patterns
+from headwise.layers import KVCache, MultiHeadAttention
+from headwise.ops.attention import (
+    Explanation,
+    Packed,
+    attention,
+    attention_varlen,
+    explain,
+    pack,
+    unpack,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "KVCache",
+    "MultiHeadAttention",
+    "Packed",
+    "attention",
+    "attention_varlen",
+    "explain",
+    "layers",
+    "pack",
+    "patterns",
+    "unpack",
+]

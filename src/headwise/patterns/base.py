@@ -18,7 +18,7 @@ Patterns are immutable and hashable, so derived layouts are cached per (pattern,
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

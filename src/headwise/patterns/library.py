@@ -10,8 +10,9 @@ is what a KV-cache decode step needs. With ``align="top_left"`` (PyTorch SDPA's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -392,7 +393,9 @@ def block_sparse(layout: torch.Tensor, block_size: int | tuple[int, int] = 128) 
     if layout.dim() == 2:
         layout = layout[None]
     if layout.dim() != 3:
-        raise ValueError(f"layout must be (n_q_blocks, n_kv_blocks) or (H, nq, nk); got {tuple(layout.shape)}")
+        raise ValueError(
+            f"layout must be (n_q_blocks, n_kv_blocks) or (H, nq, nk); got {tuple(layout.shape)}"
+        )
     block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     if len(block) != 2 or min(block) < 1:
         raise ValueError(f"block_size must be a positive int or pair; got {block_size!r}")

@@ -1,4 +1,4 @@
-"""Every backend against the float64 oracle (FA3 rule), for every pattern, forward, LSE and grads."""
+"""Every backend against the float64 oracle (FA3 rule) for every pattern: out, LSE and grads."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import assert_fa3_close, naive_attention
 
 import headwise.patterns as P
+from conftest import assert_fa3_close, naive_attention
 from headwise.ops.attention import REFERENCE_AUTO_LIMIT, attention, explain
 from headwise.ops.attention.reference import reference_attention
 
@@ -46,9 +46,7 @@ def check_against_oracle(backend, q, k, v, pattern=None, bias=None, score_mod=No
     leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
     d64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
     bias64 = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
-    oracle, oracle_lse = reference_attention(
-        *d64, pattern, bias=bias64, score_mod=score_mod
-    )
+    oracle, oracle_lse = reference_attention(*d64, pattern, bias=bias64, score_mod=score_mod)
     mask = pattern.dense_mask(q_len, kv_len) if pattern is not None else None
     naive, naive_lse = naive_attention(q, k, v, mask, bias=bias, score_mod=score_mod)
     assert out.shape == (q.shape[0], q_len, q.shape[2], v.shape[3])
@@ -105,7 +103,9 @@ def test_bias_and_its_gradient(backend, bias_shape, dtype):
     bias = torch.randn(bias_shape).to(dtype)
     bias[..., 3] = float("-inf")  # a key hidden by the bias
     bias.requires_grad_()
-    check_against_oracle(backend, q, k, v, P.causal() if backend == "sdpa" else P.sliding_window(9), bias=bias)
+    check_against_oracle(
+        backend, q, k, v, P.causal() if backend == "sdpa" else P.sliding_window(9), bias=bias
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -225,7 +225,7 @@ def test_auto_picks_sdpa_for_dense_and_blockwise_for_sparse():
 
 
 def test_auto_never_silently_falls_back_to_reference_for_large_problems():
-    side = int(math.isqrt(REFERENCE_AUTO_LIMIT)) + 1
+    side = math.isqrt(REFERENCE_AUTO_LIMIT) + 1
     q = torch.randn(1, side, 1, 8)
     with pytest.raises(ValueError, match="auto limit"):
         attention(q, q, q, P.sliding_window(3), backend=("sdpa", "reference"))
@@ -238,15 +238,31 @@ def test_auto_never_silently_falls_back_to_reference_for_large_problems():
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
-        (((2, 8, 64), (2, 8, 4, 16), (2, 8, 4, 16)), {}, r"q must be \(B, L, H, D\); got shape \(2, 8, 64\)"),
+        (
+            ((2, 8, 64), (2, 8, 4, 16), (2, 8, 4, 16)),
+            {},
+            r"q must be \(B, L, H, D\); got shape \(2, 8, 64\)",
+        ),
         (((2, 8, 4, 16), (3, 8, 4, 16), (3, 8, 4, 16)), {}, "batch size"),
         (((2, 8, 4, 16), (2, 8, 3, 16), (2, 8, 3, 16)), {}, "multiple of k/v heads"),
         (((2, 8, 4, 16), (2, 8, 4, 32), (2, 8, 4, 16)), {}, "head_dim"),
         (((2, 8, 4, 16), (2, 8, 4, 16), (2, 9, 4, 16)), {}, "length and heads"),
         (((2, 0, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {}, "empty"),
-        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"pattern": P.documents([3, 4])}, "covers 7"),
-        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"pattern": P.per_head([P.full()] * 2)}, "per-head for 2"),
-        (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"bias": torch.zeros(3, 8, 8)}, "broadcast"),
+        (
+            ((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)),
+            {"pattern": P.documents([3, 4])},
+            "covers 7",
+        ),
+        (
+            ((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)),
+            {"pattern": P.per_head([P.full()] * 2)},
+            "per-head for 2",
+        ),
+        (
+            ((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)),
+            {"bias": torch.zeros(3, 8, 8)},
+            "broadcast",
+        ),
         (((2, 8, 4, 16), (2, 8, 4, 16), (2, 8, 4, 16)), {"backend": "magic"}, "backend must be"),
     ],
 )

@@ -68,9 +68,7 @@ class SdpaBackend(Backend):
         reasons = []
         kind = _sdpa_causal_kind(problem.pattern)
         if kind is None:
-            reasons.append(
-                f"pattern {type(problem.pattern).__name__} is not full or plain causal"
-            )
+            reasons.append(f"pattern {type(problem.pattern).__name__} is not full or plain causal")
         elif (
             kind == "bottom_right"
             and problem.q_len > problem.kv_len

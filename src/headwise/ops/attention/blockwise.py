@@ -135,7 +135,9 @@ class _Blockwise(torch.autograd.Function):
             d_probs = d_out @ vg[:, :, :, row.keys].transpose(-1, -2)
             d_scores = probs * (d_probs - delta[:, :, :, rows, None])
             if dbias is not None:
-                _accumulate_bias_grad(dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row)
+                _accumulate_bias_grad(
+                    dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row
+                )
             if score_mod is not None:
                 (d_scores,) = torch.autograd.grad(scores, raw, d_scores)
             d_scores = d_scores * scale
@@ -152,8 +154,8 @@ class _Blockwise(torch.autograd.Function):
 
 def _grouped_q(t: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
     batch, length, heads, dim = t.shape
-    return t.reshape(batch, length, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).to(
-        dtype
+    return (
+        t.reshape(batch, length, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).to(dtype)
     )
 
 

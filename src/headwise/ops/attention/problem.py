@@ -6,8 +6,8 @@ before any kernel runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -102,9 +102,7 @@ def check_problem(
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             raise ValueError(f"bias must be a floating tensor; got {type(bias).__name__}")
         target = (batch, heads, q_len, kv_len)
-        if bias.dim() > 4 or any(
-            s not in (1, t) for s, t in zip(bias.shape[::-1], target[::-1])
-        ):
+        if bias.dim() > 4 or any(s not in (1, t) for s, t in zip(bias.shape[::-1], target[::-1])):
             raise ValueError(
                 f"bias must broadcast to (B, H, Lq, Lk) = {target}; got {tuple(bias.shape)}"
             )

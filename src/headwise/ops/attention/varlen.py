@@ -5,6 +5,7 @@ attention sees a block-diagonal pattern given by ``cu_seqlens``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ def pack(x: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
         raise ValueError(f"x must be (B, L, ...); got shape {tuple(x.shape)}")
     if attention_mask.shape != x.shape[:2]:
         raise ValueError(
-            f"attention_mask must be (B, L) = {tuple(x.shape[:2])}; got {tuple(attention_mask.shape)}"
+            f"attention_mask must be (B, L) = {tuple(x.shape[:2])}; "
+            f"got {tuple(attention_mask.shape)}"
         )
     mask = attention_mask.to(device=x.device, dtype=torch.bool)
     seqlens = mask.sum(1, dtype=torch.int32)
@@ -62,7 +64,7 @@ def seqlens_from_cu(name: str, cu_seqlens: torch.Tensor, total: int) -> tuple[in
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64; got {cu_seqlens.dtype}")
     values = cu_seqlens.tolist()
-    lengths = tuple(b - a for a, b in zip(values, values[1:]))
+    lengths = tuple(b - a for a, b in itertools.pairwise(values))
     if values[0] != 0 or min(lengths) < 0 or values[-1] != total:
         raise ValueError(
             f"{name} must start at 0, never decrease and end at T={total}; got {values}"
