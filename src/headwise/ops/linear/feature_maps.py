@@ -73,7 +73,7 @@ def taylor(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     ones = torch.ones_like(x[..., :1])
     first = x * d**-0.25
-    second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * math.sqrt(d))
+    second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * d)
     return torch.cat([ones, first, second], dim=-1)
 
 

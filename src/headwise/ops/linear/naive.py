@@ -7,9 +7,9 @@ and an optional state ``(B, H, D, E)``. With ``S_{-1}`` the initial state (zeros
     S_t = lam * S_{t-1} + k_t^T v_t,        o_t = q_t S_t                       (causal)
     o_i = sum_j lam^|i - j| (q_i . k_j) v_j                                     (non-causal)
 
-There is no softmax, no ``1/sqrt(D)`` scale and no denominator (Lightning Attention / TransNormerLLM,
-Qin et al., arXiv 2307.14995 and 2401.04658). Both compute in the dtype they are given, so the
-same code serves as the low-precision baseline and, in float64, as the oracle.
+There is no softmax, no ``1/sqrt(D)`` scale and no denominator (Lightning Attention and
+TransNormerLLM, Qin et al., arXiv 2307.14995 and 2401.04658). Both compute in the dtype they are
+given, so the same code serves as the low-precision baseline and, in float64, as the oracle.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def supports(q: torch.Tensor, v: torch.Tensor, chunk_size: int | None) -> str | 
     """``None`` when the Triton backend can run this call, else the reason it cannot."""
     if _triton() is None:
         return "the triton package is not installed (pip install 'headwise[triton]')"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not _interpreting():
         return f"inputs are on {q.device}; Triton needs CUDA (or TRITON_INTERPRET=1 on CPU)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not one of {_DTYPES}"
@@ -48,8 +48,14 @@ def supports(q: torch.Tensor, v: torch.Tensor, chunk_size: int | None) -> str | 
     return None
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.cache
-def _kernel():
+def _kernel(interpret: bool):
+    """Build the kernel; ``triton.jit`` reads TRITON_INTERPRET as it decorates: one per mode."""
+    del interpret  # only the cache key
     triton = _triton()
     tl = triton.language
 
@@ -81,7 +87,7 @@ def _kernel():
         if HAS_S0:
             state = tl.load(s0_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
         else:
-            state = tl.zeros((BLOCK_D, BLOCK_E), dtype=tl.float32)
+            state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=tl.float32)
 
         diff = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
         intra = tl.where(diff >= 0, tl.exp(gamma * tl.maximum(diff, 0.0)), 0.0)
@@ -138,6 +144,10 @@ def triton_forward(
     dtype = compute_dtype(q.dtype)
     # Backward calls mix an upcast gradient with saved inputs: run all three in one dtype.
     common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if not q.is_cuda:
+        # The CPU interpreter of triton 3.9 returns garbage for bfloat16 kernels; it only
+        # checks the algorithm, so it runs in float32.
+        common = torch.float32
     q, k, v = (x.to(common) for x in (q, k, v))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, length, heads, dim = q.shape
@@ -148,7 +158,7 @@ def triton_forward(
     block_d = max(16, triton.next_power_of_2(dim))
     block_e = max(16, min(64, triton.next_power_of_2(dim_v)))
     grid = (batch * heads, triton.cdiv(dim_v, block_e))
-    _kernel()[grid](
+    _kernel(_interpreting())[grid](
         q, k, v, o, s0 if s0 is not None else final, final, gamma.to(torch.float32).contiguous(),
         length, heads, dim, dim_v,
         q.stride(0), q.stride(1), q.stride(2),
