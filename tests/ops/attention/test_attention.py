@@ -211,6 +211,21 @@ def test_flex_explains_its_cpu_limits():
         attention(q, k, v, P.causal(), backend="flex", return_lse=True)
 
 
+def test_score_mod_with_learnable_capture_uses_a_path_that_differentiates_it():
+    q, k, v = make_inputs(batch=1, q_len=12, kv_len=12)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    choice = explain(q, k, v, P.causal(), score_mod=alibi)
+    assert choice.backend == "reference"
+    assert "capture" in choice.reasons["blockwise"][0]
+    out = attention(q, k, v, P.causal(), score_mod=alibi)
+    (grad,) = torch.autograd.grad(out.square().sum(), slopes)
+    assert torch.all(grad != 0)
+
+
 # ----------------------------------------------------------------- the auto rule
 def test_auto_picks_sdpa_for_dense_and_blockwise_for_sparse():
     q, k, v = make_inputs()
