@@ -1,14 +1,14 @@
 """Timing and peak-memory measurement shared by the CLI demo and the benchmark scripts.
 
 On CUDA, peak memory is ``torch.cuda.max_memory_allocated`` over the call. On CPU, where torch
-keeps no allocator statistics, a thread samples the process's resident set size (Linux
-``/proc/self/statm``) and reports the high-water mark above the starting point. Large tensors are
-``mmap``-ed and returned to the system when freed, so this tracks attention-sized buffers well;
-small allocations recycled by the C allocator are not seen.
+keeps no allocator statistics, a thread samples the bytes in use by the C allocator (glibc
+``mallinfo2``; the resident set size elsewhere) and reports the high-water mark above the starting
+point. Buffers that live for less than the sampling interval (0.5 ms) can be missed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import platform
@@ -20,32 +20,66 @@ from datetime import datetime, timezone
 import torch
 
 
-class _RssSampler(threading.Thread):
-    """Samples the process's resident set size every ``interval`` seconds."""
+class _Sampler(threading.Thread):
+    """Samples the bytes allocated by the process every ``interval`` seconds."""
 
     def __init__(self, interval: float = 5e-4):
         super().__init__(daemon=True)
         self.interval = interval
-        self.peak = _rss()
+        self.peak = _allocated()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, _allocated())
             time.sleep(self.interval)
 
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
-        return max(self.peak, _rss())
+        return max(self.peak, _allocated())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc_in_use():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
 
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: bytes currently allocated by the C allocator (glibc), else the resident set size
+_allocated = _glibc_in_use() or _rss
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -58,8 +92,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
     gc.collect()
-    start = _rss()
-    sampler = _RssSampler()
+    start = _allocated()
+    sampler = _Sampler()
     sampler.start()
     fn()
     return max(0, sampler.stop() - start)

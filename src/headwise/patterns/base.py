@@ -115,16 +115,21 @@ class Pattern:
         return _density(self, q_len, kv_len)
 
     # ----------------------------------------------------------------- helpers
+    def visible(
+        self, q_idx: torch.Tensor, kv_idx: torch.Tensor, q_len: int, kv_len: int
+    ) -> torch.Tensor:
+        """Mask ``(H_p, len(q_idx), len(kv_idx))`` for the given 1-D query and key positions."""
+        heads = self.num_heads or 1
+        h = torch.arange(heads, device=q_idx.device).view(-1, 1, 1)
+        allowed = self._allowed(h, q_idx.view(1, -1, 1), kv_idx.view(1, 1, -1), q_len, kv_len)
+        return allowed.expand(heads, len(q_idx), len(kv_idx))
+
     def _rows(
         self, start: int, stop: int, q_len: int, kv_len: int, device: torch.device
     ) -> torch.Tensor:
         """Dense mask of query rows ``start:stop``, shape ``(H_p, stop - start, kv_len)``."""
-        heads = self.num_heads or 1
-        h = torch.arange(heads, device=device).view(-1, 1, 1)
-        q_idx = torch.arange(start, stop, device=device).view(1, -1, 1)
-        kv_idx = torch.arange(kv_len, device=device).view(1, 1, -1)
-        allowed = self._allowed(h, q_idx, kv_idx, q_len, kv_len)
-        return allowed.expand(heads, stop - start, kv_len)
+        q_idx = torch.arange(start, stop, device=device)
+        return self.visible(q_idx, torch.arange(kv_len, device=device), q_len, kv_len)
 
     def _row_chunks(self, q_len: int, kv_len: int):
         heads = self.num_heads or 1

@@ -269,20 +269,29 @@ class _Intersection(Pattern):
         for part in self.parts:
             part.check_lengths(q_len, kv_len)
 
+    @staticmethod
+    def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a & b
+
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         allowed = self.parts[0]._allowed(h, q_idx, kv_idx, q_len, kv_len)
         for part in self.parts[1:]:
-            allowed = allowed & part._allowed(h, q_idx, kv_idx, q_len, kv_len)
+            allowed = self._combine(allowed, part._allowed(h, q_idx, kv_idx, q_len, kv_len))
         return allowed
+
+    def visible(self, q_idx, kv_idx, q_len, kv_len):
+        # Combine the parts' own masks so per-head parts keep their fast stacking.
+        allowed = self.parts[0].visible(q_idx, kv_idx, q_len, kv_len)
+        for part in self.parts[1:]:
+            allowed = self._combine(allowed, part.visible(q_idx, kv_idx, q_len, kv_len))
+        return allowed.expand(self.num_heads or 1, -1, -1)
 
 
 @dataclass(frozen=True)
 class _Union(_Intersection):
-    def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        allowed = self.parts[0]._allowed(h, q_idx, kv_idx, q_len, kv_len)
-        for part in self.parts[1:]:
-            allowed = allowed | part._allowed(h, q_idx, kv_idx, q_len, kv_len)
-        return allowed
+    @staticmethod
+    def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a | b
 
 
 @dataclass(frozen=True)
@@ -315,9 +324,9 @@ class PerHead(Pattern):
             allowed = torch.where(h == head, mine, allowed)
         return allowed
 
-    def _rows(self, start, stop, q_len, kv_len, device):
-        # Stacking per-head rows is cheaper than evaluating every pattern for every head.
-        return torch.cat([p._rows(start, stop, q_len, kv_len, device) for p in self.patterns])
+    def visible(self, q_idx, kv_idx, q_len, kv_len):
+        # Stacking per-head masks is cheaper than evaluating every pattern for every head.
+        return torch.cat([p.visible(q_idx, kv_idx, q_len, kv_len) for p in self.patterns])
 
 
 # --------------------------------------------------------------------------- constructors

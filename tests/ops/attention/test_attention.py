@@ -196,11 +196,20 @@ def test_masked_keys_cannot_influence_output(backend, name):
             assert torch.all(g[:, ~seen[h], h] == 0)
 
 
-def test_flex_forward_on_cpu_matches_oracle():
-    q, k, v = make_inputs(q_len=150, kv_len=150)
+@pytest.mark.parametrize("name", [n for n in PATTERNS if n != "none"])
+def test_flex_forward_on_cpu_matches_oracle(name):
+    # One compilation per pattern (a few seconds each on CPU): float32 only, no backward on CPU.
+    q, k, v = make_inputs()
     with torch.no_grad():
-        for pattern in (P.sliding_window(20) | P.sinks(3), P.documents([60, 0, 1, 89])):
-            check_against_oracle("flex", q, k, v, pattern, grads=False)
+        check_against_oracle("flex", q, k, v, PATTERNS[name], grads=False)
+
+
+def test_flex_with_bias_and_score_mod_on_cpu():
+    q, k, v = make_inputs(q_len=150, kv_len=150)
+    bias = torch.randn(1, 4, 150, 150)
+    with torch.no_grad():
+        check_against_oracle("flex", q, k, v, P.documents([60, 0, 1, 89]), bias=bias, grads=False)
+        check_against_oracle("flex", q, k, v, P.causal(), score_mod=softcap, grads=False)
 
 
 def test_flex_explains_its_cpu_limits():
@@ -287,7 +296,11 @@ def test_bad_input_raises_value_error(args, kwargs, match):
         attention(q, k, v, **kwargs)
 
 
-def test_dtype_mismatch_raises():
+def test_dtype_and_device_mismatch_raise():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="share a dtype"):
         attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="bias must be on"):
+        attention(q, q, q, bias=torch.zeros(4, 4, device="meta"))

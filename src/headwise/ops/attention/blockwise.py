@@ -180,8 +180,7 @@ def _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len):
     if bias is not None:
         scores = scores + _bias_block(bias_4d(bias), row).to(scores.dtype)
     if pattern is not None and row.needs_mask:
-        h = torch.arange(pattern.num_heads or 1, device=raw.device).view(-1, 1, 1)
-        visible = pattern._allowed(h, q_idx.view(1, -1, 1), kv_idx.view(1, 1, -1), q_len, kv_len)
+        visible = pattern.visible(q_idx, kv_idx, q_len, kv_len)
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores.reshape(batch, kv_heads, group, n_rows, n_keys)
 
