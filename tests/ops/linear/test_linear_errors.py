@@ -13,8 +13,9 @@ V = torch.randn(2, 5, 3, 6)
 CASES = [
     ({"q": Q[0]}, r"q must be \(B, L, H, D\); got \(5, 3, 4\)"),
     ({"k": torch.randn(2, 6, 3, 4)}, r"k must have q's shape"),
-    ({"k": torch.randn(2, 5, 2, 4)}, r"k must have q's shape"),
-    ({"v": torch.randn(2, 5, 2, 6)}, r"v must share \(B, L, H\)"),
+    ({"k": torch.randn(2, 5, 2, 4)}, r"k must have as many heads as q"),
+    ({"v": torch.randn(2, 5, 2, 6)}, r"v must have as many heads as q"),
+    ({"v": torch.randn(2, 4, 3, 6)}, r"v must share \(B, L, H\)"),
     ({"v": V.double()}, r"v must match q's dtype"),
     ({"q": Q.long(), "k": Q.long()}, r"q must be floating point"),
     ({"decay": torch.tensor([0.5, 1.5, 0.2])}, r"decay values must lie in \(0, 1\]"),

@@ -243,10 +243,7 @@ def _run(
             if backend == "naive"
             else naive.recurrent_linear_attention
         )
-        o, state = ref(q, k, v, lam, causal=causal, initial_state=initial_state)
-        if return_state and state is None:
-            state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-        return o, state
+        return ref(q, k, v, lam, causal=causal, initial_state=initial_state)
     forward_fn, chunk = _select(backend, q, v, chunk_size)
     if q.shape[1] == 0:
         state = q.new_zeros(
@@ -372,6 +369,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool) 
             raise ValueError(
                 f"{name} must match q's dtype and device; got {x.dtype} on {x.device}, "
                 f"q is {q.dtype} on {q.device}"
+            )
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[-2] != q.shape[-2]:
+            raise ValueError(
+                f"{name} must have as many heads as q (grouped K/V heads are not supported); "
+                f"got {name} {_shape(x)}, q {_shape(q)}"
             )
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape {_shape(q)}; got {_shape(k)}")
