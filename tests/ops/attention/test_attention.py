@@ -220,19 +220,21 @@ def test_flex_explains_its_cpu_limits():
         attention(q, k, v, P.causal(), backend="flex", return_lse=True)
 
 
-def test_score_mod_with_learnable_capture_uses_a_path_that_differentiates_it():
-    q, k, v = make_inputs(batch=1, q_len=12, kv_len=12)
+def test_score_mod_captured_tensors_get_gradients():
+    q, k, v = make_inputs(batch=1, q_len=70, kv_len=70)
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
+    table = torch.randn(4, 2 * 70 - 1, requires_grad=True)  # learnable relative-position bias
 
-    def alibi(score, b, h, q_idx, kv_idx):
-        return score - slopes[h] * (q_idx - kv_idx).abs()
+    def alibi_and_table(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs() + table[h, kv_idx - q_idx + 69]
 
-    choice = explain(q, k, v, P.causal(), score_mod=alibi)
-    assert choice.backend == "reference"
-    assert "capture" in choice.reasons["blockwise"][0]
-    out = attention(q, k, v, P.causal(), score_mod=alibi)
-    (grad,) = torch.autograd.grad(out.square().sum(), slopes)
-    assert torch.all(grad != 0)
+    grads = {}
+    for backend in ("blockwise", "reference"):
+        out = attention(q, k, v, P.sliding_window(9), score_mod=alibi_and_table, backend=backend)
+        grads[backend] = torch.autograd.grad(out.square().sum(), (slopes, table, q))
+    assert torch.all(grads["reference"][0] != 0)
+    for fast, ref in zip(grads["blockwise"], grads["reference"]):
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------- the auto rule

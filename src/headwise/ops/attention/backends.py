@@ -191,8 +191,6 @@ class BlockwiseBackend(Backend):
     summary = "PyTorch row blocks that skip empty key blocks; exact, forward+backward anywhere"
 
     def reasons(self, problem):
-        if problem.score_mod_needs_grad:
-            return ["score_mod captures tensors that require grad (pass them as bias instead)"]
         return []
 
     def run(self, q, k, v, pattern, scale, bias, score_mod):

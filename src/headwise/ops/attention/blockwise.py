@@ -10,6 +10,9 @@ empty blocks cost nothing and no ``Lq x Lk`` tensor is built (peak extra memory 
     dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,
     dV = P^T dO,  dbias = dS (reduced over broadcast dims).
 
+Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
+slopes) get their gradients too, by local autograd on each recomputed block.
+
 This is the CPU training path for sparse patterns (FlexAttention has no CPU backward).
 """
 
@@ -72,7 +75,7 @@ def _key_positions(keys: slice | torch.Tensor, device: torch.device) -> torch.Te
 
 class _Blockwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, pattern, scale, score_mod, block):
+    def forward(ctx, q, k, v, bias, pattern, scale, score_mod, block, *captured):
         batch, q_len, heads, _ = q.shape
         kv_len, kv_heads = k.shape[1], k.shape[2]
         group = heads // kv_heads
@@ -92,14 +95,14 @@ class _Blockwise(torch.autograd.Function):
             block_out, block_lse = masked_softmax_av(scores, vg[:, :, :, row.keys])
             out[:, :, :, row.q_start : row.q_stop] = block_out
             lse[:, :, row.q_start : row.q_stop] = block_lse.reshape(batch, heads, -1)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
         ctx.params = (pattern, scale, score_mod, plan)
         out = out.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
         pattern, scale, score_mod, plan = ctx.params
         batch, q_len, heads, _ = q.shape
@@ -120,6 +123,7 @@ class _Blockwise(torch.autograd.Function):
         dv = torch.zeros_like(vg.squeeze(2))
         need_bias_grad = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros_like(bias_4d(bias), dtype=dtype) if need_bias_grad else None
+        d_captured = [torch.zeros_like(t) for t in captured]
         for row in plan:
             if _count(row.keys) == 0:
                 continue
@@ -139,7 +143,12 @@ class _Blockwise(torch.autograd.Function):
                     dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row
                 )
             if score_mod is not None:
-                (d_scores,) = torch.autograd.grad(scores, raw, d_scores)
+                d_scores, *d_leaves = torch.autograd.grad(
+                    scores, [raw, *captured], d_scores, allow_unused=True
+                )
+                for total, part in zip(d_captured, d_leaves):
+                    if part is not None:
+                        total += part
             d_scores = d_scores * scale
             dq[:, :, :, rows] = d_scores @ kg[:, :, :, row.keys]
             dk_sel = (d_scores.transpose(-1, -2) @ q_blk).sum(2)
@@ -149,7 +158,7 @@ class _Blockwise(torch.autograd.Function):
         grad_k = dk.transpose(1, 2).to(k.dtype)
         grad_v = dv.transpose(1, 2).to(v.dtype)
         grad_bias = dbias.reshape(bias.shape).to(bias.dtype) if dbias is not None else None
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
 
 
 def _grouped_q(t: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -231,4 +240,31 @@ def blockwise_attention(
     ``lse`` is float32 (float64 for float64 inputs).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _Blockwise.apply(q, k, v, bias, pattern, scale, score_mod, block)
+    captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
+    return _Blockwise.apply(q, k, v, bias, pattern, scale, score_mod, block, *captured)
+
+
+def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
+    """Tensors requiring grad that ``fn`` closes over (e.g. learnable ALiBi slopes or a relative
+    position table), including the parameters of a captured ``nn.Module``. Their gradients are
+    computed block by block in the backward pass."""
+    if fn is None:
+        return ()
+    found: dict[int, torch.Tensor] = {}
+    owners = [getattr(fn, "__self__", None)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            owners.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    for owner in owners:
+        if isinstance(owner, torch.Tensor):
+            tensors = [owner]
+        elif isinstance(owner, torch.nn.Module):
+            tensors = list(owner.parameters())
+        else:
+            continue
+        for t in tensors:
+            if t.requires_grad:
+                found[id(t)] = t
+    return tuple(found.values())

@@ -37,7 +37,6 @@ class AttentionProblem:
     has_bias: bool
     bias_needs_grad: bool
     has_score_mod: bool
-    score_mod_needs_grad: bool
     return_lse: bool
     needs_grad: bool
 
@@ -128,22 +127,9 @@ def check_problem(
         has_bias=bias is not None,
         bias_needs_grad=bias is not None and bias.requires_grad,
         has_score_mod=score_mod is not None,
-        score_mod_needs_grad=torch.is_grad_enabled() and _captures_grad(score_mod),
         return_lse=return_lse,
         needs_grad=needs_grad,
     )
-
-
-def _captures_grad(fn: object) -> bool:
-    """Whether a closure captures a tensor that requires grad (e.g. learnable ALiBi slopes)."""
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            return True
-    return False
 
 
 def bias_4d(bias: torch.Tensor) -> torch.Tensor:
