@@ -1,0 +1,141 @@
+"""Record attention probabilities, scores and per-head outputs of chosen heads and query rows.
+
+Names follow TransformerLens: ``blocks.3.attn.pattern`` (post-softmax probabilities),
+``blocks.3.attn.scores`` (pre-softmax scores, mask included), ``blocks.3.attn.z`` (each head's
+output before the output projection), ``blocks.3.attn.lse`` (log-sum-exp); multi-tower models
+prefix the tower (``vision_model.blocks.1.attn.pattern``).
+
+Only the requested heads and rows are recomputed, from the log-sum-exp the fast path saved: the
+rest of the model stays on the fast backends and nothing ``L x L`` is built for other heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from headwise.hf.registry import (
+    Call,
+    Hook,
+    Layers,
+    Request,
+    add_hook,
+    normalise,
+    positions,
+    remove_hook,
+    select_sites,
+)
+
+WHAT = ("pattern", "scores", "z", "lse")
+
+
+class ActivationCache:
+    """Captured tensors by hook-point name; ``cache[name]`` is the latest call's tensor.
+
+    Shapes: ``pattern``/``scores`` ``(B, h, r, Lk)``, ``z`` ``(B, r, h, Dv)``, ``lse``
+    ``(B, h, r)``, where ``h``/``r`` are the captured heads and rows (``cache.heads[name]`` and
+    ``cache.rows[name]`` give their indices). Every call is kept in ``cache.steps(name)``
+    (``generate`` calls each layer once per step).
+    """
+
+    def __init__(self) -> None:
+        self._steps: dict[str, list[torch.Tensor]] = {}
+        self.heads: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._steps:
+            raise KeyError(f"{name!r} was not captured; captured: {sorted(self._steps)}")
+        return self._steps[name][-1]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._steps
+
+    def keys(self) -> list[str]:
+        return list(self._steps)
+
+    def steps(self, name: str) -> list[torch.Tensor]:
+        return list(self._steps[name])
+
+    def _add(self, name: str, value: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor):
+        self._steps.setdefault(name, []).append(value)
+        self.heads[name] = heads
+        self.rows[name] = rows
+
+
+class _Capture(Hook):
+    def __init__(self, sites, heads, rows, what, detach, cache):
+        self.names = {s.name for s in sites}
+        self.heads, self.rows, self.what = heads, rows, what
+        self.detach, self.cache = detach, cache
+
+    def request(self, call: Call) -> Request | None:
+        if call.site.name in self.names and {"pattern", "scores"} & set(self.what):
+            return Request(self.heads, self.rows)
+        return None
+
+    def observe(self, call: Call) -> None:
+        name = call.site.name
+        if name not in self.names:
+            return
+        device = call.q.device
+        heads = normalise(self.heads, call.num_heads, device)
+        rows = normalise(self.rows, call.q.shape[1], device)
+        values = {}
+        if {"pattern", "scores"} & set(self.what):
+            hi, ri = positions(call.heads, heads), positions(call.rows, rows)
+            values["pattern"] = call.probs[:, hi][:, :, ri]
+            values["scores"] = call.scores[:, hi][:, :, ri]
+        values["z"] = call.out[:, rows][:, :, heads]
+        values["lse"] = call.lse[:, heads][:, :, rows]
+        for key in self.what:
+            value = values[key].detach() if self.detach else values[key]
+            self.cache._add(f"{name}.{key}", value, heads, rows)
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: Layers = None,
+    heads: Sequence[int] | None = None,
+    rows: Sequence[int] | None = None,
+    what: Sequence[str] = ("pattern", "z"),
+    detach: bool = True,
+) -> Iterator[ActivationCache]:
+    """Capture attention internals of ``model`` while the block runs.
+
+    Args:
+        model: a transformers model (attached to headwise on first use).
+        layers: which attention modules (see :func:`headwise.hf.select_sites`); ``None`` = all.
+        heads: query-head indices to keep; ``None`` = all.
+        rows: query rows (negative = from the end, ``[-1]`` = the last token); ``None`` = all.
+        what: any of ``"pattern"``, ``"scores"``, ``"z"``, ``"lse"``.
+        detach: store detached tensors (``False`` keeps the graph, e.g. for gradients).
+
+    Example::
+
+        with capture(model, layers=[3], heads=[0, 5], rows=[-1]) as cache:
+            model(**inputs)
+        cache["blocks.3.attn.pattern"]   # (B, 2, 1, Lk)
+    """
+    unknown = set(what) - set(WHAT)
+    if unknown or not what:
+        raise ValueError(f"what must be a non-empty subset of {WHAT}; got {tuple(what)}")
+    sites = select_sites(model, layers)
+    cache = ActivationCache()
+    hook = _Capture(
+        sites,
+        None if heads is None else list(heads),
+        None if rows is None else list(rows),
+        tuple(what),
+        detach,
+        cache,
+    )
+    add_hook(model, hook)
+    try:
+        yield cache
+    finally:
+        remove_hook(model, hook)
