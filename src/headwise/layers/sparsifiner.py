@@ -1,0 +1,208 @@
+"""Sparsifiner: learned instance-dependent sparse attention.
+
+Wei, Duke, Jiang, Aarabi, Taylor, Shkurti, "Sparsifiner: Learning Sparse Instance-Dependent
+Attention for Efficient Vision Transformers" (CVPR 2023); official code lim142857/Sparsifiner
+(``src/models/sparsifiner.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from headwise import patterns
+from headwise.ops.attention import Backend, attention
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+class SparsifinerAttention(nn.Module):
+    """Multi-head self-attention restricted to the keys a low-rank predictor ranks highest.
+
+    For tokens ``x`` ``(B, N, C)`` (``N`` fixed at construction, CLS at index 0 if ``cls_token``),
+    ``H`` heads of ``D = C / H`` channels, ``M = max(1, N // token_reduction)`` bases::
+
+        q, k, v  = x W_qkv                                  (B, N, H, D) each
+        q_r, k_r = q W_qr, k W_kr                           (B, N, H, D / channel_reduction)
+        c        = softmax_M(q_r (k_r^T P_n) / sqrt(H))     (B, H, N, M)   P_n: (N, M)
+        Ahat     = c U,   U = P_back^T                      (B, H, N, N)   P_back: (N, M)
+        mask_i   = top-k_j(Ahat_ij), k = ceil(keep_rate N)  per non-CLS row; the CLS row is dense
+        y        = W_o softmax(q k^T / sqrt(D) + (0 where mask else -inf)) v
+
+    The predictor's logits are scaled by ``H^(-1/2)`` (the number of heads, as the official code
+    does, not the head dim). ``W_qr``, ``W_kr``, ``P_n``, ``P_back`` are shared by the heads of
+    the layer. In eval mode the predictor is sparsified as in the paper: ``c`` keeps its
+    ``basis_top_k`` largest entries per row and ``U`` becomes ``|U|`` with entries
+    ``<= basis_threshold`` zeroed. With ``causal=True`` (sequence port) ``Ahat`` is causally masked
+    before the top-k, so row ``i`` keeps ``min(k, i + 1)`` keys.
+
+    The mask is **detached**: the task loss never reaches the predictor, which learns only from
+    a reconstruction loss between ``Ahat`` (``forward(..., return_approx=True)``) and a dense
+    teacher's attention (stage 1 of the paper; use ``dense=True`` for its dense forward).
+
+    Why a bias and not a pattern: the mask differs per batch element, and
+    :mod:`headwise.patterns` are batch-agnostic predicates of (head, query, key). The mask is
+    therefore passed to :func:`headwise.attention` as an additive ``(B, H, N, N)`` bias of 0 and
+    ``-inf`` (rows with no kept key give zeros in every backend). This is exact but does not skip
+    the hidden blocks; a batch-aware block-sparse path is left to the core.
+
+    Args:
+        embed_dim: ``C``; divisible by ``num_heads``.
+        num_heads: ``H``.
+        seq_len: ``N``; ``P_n`` and ``P_back`` have ``N`` rows, so inputs must have this length
+            (pad to it).
+        keep_rate: fraction of keys each non-CLS row keeps, in ``(0, 1]`` (paper: 0.25).
+        channel_reduction: ``r_c`` (paper: 2).
+        token_reduction: ``r_n`` (default config: 6, i.e. 32 bases for ``N = 197``).
+        cls_token: token 0 is a CLS token with a dense attention row.
+        causal: causal attention (not in the paper; for sequence models).
+        basis_top_k, basis_threshold: eval-mode predictor sparsification (paper: 8, 0.02).
+        qkv_bias: bias in the ``W_qkv`` projection.
+        backend: passed to :func:`headwise.attention`.
+
+    Shapes: ``forward(x: (B, N, C)) -> (B, N, C)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        seq_len: int,
+        *,
+        keep_rate: float = 0.25,
+        channel_reduction: int = 2,
+        token_reduction: int = 6,
+        cls_token: bool = True,
+        causal: bool = False,
+        basis_top_k: int = 8,
+        basis_threshold: float = 0.02,
+        qkv_bias: bool = True,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        _check_int("embed_dim", embed_dim, 1)
+        _check_int("num_heads", num_heads, 1)
+        _check_int("seq_len", seq_len, 2 if cls_token else 1)
+        _check_int("channel_reduction", channel_reduction, 1)
+        _check_int("token_reduction", token_reduction, 1)
+        _check_int("basis_top_k", basis_top_k, 1)
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}"
+            )
+        head_dim = embed_dim // num_heads
+        if head_dim % channel_reduction:
+            raise ValueError(
+                f"channel_reduction must divide the head dim {head_dim}; got {channel_reduction}"
+            )
+        if not 0 < keep_rate <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1]; got {keep_rate!r}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.seq_len, self.keep_rate = seq_len, float(keep_rate)
+        self.budget = math.ceil(keep_rate * seq_len)
+        self.cls_token, self.causal, self.backend = cls_token, causal, backend
+        self.basis_top_k, self.basis_threshold = basis_top_k, float(basis_threshold)
+        n_bases = max(1, seq_len // token_reduction)
+        reduced = head_dim // channel_reduction
+
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_reduce = nn.Linear(head_dim, reduced)
+        self.k_reduce = nn.Linear(head_dim, reduced)
+        self.token_proj = nn.Parameter(torch.empty(seq_len, n_bases))  # P_n
+        self.basis = nn.Parameter(torch.empty(seq_len, n_bases))  # P_back, U = P_back^T
+        nn.init.trunc_normal_(self.token_proj, std=0.02)
+        nn.init.trunc_normal_(self.basis, std=0.02)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, seq_len={self.seq_len}, "
+            f"keep_rate={self.keep_rate}, budget={self.budget}, cls_token={self.cls_token}, "
+            f"causal={self.causal}"
+        )
+
+    def approximate_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The predictor's ``Ahat`` ``(B, H, N, N)`` from ``q``, ``k`` ``(B, N, H, D)``.
+
+        The CLS row (if any) is zero: the official predictor drops it, its row is dense anyway.
+        """
+        q_r = self.q_reduce(q).transpose(1, 2)  # (B, H, N, D/r_c)
+        k_r = self.k_reduce(k).transpose(1, 2)
+        kt = k_r.transpose(-1, -2) @ self.token_proj  # (B, H, D/r_c, M)
+        coeff = torch.softmax((q_r @ kt) * self.num_heads**-0.5, dim=-1)  # (B, H, N, M)
+        basis = self.basis.t()  # (M, N)
+        if not self.training:
+            top = coeff.topk(min(self.basis_top_k, coeff.shape[-1]), dim=-1)
+            coeff = torch.zeros_like(coeff).scatter(-1, top.indices, top.values)
+            basis = basis.abs() * (basis.abs() > self.basis_threshold)
+        approx = coeff @ basis
+        if self.cls_token:
+            approx = torch.cat((torch.zeros_like(approx[..., :1, :]), approx[..., 1:, :]), -2)
+        return approx
+
+    def connectivity_mask(self, approx: torch.Tensor) -> torch.Tensor:
+        """Boolean ``(B, H, N, N)``: the top ``budget`` keys of each row of ``Ahat``.
+
+        The CLS row is all ``True`` (causal: row 0 sees key 0). Computed without gradient.
+        """
+        with torch.no_grad():
+            scores = approx.detach()
+            n = scores.shape[-1]
+            if self.causal:
+                future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            top = scores.topk(self.budget, dim=-1).indices
+            mask = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+            if self.causal:
+                # A row shorter than the budget picked -inf (future) keys in its top-k.
+                mask &= ~future
+            if self.cls_token:
+                mask[..., 0, :] = True
+        return mask
+
+    def forward(
+        self, x: torch.Tensor, *, dense: bool = False, return_approx: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``y`` ``(B, N, C)``; with ``return_approx`` also ``Ahat`` ``(B, H, N, N)``.
+
+        ``dense=True`` skips the mask (stage 1 of the paper's training: dense forward, the
+        predictor trained to reconstruct the attention).
+        """
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 3
+            or x.shape[1:]
+            != (
+                self.seq_len,
+                self.embed_dim,
+            )
+        ):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"x must be (B, N={self.seq_len}, C={self.embed_dim}) (pad to N); got {got}"
+            )
+        batch = x.shape[0]
+        q, k, v = self.qkv(x).view(batch, self.seq_len, 3, self.num_heads, -1).unbind(2)
+        approx = self.approximate_attention(q, k) if return_approx else None
+        bias = None
+        if not dense:
+            if approx is None:
+                with torch.no_grad():
+                    keep = self.connectivity_mask(self.approximate_attention(q, k))
+            else:
+                keep = self.connectivity_mask(approx)
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~keep, float("-inf"))
+        pattern = patterns.causal() if self.causal else None
+        out = attention(q, k, v, pattern, bias=bias, backend=self.backend)
+        y = self.out_proj(out.reshape(batch, self.seq_len, self.embed_dim))
+        return (y, approx) if return_approx else y
+
+
+__all__ = ["SparsifinerAttention"]
