@@ -8,6 +8,8 @@ TORCH_PIN ?= torch==2.13.0
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
 	$(PYTHON) -m pip install -q -e ".[test]"
+	@# NATTEN is an optional peer the tests cross-check against; it installs without its deps.
+	$(PYTHON) -m pip install -q --no-deps natten
 
 demo: install
 	$(PYTHON) -m headwise demo

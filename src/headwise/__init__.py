@@ -11,6 +11,7 @@ from headwise.ops.attention import (
     attention,
     attention_varlen,
     explain,
+    neighborhood_attention,
     pack,
     unpack,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "attention_varlen",
     "explain",
     "layers",
+    "neighborhood_attention",
     "pack",
     "patterns",
     "unpack",

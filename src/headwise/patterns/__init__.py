@@ -16,6 +16,7 @@ from headwise.patterns.library import (
     sliding_window,
     strided,
 )
+from headwise.patterns.neighborhood import neighborhood
 
 __all__ = [
     "EMPTY",
@@ -27,6 +28,7 @@ __all__ = [
     "documents",
     "full",
     "modality_mutual",
+    "neighborhood",
     "per_head",
     "sinks",
     "sliding_window",

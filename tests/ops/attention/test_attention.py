@@ -212,6 +212,23 @@ def test_flex_with_bias_and_score_mod_on_cpu():
         check_against_oracle("flex", q, k, v, P.causal(), score_mod=softcap, grads=False)
 
 
+def test_flex_call_returns_lse_like_the_reference():
+    # The compiled kernel returns no LSE on CPU; the same call path through eager FlexAttention
+    # checks how the LSE is requested and unpacked (what CUDA uses).
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from headwise.ops.attention.backends import flex_call
+
+    q, k, v = (t.detach() for t in make_inputs())
+    pattern = P.sliding_window(5) | P.sinks(2)
+    out, lse = flex_call(
+        flex_attention, q, k, v, pattern, None, None, None, want_lse=True, block_size=16
+    )
+    ref_out, ref_lse = attention(q, k, v, pattern, backend="reference", return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_explains_its_cpu_limits():
     q, k, v = make_inputs()
     with pytest.raises(ValueError, match="no backward on CPU"):

@@ -10,130 +10,22 @@ tensors are ``(T, H, D)``. Output ``(B, Lq, H, Dv)``; LSE ``(B, H, Lq)`` in floa
 Rows with no visible key give O = 0 and lse = -inf.
 """
 
-from __future__ import annotations
-
-import torch
-
+from headwise.ops.attention.api import Backend, attention, attention_varlen, explain
 from headwise.ops.attention.backends import BACKENDS, REFERENCE_AUTO_LIMIT
-from headwise.ops.attention.dispatch import Explanation, choose
-from headwise.ops.attention.problem import ScoreMod, check_problem
-from headwise.ops.attention.varlen import Packed, pack, seqlens_from_cu, unpack
-from headwise.patterns import Pattern, documents
-
-Backend = str | tuple[str, ...]
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: Pattern | None = None,
-    *,
-    scale: float | None = None,
-    bias: torch.Tensor | None = None,
-    score_mod: ScoreMod | None = None,
-    return_lse: bool = False,
-    backend: Backend = "auto",
-):
-    """Softmax attention of ``q`` over ``k``/``v`` under ``pattern``.
-
-    Args:
-        q, k, v: ``(B, Lq, H, D)``, ``(B, Lk, H_kv, D)``, ``(B, Lk, H_kv, Dv)``.
-        pattern: a :mod:`headwise.patterns` object (``None`` = full attention).
-        scale: score scale, default ``1 / sqrt(D)``.
-        bias: additive scores broadcastable to ``(B, H, Lq, Lk)`` (relative-position tables,
-            ALiBi; ``-inf`` allowed). Gradients flow into it.
-        score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` applied to the scaled scores before
-            ``bias`` (e.g. softcap). It must broadcast over index tensors (FlexAttention style).
-        return_lse: also return the log-sum-exp ``(B, H, Lq)``.
-        backend: ``"auto"``, one of ``"sdpa"``, ``"flex"``, ``"blockwise"``, ``"reference"``,
-            or a tuple of names to restrict ``auto`` to. :func:`explain` tells what ``auto`` picks.
-
-    Returns:
-        ``out`` ``(B, Lq, H, Dv)``, or ``(out, lse)`` when ``return_lse``.
-    """
-    problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse)
-    choice = choose(problem, backend)
-    if choice.backend is None:
-        raise ValueError(f"no attention backend can serve this call:\n{choice}")
-    out, lse = BACKENDS[choice.backend].run(q, k, v, pattern, scale, bias, score_mod)
-    return (out, lse) if return_lse else out
-
-
-def explain(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: Pattern | None = None,
-    *,
-    bias: torch.Tensor | None = None,
-    score_mod: ScoreMod | None = None,
-    return_lse: bool = False,
-    backend: Backend = "auto",
-) -> Explanation:
-    """Which backend :func:`attention` would use for these arguments, and why not the others."""
-    problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse)
-    return choose(problem, backend)
-
-
-def attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    cu_seqlens_k: torch.Tensor | None = None,
-    pattern: Pattern | None = None,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    score_mod: ScoreMod | None = None,
-    return_lse: bool = False,
-    backend: Backend = "auto",
-):
-    """Attention over packed sequences: ``q`` ``(Tq, H, D)``, ``k``/``v`` ``(Tk, H_kv, D)``.
-
-    Sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only to its own keys
-    (``cu_seqlens_k``, default ``cu_seqlens``); ``causal`` is bottom-right aligned per sequence.
-    An extra ``pattern`` (e.g. a sliding window) is intersected, in packed positions.
-    Empty sequences are allowed. Returns ``(Tq, H, Dv)`` (and LSE ``(H, Tq)``).
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be packed (T, H, D); got {shape}")
-    q_lengths = seqlens_from_cu("cu_seqlens", cu_seqlens, q.shape[0])
-    kv_lengths = seqlens_from_cu(
-        "cu_seqlens_k", cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, k.shape[0]
-    )
-    if len(q_lengths) != len(kv_lengths):
-        raise ValueError(
-            f"cu_seqlens and cu_seqlens_k must describe the same number of sequences; got "
-            f"{len(q_lengths)} and {len(kv_lengths)}"
-        )
-    docs = documents(q_lengths, kv_lengths, causal=causal)
-    result = attention(
-        q[None],
-        k[None],
-        v[None],
-        docs if pattern is None else docs & pattern,
-        scale=scale,
-        score_mod=score_mod,
-        return_lse=return_lse,
-        backend=backend,
-    )
-    if return_lse:
-        return result[0][0], result[1][0]
-    return result[0]
-
+from headwise.ops.attention.dispatch import Explanation
+from headwise.ops.attention.neighborhood import neighborhood_attention
+from headwise.ops.attention.varlen import Packed, pack, unpack
 
 __all__ = [
     "BACKENDS",
     "REFERENCE_AUTO_LIMIT",
+    "Backend",
     "Explanation",
     "Packed",
     "attention",
     "attention_varlen",
     "explain",
+    "neighborhood_attention",
     "pack",
     "unpack",
 ]

@@ -24,6 +24,11 @@ from headwise.patterns.library import Causal, Full
 
 #: the reference backend materialises B*H*Lq*Lk scores; ``auto`` refuses it above this size
 REFERENCE_AUTO_LIMIT = 1 << 24
+try:
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
+except ImportError:  # torch < 2.9
+    _AuxRequest = None
+
 #: distinct compiled FlexAttention graphs (patterns x shapes) before a call raises
 FLEX_RECOMPILE_LIMIT = 256
 
@@ -146,31 +151,55 @@ class FlexBackend(Backend):
             # made sure no gradient is needed here.
             q, k, v = q.detach(), k.detach(), v.detach()
             bias = bias.detach() if bias is not None else None
-        block_mask = None
-        if pattern is not None:
-            block_mask = pattern.block_mask(
-                q.shape[1], k.shape[1], block_size=self.block_size, device=q.device
-            )
-        mod = _with_bias(score_mod, bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-        return_lse = q.device.type != "cpu"
         # Each (pattern, score_mod, shape) is one compiled graph. Past dynamo's default limit of 8
         # torch would silently run FlexAttention unfused (L x L memory); raise the limit and make
         # hitting it an error instead.
         with torch._dynamo.config.patch(
             recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
         ):
-            result = _compiled_flex()(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                score_mod=mod,
-                block_mask=block_mask,
-                scale=scale,
-                enable_gqa=q.shape[2] != k.shape[2],
-                return_lse=return_lse,
+            return flex_call(
+                _compiled_flex(),
+                q,
+                k,
+                v,
+                pattern,
+                scale,
+                bias,
+                score_mod,
+                want_lse=q.device.type != "cpu",
+                block_size=self.block_size,
             )
-        out, lse = result if return_lse else (result, None)
-        return out.transpose(1, 2), lse
+
+
+def flex_call(fn, q, k, v, pattern, scale, bias, score_mod, *, want_lse, block_size):
+    """Run ``fn`` (FlexAttention, compiled or not) on ``(B, L, H, D)`` inputs; ``(out, lse)``."""
+    block_mask = None
+    if pattern is not None:
+        block_mask = pattern.block_mask(
+            q.shape[1], k.shape[1], block_size=block_size, device=q.device
+        )
+    mod = _with_bias(score_mod, bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    kwargs = {}
+    if want_lse:
+        # torch >= 2.9 asks for auxiliary outputs with AuxRequest; older releases take return_lse.
+        if _AuxRequest is not None:
+            kwargs["return_aux"] = _AuxRequest(lse=True)
+        else:
+            kwargs["return_lse"] = True
+    result = fn(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        score_mod=mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+        **kwargs,
+    )
+    if not want_lse:
+        return result.transpose(1, 2), None
+    out, aux = result
+    return out.transpose(1, 2), aux.lse if _AuxRequest is not None else aux
 
 
 def _with_bias(score_mod, bias, batch, heads, q_len, kv_len):

@@ -1,0 +1,90 @@
+"""Neighborhood attention on ``(B, *spatial, H, D)`` tensors, with an optional learnable relative
+positional bias (NAT/DiNAT's ``rpb``, which NATTEN >= 0.20 removed).
+
+    o_i = sum_{j in N(i)} softmax_j(scale q_i . k_j + rpb[h, (j - i) / d + k - 1]) v_j
+
+``N(i)`` is :func:`headwise.patterns.neighborhood`'s window (NATTEN's border rule, dilation groups,
+per-axis causal and stride); the offset ``(j - i) / d`` is taken per axis in dilation-group units,
+so the table has ``2k - 1`` entries per axis. The work runs through :func:`headwise.attention`
+with the pattern, and the bias as a ``score_mod`` that reads the table, so no L x L bias is built
+and the table's gradient is computed block by block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.ops.attention.api import attention
+from headwise.ops.attention.problem import ScoreMod
+from headwise.patterns.neighborhood import Neighborhood, neighborhood
+
+
+def relative_position_bias(pattern: Neighborhood, table: torch.Tensor) -> ScoreMod:
+    """A ``score_mod`` adding ``table[h, (j - i)/d + k - 1 per axis]`` to the scores."""
+    expected = tuple(2 * k - 1 for k in pattern.kernel_size)
+    if table.dim() != 1 + len(expected) or tuple(table.shape[1:]) != expected:
+        raise ValueError(
+            f"rpb must be (heads, {', '.join(map(str, expected))}) for kernel_size "
+            f"{pattern.kernel_size}; got {tuple(table.shape)}"
+        )
+    if any(s > 1 for s in pattern.stride):
+        raise ValueError(f"rpb is defined for stride 1 only; got stride={pattern.stride}")
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        index = [h]
+        for axis, (i, j) in enumerate(zip(pattern.coordinates(q_idx), pattern.coordinates(kv_idx))):
+            k = pattern.kernel_size[axis]
+            # Keys outside the window are masked anyway; clamp keeps their lookups in range.
+            offset = torch.div(j - i, pattern.dilation[axis], rounding_mode="floor") + k - 1
+            index.append(offset.clamp(0, 2 * k - 2))
+        return score + table[tuple(index)].to(score.dtype)
+
+    return score_mod
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int | tuple[int, ...],
+    *,
+    dilation: int | tuple[int, ...] = 1,
+    stride: int | tuple[int, ...] = 1,
+    causal: bool | tuple[bool, ...] = False,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | tuple[str, ...] = "auto",
+) -> torch.Tensor:
+    """Neighborhood attention; ``q``, ``k``, ``v`` are ``(B, *spatial, H, D)`` with 1-3 spatial
+    axes (``k``/``v`` may have fewer heads, GQA). ``rpb`` is ``(H, 2k_1 - 1, ...)``.
+
+    Returns ``(B, *spatial, H, Dv)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (4, 5, 6):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be (B, *spatial, H, D) with 1-3 spatial axes; got {shape}"
+            )
+    spatial = tuple(q.shape[1:-2])
+    if tuple(k.shape[1:-2]) != spatial or tuple(v.shape[1:-2]) != spatial:
+        raise ValueError(
+            f"q, k, v must share the spatial grid; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    pattern = neighborhood(spatial, kernel_size, dilation, causal, stride=stride)
+    score_mod = None
+    if rpb is not None:
+        if rpb.shape[0] != q.shape[-2]:
+            raise ValueError(
+                f"rpb must have one table per head ({q.shape[-2]}); got {tuple(rpb.shape)}"
+            )
+        score_mod = relative_position_bias(pattern, rpb)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1, *t.shape[-2:])
+
+    out = attention(
+        flat(q), flat(k), flat(v), pattern, scale=scale, score_mod=score_mod, backend=backend
+    )
+    return out.reshape(*q.shape[:-1], v.shape[-1])

@@ -1,0 +1,138 @@
+"""Neighborhood attention windows on 1-D, 2-D and 3-D token grids (NATTEN semantics).
+
+Tokens of a grid ``(X,)``, ``(X, Y)`` or ``(X, Y, Z)`` are flattened row-major. Along each axis of
+length ``L`` with kernel ``k``, dilation ``d``, stride ``s`` and a causal flag (Hassani et al.,
+"Neighborhood Attention Transformer", CVPR 2023; "Dilated Neighborhood Attention Transformer";
+"Faster Neighborhood Attention", NeurIPS 2024; "Generalized Neighborhood Attention", 2025):
+
+* dilation groups: position ``i`` is in group ``g = i mod d`` at in-group index ``i' = i // d``;
+  the group has ``L_g = L // d + [g < L mod d]`` positions; queries see keys of their group only.
+* non-causal: ``left = k // 2``, ``right = k // 2 + k mod 2 - 1``; leader
+  ``l = min((i' // s) s + s // 2, L_g - 1)``; centre ``c = clamp(l, left, L_g - 1 - right)``;
+  keys ``j'`` in ``[c - left, c + right]`` - near a border the window shifts inwards, so every
+  query sees exactly ``k`` keys.
+* causal: leader ``l = min((i' // s) s + s - 1, L_g - 1)``; keys ``j'`` in
+  ``[max(l - k + 1, 0), i']`` - never shifted, early queries see fewer keys.
+* a grid axis shorter than its window (``L_g < k``; NATTEN raises) lets every query see its
+  whole dilation group along that axis.
+
+The N-D neighbourhood is the Cartesian product of the per-axis windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from headwise.patterns.base import Pattern
+
+
+@dataclass(frozen=True)
+class Neighborhood(Pattern):
+    grid: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    causal: tuple[bool, ...]
+
+    def __post_init__(self):
+        rank = len(self.grid)
+        if rank not in (1, 2, 3):
+            raise ValueError(f"grid must have 1, 2 or 3 axes; got {self.grid}")
+        for name in ("kernel_size", "dilation", "stride", "causal"):
+            if len(getattr(self, name)) != rank:
+                raise ValueError(
+                    f"{name} must have one entry per grid axis ({rank}); got {getattr(self, name)}"
+                )
+        for name in ("grid", "kernel_size", "dilation", "stride"):
+            if any(not isinstance(n, int) or n < 1 for n in getattr(self, name)):
+                raise ValueError(
+                    f"{name} entries must be positive integers; got {getattr(self, name)}"
+                )
+        if any(s > k for s, k in zip(self.stride, self.kernel_size)):
+            raise ValueError(
+                f"stride must not exceed kernel_size; got stride={self.stride}, "
+                f"kernel_size={self.kernel_size}"
+            )
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.grid)
+
+    def check_lengths(self, q_len, kv_len):
+        if q_len != self.size or kv_len != self.size:
+            raise ValueError(
+                f"neighborhood pattern on grid {self.grid} needs q_len = kv_len = {self.size}; "
+                f"got q_len={q_len}, kv_len={kv_len}"
+            )
+
+    def coordinates(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Per-axis coordinates of flat (row-major) token indices."""
+        coords = []
+        for axis, length in enumerate(self.grid):
+            inner = math.prod(self.grid[axis + 1 :])
+            coords.append((idx // inner) % length)
+        return coords
+
+    def axis_window(
+        self, axis: int, i: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dilation group and inclusive in-group key range ``[lo, hi]`` of coordinate ``i``."""
+        length, k = self.grid[axis], self.kernel_size[axis]
+        d, s = self.dilation[axis], self.stride[axis]
+        group = i % d
+        inner = i // d
+        group_len = length // d + (group < length % d).to(i.dtype)
+        last = group_len - 1
+        if self.causal[axis]:
+            leader = torch.minimum((inner // s) * s + s - 1, last)
+            return group, torch.clamp(leader - k + 1, min=0), inner
+        left, right = k // 2, k // 2 + k % 2 - 1
+        leader = torch.minimum((inner // s) * s + s // 2, last)
+        centre = torch.clamp(torch.minimum(leader, last - right), min=left)
+        return group, centre - left, torch.minimum(centre + right, last)
+
+    def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
+        allowed = torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
+        for axis, (i, j) in enumerate(zip(self.coordinates(q_idx), self.coordinates(kv_idx))):
+            group, lo, hi = self.axis_window(axis, i)
+            inner = j // self.dilation[axis]
+            allowed = allowed & (j % self.dilation[axis] == group) & (inner >= lo) & (inner <= hi)
+        return allowed
+
+
+def _per_axis(name: str, value, rank: int, kind=int) -> tuple:
+    values = (value,) * rank if isinstance(value, (int, bool)) else tuple(value)
+    if len(values) != rank:
+        raise ValueError(f"{name} must be one value or {rank} values; got {value!r}")
+    if kind is bool:
+        return tuple(bool(v) for v in values)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must hold integers; got {value!r}")
+    return values
+
+
+def neighborhood(
+    grid: int | tuple[int, ...],
+    kernel_size: int | tuple[int, ...],
+    dilation: int | tuple[int, ...] = 1,
+    causal: bool | tuple[bool, ...] = False,
+    *,
+    stride: int | tuple[int, ...] = 1,
+) -> Pattern:
+    """Neighborhood attention on a row-major flattened grid (see the module doc for the rule).
+
+    ``grid`` is ``X``, ``(X, Y)`` or ``(X, Y, Z)``; ``kernel_size``, ``dilation``, ``stride`` and
+    ``causal`` are one value for every axis or one per axis.
+    """
+    grid = (grid,) if isinstance(grid, int) else tuple(grid)
+    rank = len(grid)
+    return Neighborhood(
+        grid=grid,
+        kernel_size=_per_axis("kernel_size", kernel_size, rank),
+        dilation=_per_axis("dilation", dilation, rank),
+        stride=_per_axis("stride", stride, rank),
+        causal=_per_axis("causal", causal, rank, bool),
+    )
