@@ -15,6 +15,7 @@ from headwise.ops.attention import (
     pack,
     unpack,
 )
+from headwise.ops.linear import alibi_slopes, linear_attention, linear_attention_step, tnl_decay
 
 __version__ = "0.1.0"
 
@@ -23,12 +24,16 @@ __all__ = [
     "KVCache",
     "MultiHeadAttention",
     "Packed",
+    "alibi_slopes",
     "attention",
     "attention_varlen",
     "explain",
     "layers",
+    "linear_attention",
+    "linear_attention_step",
     "neighborhood_attention",
     "pack",
     "patterns",
+    "tnl_decay",
     "unpack",
 ]
