@@ -1,0 +1,124 @@
+"""HaloNet blocked local self-attention: each ``b x b`` query block attends to the block plus a
+halo of ``r`` pixels around it, with factorised relative-position logits.
+
+Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Visual Backbones"
+(CVPR 2021). No official code; timm ``halo_attn.py`` is an unofficial implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headwise.layers.vision._common import (
+    check_divisible,
+    check_positive,
+    from_map,
+    pad_map,
+    to_map,
+    window_partition,
+    window_reverse,
+)
+from headwise.ops.attention import attention
+
+
+class HaloAttention(nn.Module):
+    """Blocked local attention with halo.
+
+    Queries are blocked into ``b x b`` blocks; keys/values of a block are the ``w x w`` window
+    (``w = b + 2r``) around it, taken from the key/value map zero-padded by ``r`` (padded keys are
+    zeros and are *not* masked: their logit is the position term alone). Per head, query ``i`` of
+    the block and key ``j`` of the window::
+
+        ℓ_ij = s·q_iᵀk_j + q_iᵀ( R_h[y_j - y_i + w - 1] + R_w[x_j - x_i + w - 1] )
+        y_i  = Σ_j softmax_j(ℓ_ij) v_j
+
+    with ``s = d_qk^-1/2``, in-block / in-window coordinates, and ``R_h, R_w: (2w-1, d_qk)``
+    shared by all heads (timm's default ``scale_pos_embed=False``: the position term is not
+    scaled). ``q = x W_q``, ``[k | v] = x W_kv`` per head, no biases (the paper's 1x1 convs); no
+    output projection (the surrounding bottleneck's 1x1 conv follows). Sides that are not
+    multiples of ``b`` are zero-padded like the halo and cropped after. Blocks are folded into the
+    batch for one :func:`headwise.attention` call; the position logits enter as its ``bias``.
+    Init: ``W_q, W_kv`` trunc-normal(std ``fan_in^-1/2``), ``R_h, R_w`` trunc-normal(std
+    ``d_qk^-1/2``). Only query stride 1 is implemented.
+
+    Args:
+        dim: input channels ``C``.
+        num_heads: ``h`` (8 in HaloNet).
+        block_size: ``b`` (8 in HaloNet).
+        halo_size: ``r`` (3 in HaloNet; 2 in timm's ``halonet26t``).
+        dim_out: output channels ``h·d_v`` (default ``C``).
+        dim_head: ``d_qk`` (default ``dim_out / h``).
+
+    Shapes: ``(B, H, W, C) -> (B, H, W, dim_out)``, or ``(B, N, C)`` with ``size=(H, W)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        block_size: int = 8,
+        halo_size: int = 3,
+        dim_out: int | None = None,
+        dim_head: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_positive("dim", dim)
+        check_positive("num_heads", num_heads)
+        check_positive("block_size", block_size)
+        if isinstance(halo_size, bool) or not isinstance(halo_size, int) or halo_size < 0:
+            raise ValueError(f"halo_size must be a non-negative int; got {halo_size!r}")
+        dim_out = dim if dim_out is None else check_positive("dim_out", dim_out)
+        check_divisible("dim_out", dim_out, "num_heads", num_heads)
+        self.dim, self.dim_out, self.num_heads, self.backend = dim, dim_out, num_heads, backend
+        self.block_size, self.halo_size = block_size, halo_size
+        self.window = block_size + 2 * halo_size
+        self.dim_v = dim_out // num_heads
+        self.dim_qk = self.dim_v if dim_head is None else check_positive("dim_head", dim_head)
+        self.q = nn.Linear(dim, num_heads * self.dim_qk, bias=False)
+        self.kv = nn.Linear(dim, num_heads * (self.dim_qk + self.dim_v), bias=False)
+        span = 2 * self.window - 1
+        self.height_rel = nn.Parameter(torch.empty(span, self.dim_qk))
+        self.width_rel = nn.Parameter(torch.empty(span, self.dim_qk))
+        nn.init.trunc_normal_(self.q.weight, std=dim**-0.5)
+        nn.init.trunc_normal_(self.kv.weight, std=dim**-0.5)
+        nn.init.trunc_normal_(self.height_rel, std=self.dim_qk**-0.5)
+        nn.init.trunc_normal_(self.width_rel, std=self.dim_qk**-0.5)
+        offsets = torch.arange(self.window)[None, :] - torch.arange(block_size)[:, None]
+        self.register_buffer("relative_index", offsets + self.window - 1, persistent=False)
+
+    def _position_logits(self, q: torch.Tensor) -> torch.Tensor:
+        """``q: (n, b, b, h, d)`` -> ``(n, h, b², w²)``: ``q_iᵀ(R_h[Δy] + R_w[Δx])``."""
+        rel_h = self.height_rel[self.relative_index].to(q.dtype)  # (b, w, d)
+        rel_w = self.width_rel[self.relative_index].to(q.dtype)
+        logits_h = torch.einsum("nyxhd,ykd->nhyxk", q, rel_h)
+        logits_w = torch.einsum("nyxhd,xkd->nhyxk", q, rel_w)
+        logits = logits_h[..., :, None] + logits_w[..., None, :]
+        b, w = self.block_size, self.window
+        return logits.reshape(q.shape[0], self.num_heads, b * b, w * w)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        feature_map, tokens = to_map(x, size, self.dim)
+        height, width = feature_map.shape[1:3]
+        b, r, w, h = self.block_size, self.halo_size, self.window, self.num_heads
+        padded = pad_map(feature_map, b, b)
+        padded_h, padded_w = padded.shape[1:3]
+        q = window_partition(self.q(padded), b, b).reshape(-1, b, b, h, self.dim_qk)
+        kv = F.pad(self.kv(padded), (0, 0, r, r, r, r))
+        # (B, nH, nW, h(d_qk + d_v), w, w): the block plus its halo, stride b
+        kv = kv.unfold(1, w, b).unfold(2, w, b)
+        kv = kv.permute(0, 1, 2, 4, 5, 3).reshape(-1, w * w, h, self.dim_qk + self.dim_v)
+        k, v = kv.split([self.dim_qk, self.dim_v], dim=-1)
+        o = attention(
+            q.reshape(-1, b * b, h, self.dim_qk),
+            k,
+            v,
+            scale=self.dim_qk**-0.5,
+            bias=self._position_logits(q),
+            backend=self.backend,
+        )
+        y = window_reverse(o.flatten(2), b, b, padded_h, padded_w)[:, :height, :width]
+        return from_map(y, tokens)

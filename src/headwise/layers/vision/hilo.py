@@ -1,0 +1,112 @@
+"""HiLo attention: high-frequency heads attend inside local windows, low-frequency heads attend
+to average-pooled keys/values.
+
+Pan, Cai, Zhuang, "Fast Vision Transformers with HiLo Attention" (LITv2, NeurIPS 2022); official
+code ziplab/LITv2 (``hilo.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headwise.layers.vision._common import (
+    check_divisible,
+    check_positive,
+    from_map,
+    pad_map,
+    to_map,
+    window_partition,
+    window_reverse,
+)
+from headwise.ops.attention import attention
+
+
+class HiLoAttention(nn.Module):
+    """HiLo attention over a feature map.
+
+    With ``h`` heads of ``d = C/h``, window ``s`` and ratio ``α``: ``h_lo = ⌊h·α⌋`` Lo-Fi heads
+    (all ``h`` when ``s = 1``) and ``h_hi = h - h_lo`` Hi-Fi heads::
+
+        Hi-Fi: Q, K, V = x W_hi  ->  MHSA inside each non-overlapping s x s window  ->  W_o,hi
+        Lo-Fi: Q = x W_q,lo;  K, V = AvgPool_s(x) W_kv,lo  ->  global MHSA  ->  W_o,lo
+        y = concat[Hi-Fi (h_hi·d), Lo-Fi (h_lo·d)]          (no joint output projection)
+
+    Scale ``d^-1/2``. Keys/values of Lo-Fi come from the pooled *input*, not from pooled q/k.
+    Special cases: ``s = 1`` is plain MHSA, ``α = 0`` pure window attention, ``α = 1`` pooled-KV
+    global attention. A map whose sides are not multiples of ``s`` is zero-padded at the
+    bottom/right before the projections and cropped after (the LITv2 detection code; padding is
+    not masked). Both branches run through :func:`headwise.attention` with windows folded into
+    the batch.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: ``h`` (``C % h == 0``).
+        window_size: ``s`` (2 in the module default, 2 in LITv2 stage 3, 1 in stage 4).
+        alpha: ``α`` in ``[0, 1]`` (0.9 in the LITv2 configs).
+        qkv_bias: bias in the q/kv projections.
+        backend: passed to :func:`headwise.attention`.
+
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, or ``(B, N, C)`` with ``size=(H, W)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        window_size: int = 2,
+        alpha: float = 0.5,
+        qkv_bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_positive("dim", dim)
+        check_positive("num_heads", num_heads)
+        check_positive("window_size", window_size)
+        check_divisible("dim", dim, "num_heads", num_heads)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+        self.dim, self.window_size, self.backend = dim, window_size, backend
+        self.head_dim = dim // num_heads
+        self.lo_heads = num_heads if window_size == 1 else int(num_heads * alpha)
+        self.hi_heads = num_heads - self.lo_heads
+        hi_dim, lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
+        if self.hi_heads:
+            self.h_qkv = nn.Linear(dim, 3 * hi_dim, bias=qkv_bias)
+            self.h_proj = nn.Linear(hi_dim, hi_dim)
+        if self.lo_heads:
+            self.l_q = nn.Linear(dim, lo_dim, bias=qkv_bias)
+            self.l_kv = nn.Linear(dim, 2 * lo_dim, bias=qkv_bias)
+            self.l_proj = nn.Linear(lo_dim, lo_dim)
+
+    def _hifi(self, x: torch.Tensor) -> torch.Tensor:
+        s, d = self.window_size, self.head_dim
+        windows = window_partition(x, s, s)
+        q, k, v = self.h_qkv(windows).reshape(-1, s * s, 3, self.hi_heads, d).unbind(2)
+        o = attention(q, k, v, backend=self.backend).flatten(2)
+        return window_reverse(self.h_proj(o), s, s, x.shape[1], x.shape[2])
+
+    def _lofi(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        s, d = self.window_size, self.head_dim
+        q = self.l_q(x).reshape(batch, -1, self.lo_heads, d)
+        pooled = x
+        if s > 1:
+            pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
+        k, v = self.l_kv(pooled).reshape(batch, -1, 2, self.lo_heads, d).unbind(2)
+        o = attention(q, k, v, backend=self.backend).reshape(batch, height, width, -1)
+        return self.l_proj(o)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        feature_map, tokens = to_map(x, size, self.dim)
+        height, width = feature_map.shape[1:3]
+        padded = pad_map(feature_map, self.window_size, self.window_size)
+        parts = []
+        if self.hi_heads:
+            parts.append(self._hifi(padded))
+        if self.lo_heads:
+            parts.append(self._lofi(padded))
+        y = torch.cat(parts, dim=-1)[:, :height, :width]
+        return from_map(y, tokens)
