@@ -55,6 +55,10 @@ class Pattern:
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``ValueError`` if the pattern was built for other sequence lengths."""
 
+    def head_patterns(self) -> tuple[Pattern, ...] | None:
+        """One head-agnostic pattern per head, or ``None`` if every head follows this one."""
+        return None
+
     # ----------------------------------------------------------------- composition
     def __and__(self, other: Pattern) -> Pattern:
         from headwise.patterns.library import _Intersection

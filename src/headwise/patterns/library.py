@@ -241,6 +241,12 @@ class BlockSparse(Pattern):
             self._cache[key] = flat.view(self.shape).to(device)
         return self._cache[key]
 
+    def head_patterns(self):
+        if self.shape[0] == 1:
+            return None
+        layout = self.layout(torch.device("cpu"))
+        return tuple(block_sparse(layout[h], self.block_size) for h in range(self.shape[0]))
+
     def check_lengths(self, q_len, kv_len):
         n_q = -(-q_len // self.block_size[0])
         n_k = -(-kv_len // self.block_size[1])
@@ -279,6 +285,12 @@ class _Intersection(Pattern):
             allowed = self._combine(allowed, part._allowed(h, q_idx, kv_idx, q_len, kv_len))
         return allowed
 
+    def head_patterns(self):
+        if self.num_heads is None:
+            return None
+        per_part = [p.head_patterns() or (p,) * self.num_heads for p in self.parts]
+        return tuple(type(self)(parts) for parts in zip(*per_part))
+
     def visible(self, q_idx, kv_idx, q_len, kv_len):
         # Combine the parts' own masks so per-head parts keep their fast stacking.
         allowed = self.parts[0].visible(q_idx, kv_idx, q_len, kv_len)
@@ -316,6 +328,9 @@ class PerHead(Pattern):
     def check_lengths(self, q_len, kv_len):
         for p in self.patterns:
             p.check_lengths(q_len, kv_len)
+
+    def head_patterns(self):
+        return self.patterns
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         allowed = self.patterns[-1]._allowed(h, q_idx, kv_idx, q_len, kv_len)

@@ -323,3 +323,66 @@ def test_dtype_and_device_mismatch_raise():
         attention(q, q.to("meta"), q)
     with pytest.raises(ValueError, match="bias must be on"):
         attention(q, q, q, bias=torch.zeros(4, 4, device="meta"))
+
+
+# ----------------------------------------------------------------- per-head heterogeneous
+HETEROGENEOUS = P.per_head(
+    [
+        P.sliding_window(16),
+        P.sliding_window(16) | P.sinks(4),
+        P.strided(4, 1, block=64) & P.causal(),
+        P.neighborhood((12, 25), (3, 5)),
+        P.sliding_window(16),
+        P.documents([100, 0, 200], causal=True),
+        P.causal(),
+        P.sliding_window(40, 40),
+    ]
+)
+
+
+def test_heads_with_different_patterns_are_processed_separately():
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _head_groups
+
+    groups = _head_groups(HETEROGENEOUS, 300, 300, DEFAULT_BLOCK)
+    assert groups is not None and len(groups) == 7
+    assert groups[0][1] == [0, 4]
+
+
+def test_each_head_equals_a_single_head_call_with_its_pattern():
+    q, k, v = make_inputs(batch=1, q_len=300, kv_len=300, heads=8, kv_heads=4)
+    out = attention(q, k, v, HETEROGENEOUS, backend="blockwise")
+    for h, pattern in enumerate(HETEROGENEOUS.head_patterns()):
+        kv = h // 2
+        single = attention(
+            q[:, :, h : h + 1],
+            k[:, :, kv : kv + 1],
+            v[:, :, kv : kv + 1],
+            pattern,
+            backend="reference",
+        )
+        torch.testing.assert_close(out[:, :, h : h + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_heads_keep_bias_score_mod_and_gradients_per_head():
+    q, k, v = make_inputs(batch=1, q_len=300, kv_len=300, heads=8, kv_heads=4)
+    bias = torch.randn(1, 8, 1, 300, requires_grad=True)
+    slopes = torch.linspace(0.1, 0.8, 8, requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    results = {}
+    for backend in ("blockwise", "reference"):
+        out, lse = attention(
+            q, k, v, HETEROGENEOUS, bias=bias, score_mod=alibi, backend=backend, return_lse=True
+        )
+        grads = torch.autograd.grad((out.square().sum() + lse.sum()), (q, k, v, bias, slopes))
+        results[backend] = (out, lse, *grads)
+    for fast, ref in zip(results["blockwise"], results["reference"]):
+        torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_densities_of_a_per_head_stack_are_the_mean_of_its_heads():
+    heads = HETEROGENEOUS.head_patterns()
+    expected = sum(p.density(300, 300) for p in heads) / len(heads)
+    assert HETEROGENEOUS.density(300, 300) == pytest.approx(expected)

@@ -241,7 +241,69 @@ def blockwise_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
-    return _Blockwise.apply(q, k, v, bias, pattern, scale, score_mod, block, *captured)
+    groups = _head_groups(pattern, q.shape[1], k.shape[1], block)
+    if groups is None:
+        return _Blockwise.apply(q, k, v, bias, pattern, scale, score_mod, block, *captured)
+    # Heads with different patterns: one pass per distinct pattern, each skipping its own empty
+    # blocks, instead of one pass over the union of all heads' blocks.
+    group_size = q.shape[2] // k.shape[2]
+    outs, lses, order = [], [], []
+    for sub_pattern, heads in groups:
+        index = torch.tensor(heads, device=q.device)
+        kv_index = index // group_size
+        sub_bias = None
+        if bias is not None:
+            full = bias_4d(bias)
+            sub_bias = full[:, index] if full.shape[1] > 1 else full
+        out, lse = _Blockwise.apply(
+            q[:, :, index],
+            k[:, :, kv_index],
+            v[:, :, kv_index],
+            sub_bias,
+            sub_pattern,
+            scale,
+            _renumber_heads(score_mod, index),
+            block,
+            *captured,
+        )
+        outs.append(out)
+        lses.append(lse)
+        order.extend(heads)
+    inverse = torch.argsort(torch.tensor(order, device=q.device))
+    return torch.cat(outs, 2)[:, :, inverse], torch.cat(lses, 1)[:, inverse]
+
+
+def _head_groups(
+    pattern: Pattern | None, q_len: int, kv_len: int, block: int
+) -> list[tuple[Pattern, list[int]]] | None:
+    """Heads grouped by pattern when that saves at least a fifth of the block work."""
+    per_head = pattern.head_patterns() if pattern is not None else None
+    if per_head is None or len(set(per_head)) == 1:
+        return None
+    groups: dict[Pattern, list[int]] = {}
+    for h, p in enumerate(per_head):
+        groups.setdefault(p, []).append(h)
+    union_work = len(per_head) * _visited_blocks(pattern, q_len, kv_len, block, union=True)
+    grouped_work = sum(
+        len(heads) * _visited_blocks(p, q_len, kv_len, block) for p, heads in groups.items()
+    )
+    return list(groups.items()) if grouped_work < 0.8 * union_work else None
+
+
+def _visited_blocks(pattern: Pattern, q_len: int, kv_len: int, block: int, union=False) -> int:
+    layout = pattern.block_layout(q_len, kv_len, block)
+    return int((layout != EMPTY).any(0).sum()) if union else int((layout != EMPTY).sum())
+
+
+def _renumber_heads(score_mod: ScoreMod | None, heads: torch.Tensor) -> ScoreMod | None:
+    """``score_mod`` seen from a subset of heads: local head ``h`` is global head ``heads[h]``."""
+    if score_mod is None:
+        return None
+
+    def renumbered(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, heads[h], q_idx, kv_idx)
+
+    return renumbered
 
 
 def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
