@@ -1,0 +1,215 @@
+"""Combiner: full attention with structured factorization (Ren, Dai, Dai, Yang, Leskovec,
+Schuurmans, Dai; NeurIPS 2021, arXiv 2107.05768; official code google-research ``combiner/``).
+
+Shapes: activations ``(B, L, E)``, heads ``(B, L, H, D)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from headwise import patterns
+from headwise.ops.attention import Backend, attention
+
+Variant = Literal["fixed", "axial"]
+
+
+def _merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """One softmax over two disjoint key sets, from each set's output ``(B, L, H, D)`` and LSE
+    ``(B, H, L)``. ``lse_a`` is finite everywhere (every query sees at least itself)."""
+    total = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - total).transpose(1, 2)[..., None]
+    w_b = torch.exp(lse_b - total).transpose(1, 2)[..., None]
+    return (w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_b.dtype)).to(out_a.dtype)
+
+
+class CombinerAttention(nn.Module):
+    """Combiner attention: direct attention inside a region plus indirect attention to region
+    summaries, normalised by **one** softmax, so every token of the support gets weight.
+
+    For query ``i`` with direct set ``Ω_i^0`` and regions ``Ω^r``::
+
+        A(x_i) = sum_{j in Ω_i^0} p(j|i) v_j + sum_r p(Ω^r|i) vbar_r
+        p ∝ exp(q_i·k_j / sqrt(D)) over direct keys and exp(q_i·kbar_r / sqrt(D)) over regions
+
+    ``variant="fixed"`` (Combiner-Fixed, sqrt decomposition): segments of ``segment_len = s``
+    tokens. Direct: the query's own segment (causal inside it when ``causal``). Regions: every
+    earlier segment (``causal``) or every other segment (bidirectional), summarised as in the
+    official "identity-max" rule: ``kbar_r = max_{j in r} k_j``, ``qbar_r = max_{j in r} q_j``,
+    ``vbar_r = softmax(qbar_r K_r^T / sqrt(D)) V_r``. Cost ``O(L s + L^2 / s)``.
+
+    ``variant="axial"`` (Combiner-Axial, row-major): ``L = R x C`` with ``C = segment_len``.
+    Direct: the query's own row (causal inside it when ``causal``). Regions: for each earlier row
+    ``r'`` (every other row if bidirectional), one region at the query's column ``c`` with value
+    ``vbar_{r',c} = softmax(q_{r',c} K_{r'}^T / sqrt(D)) V_{r'}`` (non-causal over the whole row)
+    and key ``kbar_{r',c} = k_proj(LayerNorm(x_{r',c} + W_s vbar_{r',c}))`` (the official
+    ``row_summary='proj'``). Cost ``O(L (R + C))``.
+
+    Both parts run on :func:`headwise.attention` (own-segment attention on ``(B·n, s)``
+    reshapes, region attention with a block-sparse or per-column causal pattern) and are merged
+    exactly through their log-sum-exps; no ``L x L`` score matrix is formed.
+
+    Args:
+        embed_dim: ``E``.
+        num_heads: ``H``.
+        segment_len: ``s`` (fixed) or the row length ``C`` (axial); must divide ``L``.
+        variant: ``"fixed"`` or ``"axial"``.
+        causal: autoregressive (default) or bidirectional.
+        head_dim: ``D`` (default ``E // H``).
+        bias: biases in the projections.
+        scale: logit scale (default ``1 / sqrt(D)``), the same for direct and region logits.
+        backend: passed to :func:`headwise.attention`.
+
+    ``s = 1`` (fixed) and ``s = L`` (either variant) reduce exactly to softmax attention.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        segment_len: int,
+        variant: Variant = "fixed",
+        causal: bool = True,
+        head_dim: int | None = None,
+        bias: bool = True,
+        scale: float | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("segment_len", segment_len),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if variant not in ("fixed", "axial"):
+            raise ValueError(f"variant must be 'fixed' or 'axial'; got {variant!r}")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"num_heads must divide embed_dim when head_dim is not given; got "
+                    f"embed_dim={embed_dim}, num_heads={num_heads}"
+                )
+            head_dim = embed_dim // num_heads
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.segment_len, self.variant, self.causal = segment_len, variant, causal
+        self.scale, self.backend = scale, backend
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        if variant == "axial":
+            self.summary_proj = nn.Linear(inner, embed_dim, bias=bias)
+            self.summary_norm = nn.LayerNorm(embed_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, variant={self.variant!r}, "
+            f"segment_len={self.segment_len}, causal={self.causal}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, L, E)`` with ``L`` a multiple of ``segment_len`` → ``(B, L, E)``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {got}")
+        if x.shape[1] % self.segment_len:
+            raise ValueError(
+                f"x's length must be a multiple of segment_len={self.segment_len}; got "
+                f"{tuple(x.shape)}"
+            )
+        heads = (*x.shape[:2], self.num_heads, self.head_dim)
+        q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.variant == "fixed":
+            out = self._fixed(q, k, v)
+        else:
+            out = self._axial(x, q, k, v)
+        return self.out_proj(out.flatten(-2))
+
+    def _attend(self, q, k, v, pattern=None, bias=None, lse=True):
+        return attention(
+            q, k, v, pattern, scale=self.scale, bias=bias, return_lse=lse, backend=self.backend
+        )
+
+    def _local(self, q, k, v, width):
+        """Attention inside consecutive groups of ``width`` tokens: ``(B, L, H, D)`` and LSE."""
+        b, length, h, d = q.shape
+        groups = (b * (length // width), width, h, d)
+        out, lse = self._attend(
+            q.reshape(groups),
+            k.reshape(groups),
+            v.reshape(groups),
+            patterns.causal() if self.causal else None,
+        )
+        return out.reshape(b, length, h, d), lse.reshape(b, -1, h, width).permute(
+            0, 2, 1, 3
+        ).flatten(2)
+
+    def _fixed(self, q, k, v):
+        s = self.segment_len
+        b, length, h, d = q.shape
+        n = length // s
+        direct, direct_lse = self._local(q, k, v, s)
+        if n == 1:
+            return direct
+        segments = (b, n, s, h, d)
+        k_seg, v_seg = k.view(segments), v.view(segments)
+        k_bar = k_seg.amax(2)
+        q_bar = q.view(segments).amax(2)
+        v_bar = self._attend(
+            q_bar.reshape(b * n, 1, h, d),
+            k_seg.reshape(b * n, s, h, d),
+            v_seg.reshape(b * n, s, h, d),
+            lse=False,
+        ).reshape(b, n, h, d)
+        earlier = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        layout = earlier.tril(-1) if self.causal else ~torch.eye(n, dtype=torch.bool)
+        region, region_lse = self._attend(
+            q, k_bar, v_bar, patterns.block_sparse(layout.cpu(), (s, 1))
+        )
+        return _merge(direct, direct_lse, region, region_lse)
+
+    def _axial(self, x, q, k, v):
+        cols = self.segment_len
+        b, length, h, d = q.shape
+        rows = length // cols
+        direct, direct_lse = self._local(q, k, v, cols)
+        if rows == 1:
+            return direct
+        if self.causal:
+            groups = (b * rows, cols, h, d)
+            row_out = self._attend(
+                q.reshape(groups), k.reshape(groups), v.reshape(groups), lse=False
+            ).reshape(b, length, h, d)
+        else:
+            row_out = direct
+        summary = self.summary_norm(x + self.summary_proj(row_out.flatten(-2)))
+        k_bar = self.k_proj(summary).reshape(b, length, h, d)
+
+        def by_column(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, rows, cols, h, d).transpose(1, 2).reshape(b * cols, rows, h, d)
+
+        q_c, k_c, v_c = by_column(q), by_column(k_bar), by_column(row_out)
+        if self.causal:
+            # Rows 0..R-2 as keys with bottom-right causal alignment: query row r sees r' < r.
+            region, region_lse = self._attend(q_c, k_c[:, :-1], v_c[:, :-1], patterns.causal())
+        else:
+            diagonal = torch.eye(rows, dtype=torch.bool, device=q.device)
+            hide = torch.zeros(rows, rows, dtype=q.dtype, device=q.device)
+            region, region_lse = self._attend(
+                q_c, k_c, v_c, bias=hide.masked_fill(diagonal, float("-inf"))
+            )
+        region = region.reshape(b, cols, rows, h, d).transpose(1, 2).reshape(b, length, h, d)
+        region_lse = region_lse.reshape(b, cols, h, rows).permute(0, 2, 3, 1).reshape(b, h, length)
+        return _merge(direct, direct_lse, region, region_lse)
+
+
+__all__ = ["CombinerAttention"]

@@ -1,0 +1,121 @@
+"""CombinerAttention: exact reductions to softmax attention, and the joint softmax written out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.layers.combiner import CombinerAttention
+
+E, H = 8, 2
+
+
+def _heads(m, x):
+    shape = (*x.shape[:2], m.num_heads, m.head_dim)
+    return [p(x).view(shape) for p in (m.q_proj, m.k_proj, m.v_proj)]
+
+
+def _softmax_attention(m, x):
+    q, k, v = _heads(m, x)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / m.head_dim**0.5
+    if m.causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    o = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v)
+    return m.out_proj(o.flatten(-2))
+
+
+def _joint(m, x):
+    """Per query: logits over direct keys and region keys, one softmax, weighted values."""
+    q, k, v = _heads(m, x)
+    b, length, h, d = q.shape
+    s = m.segment_len
+    n = length // s
+    if m.variant == "fixed":
+        kb = k.view(b, n, s, h, d).amax(2)
+        qb = q.view(b, n, s, h, d).amax(2)
+        w = torch.softmax(torch.einsum("bnhd,bnshd->bnhs", qb, k.view(b, n, s, h, d)) / d**0.5, -1)
+        vb = torch.einsum("bnhs,bnshd->bnhd", w, v.view(b, n, s, h, d))
+        region_of = [[(r, r) for r in range(n)] for _ in range(length)]  # (summary idx, segment)
+    else:
+        rows = length // s
+        full = torch.einsum("bihd,bjhd->bhij", q, k) / d**0.5
+        same_row = torch.arange(length)[:, None] // s == torch.arange(length)[None] // s
+        p = torch.softmax(full.masked_fill(~same_row, float("-inf")), -1)
+        vb = torch.einsum("bhij,bjhd->bihd", p, v)
+        kb = m.k_proj(m.summary_norm(x + m.summary_proj(vb.flatten(-2)))).view(b, length, h, d)
+        region_of = [[(r * s + i % s, r) for r in range(rows)] for i in range(length)]
+    out = torch.zeros_like(q)
+    for i in range(length):
+        own = i // s
+        direct = [j for j in range(own * s, own * s + s) if not m.causal or j <= i]
+        regions = [idx for idx, r in region_of[i] if (r < own if m.causal else r != own)]
+        logits = torch.cat(
+            (
+                torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, direct]),
+                torch.einsum("bhd,bjhd->bhj", q[:, i], kb[:, regions]),
+            ),
+            -1,
+        )
+        p = torch.softmax(logits / d**0.5, -1)
+        values = torch.cat((v[:, direct], vb[:, regions]), 1)
+        out[:, i] = torch.einsum("bhj,bjhd->bhd", p, values)
+    return m.out_proj(out.flatten(-2))
+
+
+@pytest.mark.parametrize("variant", ["fixed", "axial"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_equals_joint_softmax_and_backward(variant, causal):
+    torch.manual_seed(0)
+    m = CombinerAttention(E, H, segment_len=3, variant=variant, causal=causal).double()
+    x = torch.randn(2, 12, E, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    torch.testing.assert_close(out, _joint(m, x))
+    out.sum().backward()
+    grads = [x.grad, *(p.grad for p in m.parameters())]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("segment_len", [1, 7])
+def test_fixed_reduces_to_causal_attention(segment_len):
+    torch.manual_seed(1)
+    m = CombinerAttention(E, H, segment_len=segment_len).double()
+    x = torch.randn(2, 7, E, dtype=torch.float64)
+    torch.testing.assert_close(m(x), _softmax_attention(m, x))
+
+
+def test_weights_sum_to_one_and_causality():
+    torch.manual_seed(2)
+    for variant in ("fixed", "axial"):
+        m = CombinerAttention(E, H, segment_len=2, variant=variant).double()
+        x = torch.randn(1, 8, E, dtype=torch.float64)
+        # V = ones through a zero value projection with bias 1: every output row is out_proj(1).
+        with torch.no_grad():
+            m.v_proj.weight.zero_()
+            m.v_proj.bias.fill_(1.0)
+        ones = m.out_proj(torch.ones(1, 1, H * m.head_dim, dtype=torch.float64))
+        torch.testing.assert_close(m(x), ones.expand(1, 8, E))
+        with torch.no_grad():
+            m.v_proj.weight.normal_()
+        later = x.clone()
+        later[:, 5:] += 1
+        torch.testing.assert_close(m(later)[:, :5], m(x)[:, :5])
+
+
+@pytest.mark.parametrize("variant", ["fixed", "axial"])
+def test_fast_path_vs_reference(variant):
+    torch.manual_seed(3)
+    m = CombinerAttention(E, H, segment_len=4, variant=variant)
+    ref = CombinerAttention(E, H, segment_len=4, variant=variant, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 20, E)
+    torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_errors():
+    m = CombinerAttention(E, H, segment_len=3)
+    with pytest.raises(ValueError, match=r"multiple of segment_len=3; got \(1, 4, 8\)"):
+        m(torch.randn(1, 4, E))
+    with pytest.raises(ValueError, match=r"x must be \(B, L, E=8\); got \(4, 8\)"):
+        m(torch.randn(4, E))
+    with pytest.raises(ValueError, match="variant"):
+        CombinerAttention(E, H, segment_len=3, variant="logsparse")
