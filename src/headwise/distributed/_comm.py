@@ -7,8 +7,10 @@ an indefinite hang or a transport-specific message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,21 +73,29 @@ def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def wait(work: dist.Work, what: str, timeout: float | None) -> None:
-    """Wait for ``work``; a failed or late peer raises :class:`PeerTimeoutError`.
-
-    ``timeout`` (seconds) tightens the process group's own limit; ``None`` keeps that limit.
-    """
+@contextlib.contextmanager
+def peer_errors(what: str, timeout: float | None) -> Iterator[None]:
+    """Turn a transport error (peer closed the connection, wait timed out) into
+    :class:`PeerTimeoutError`; used around posting operations and waiting for them."""
     try:
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(timeout=_timedelta(timeout))
+        yield
     except RuntimeError as err:
         limit = f"{timeout} s" if timeout is not None else "the process group's timeout"
         raise PeerTimeoutError(
             f"{what}: no answer within {limit}; a peer rank crashed, hangs or never joined ({err})"
         ) from err
+
+
+def wait(work: dist.Work, what: str, timeout: float | None) -> None:
+    """Wait for ``work``; a failed or late peer raises :class:`PeerTimeoutError`.
+
+    ``timeout`` (seconds) tightens the process group's own limit; ``None`` keeps that limit.
+    """
+    with peer_errors(what, timeout):
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=_timedelta(timeout))
 
 
 @dataclass
@@ -132,8 +142,9 @@ class Ring:
             dist.P2POp(dist.isend, tensor, self._next, self.group, tag),
             dist.P2POp(dist.irecv, received, self._prev, self.group, tag),
         ]
-        works = dist.batch_isend_irecv(ops)
         label = f"{self.name} (rank {self.rank}): {what} from rank {(self.rank - 1) % self.size}"
+        with peer_errors(label, self.timeout):
+            works = dist.batch_isend_irecv(ops)
         return Pending(works, received, label, self.timeout)
 
 
@@ -144,7 +155,9 @@ def all_to_all(
     came from rank ``j``."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    work = dist.all_to_all_single(out, x, group=group, async_op=True)
     rank, _ = rank_and_size(group)
-    wait(work, f"{what} (rank {rank})", timeout)
+    label = f"{what} (rank {rank})"
+    with peer_errors(label, timeout):
+        work = dist.all_to_all_single(out, x, group=group, async_op=True)
+    wait(work, label, timeout)
     return out

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from headwise.distributed._comm import ProcessGroup, rank_and_size, wait
+from headwise.distributed._comm import ProcessGroup, peer_errors, rank_and_size, wait
 
 
 @dataclass(frozen=True)
@@ -201,10 +201,12 @@ def exchange_balanced(
     trailing = template.shape[1:]
     send = torch.cat(send_rows) if send_rows else template.new_empty(0, *trailing)
     recv = template.new_empty(sum(recv_sizes), *trailing)
-    work = dist.all_to_all_single(
-        recv, send.contiguous(), recv_sizes, send_sizes, group=group, async_op=True
-    )
-    wait(work, f"exchange_balanced all-to-all (rank {rank})", timeout)
+    label = f"exchange_balanced all-to-all (rank {rank})"
+    with peer_errors(label, timeout):
+        work = dist.all_to_all_single(
+            recv, send.contiguous(), recv_sizes, send_sizes, group=group, async_op=True
+        )
+    wait(work, label, timeout)
     # Received rows arrive grouped by source; reorder them to the assignment's order.
     by_source: dict[int, list[int]] = {src: [] for src in range(world)}
     for i in mine:
@@ -223,8 +225,10 @@ def exchange_balanced(
 
 
 def _all_gather(out, tensor, group, timeout, what) -> None:
-    work = dist.all_gather(out, tensor, group=group, async_op=True)
-    wait(work, f"exchange_balanced all-gather of {what}", timeout)
+    label = f"exchange_balanced all-gather of {what}"
+    with peer_errors(label, timeout):
+        work = dist.all_gather(out, tensor, group=group, async_op=True)
+    wait(work, label, timeout)
 
 
 __all__ = [

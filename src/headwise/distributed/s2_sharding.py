@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from headwise.distributed._comm import ProcessGroup, rank_and_size, wait
+from headwise.distributed._comm import ProcessGroup, peer_errors, rank_and_size, wait
 from headwise.distributed.sharding import AtPositions, Runs
 from headwise.ops.attention import Backend, attention
 from headwise.patterns import EMPTY, Pattern
@@ -209,11 +209,10 @@ def gather_heads(
     """All ranks' head outputs ``(B, Lq, H_r, Dv)`` -> ``(B, Lq, H, Dv)`` in head order."""
     rank, world = rank_and_size(group)
     parts = [torch.empty_like(out) for _ in range(world)]
-    wait(
-        dist.all_gather(parts, out.contiguous(), group=group, async_op=True),
-        f"gather_heads all-gather (rank {rank})",
-        timeout,
-    )
+    label = f"gather_heads all-gather (rank {rank})"
+    with peer_errors(label, timeout):
+        work = dist.all_gather(parts, out.contiguous(), group=group, async_op=True)
+    wait(work, label, timeout)
     order = torch.tensor([h for heads in placement.heads for h in heads])
     return torch.cat(parts, 2).index_select(2, torch.argsort(order).to(out.device))
 
