@@ -1,0 +1,149 @@
+"""Selective Multi-Head Attention (SMHA) from "Union of Experts: Adapting Hierarchical Routing to
+Equivalently Decomposed Transformer" (Yang et al., arXiv 2503.02495; official code
+YujiaoYang-work/UoE, language-model ``SMHA_v3``).
+
+Shapes: activations ``(B, L, E)``, heads ``(B, L, H, D)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from headwise import patterns
+from headwise.ops.attention import Backend, attention
+
+
+class SelectiveMultiHeadAttention(nn.Module):
+    """Heads as experts: each head attends over, and writes back to, only the tokens routed to it.
+
+    ::
+
+        p_t = softmax(W_g x_t + b_g)                     (H scores per token)
+        S_h = {t : h in top-k(p_t)}                      (tokens routed to head h, per sequence)
+        for each head h, on the tokens of S_h in their original order (so causal stays exact):
+            O_h = softmax(Q_h K_h^T / sqrt(D), causal over S_h) V_h       Q_h = x_{S_h} W_q^h ...
+        y_t = sum_{h : t in S_h} O_{h,t} W_o^h + b_o
+
+    A token not routed to head ``h`` neither queries, nor is a key/value of, nor receives output
+    from head ``h``; only the selected rows are projected, so the work of each head scales with
+    ``|S_h|``. As in the official code, router scores only select (they do not weight outputs), so
+    the router receives no gradient through this layer.
+
+    Compaction: per (sequence, head) the selected positions are sorted ascending and padded to
+    ``T = max |S_h|``; all (sequence, head) pairs then run as one batch of single-head problems
+    through :func:`headwise.attention` (a causal pattern keeps padding behind every real query;
+    bidirectionally a ``-inf`` key bias hides it).
+
+    Differences from the official code: selection ranks tokens by their router probability within
+    the sequence; the official code first divides scores by their sum over the *batch* (so one
+    sample's selection depends on the others) and pads every head to ``T`` with extra
+    lowest-score tokens, which here are padding that no one sees. No RoPE / Transformer-XL memory.
+    The block's residual and LayerNorm are the caller's.
+
+    Args:
+        embed_dim: ``E``.
+        num_heads: ``H``.
+        top_k: heads per token (default ``H // 2``, the official ``attn_topk``).
+        causal: autoregressive (default, as the language model) or bidirectional.
+        head_dim: ``D`` (default ``E // H``).
+        bias: biases in the projections.
+        scale: logit scale (default ``1 / sqrt(D)``).
+        backend: passed to :func:`headwise.attention`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        top_k: int | None = None,
+        causal: bool = True,
+        head_dim: int | None = None,
+        bias: bool = True,
+        scale: float | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"num_heads must divide embed_dim when head_dim is not given; got "
+                    f"embed_dim={embed_dim}, num_heads={num_heads}"
+                )
+            head_dim = embed_dim // num_heads
+        top_k = max(1, num_heads // 2) if top_k is None else top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_heads:
+            raise ValueError(f"top_k must be in [1, num_heads={num_heads}]; got {top_k!r}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.top_k, self.causal, self.scale, self.backend = top_k, causal, scale, backend
+        inner = num_heads * head_dim
+        self.router = nn.Linear(embed_dim, num_heads)
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, top_k={self.top_k}, "
+            f"causal={self.causal}"
+        )
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Which heads each token is routed to: bool ``(B, L, H)``, ``top_k`` per token."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {got}")
+        scores = torch.softmax(self.router(x), -1)
+        chosen = scores.topk(self.top_k, -1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+
+    def _project(self, proj: nn.Linear, x_sel: torch.Tensor) -> torch.Tensor:
+        """Head h's slice of ``proj`` on head h's tokens: ``(B, H, T, E)`` → ``(B, H, T, D)``."""
+        weight = proj.weight.view(self.num_heads, self.head_dim, self.embed_dim)
+        out = torch.einsum("bhte,hde->bhtd", x_sel, weight)
+        if proj.bias is not None:
+            out = out + proj.bias.view(self.num_heads, 1, self.head_dim)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, L, E)`` → ``(B, L, E)``."""
+        selected = self.route(x)
+        b, length, e = x.shape
+        h, d = self.num_heads, self.head_dim
+        counts = selected.sum(1)  # (B, H)
+        slots = int(counts.max()) if counts.numel() else 0
+        position = torch.arange(length, device=x.device)
+        # Selected positions first, in order; then the others (padding slots no one sees).
+        order = torch.where(selected, position[:, None], position[:, None] + length)
+        idx = order.transpose(1, 2).sort(-1).values[..., :slots] % length  # (B, H, T)
+        valid = torch.arange(slots, device=x.device) < counts[..., None]  # (B, H, T)
+        x_sel = x[:, None].expand(b, h, length, e).gather(2, idx[..., None].expand(-1, -1, -1, e))
+        q, k, v = (self._project(p, x_sel) for p in (self.q_proj, self.k_proj, self.v_proj))
+        flat = (b * h, slots, 1, d)
+        bias = None
+        if not self.causal:
+            hidden = torch.zeros(valid.shape, dtype=q.dtype, device=x.device)
+            bias = hidden.masked_fill(~valid, float("-inf")).view(b * h, 1, 1, slots)
+        out = attention(
+            q.reshape(flat),
+            k.reshape(flat),
+            v.reshape(flat),
+            patterns.causal() if self.causal else None,
+            scale=self.scale,
+            bias=bias,
+            backend=self.backend,
+        ).view(b, h, slots, d)
+        w_out = self.out_proj.weight.view(e, h, d)
+        contrib = torch.einsum("bhtd,ehd->bhte", out, w_out) * valid[..., None]
+        y = x.new_zeros(b, length, e).scatter_add(
+            1, idx.reshape(b, h * slots, 1).expand(-1, -1, e), contrib.reshape(b, h * slots, e)
+        )
+        return y if self.out_proj.bias is None else y + self.out_proj.bias
+
+
+__all__ = ["SelectiveMultiHeadAttention"]
