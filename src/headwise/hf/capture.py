@@ -22,10 +22,9 @@ from headwise.hf.registry import (
     Hook,
     Layers,
     Request,
-    add_hook,
+    hooked,
     normalise,
     positions,
-    remove_hook,
     select_sites,
 )
 
@@ -77,6 +76,9 @@ class _Capture(Hook):
             return Request(self.heads, self.rows)
         return None
 
+    def needs_lse(self, call: Call) -> bool:
+        return call.site.name in self.names and "lse" in self.what
+
     def observe(self, call: Call) -> None:
         name = call.site.name
         if name not in self.names:
@@ -90,7 +92,8 @@ class _Capture(Hook):
             values["pattern"] = call.probs[:, hi][:, :, ri]
             values["scores"] = call.scores[:, hi][:, :, ri]
         values["z"] = call.out[:, rows][:, :, heads]
-        values["lse"] = call.lse[:, heads][:, :, rows]
+        if "lse" in self.what:
+            values["lse"] = call.lse[:, heads][:, :, rows]
         for key in self.what:
             value = values[key].detach() if self.detach else values[key]
             self.cache._add(f"{name}.{key}", value, heads, rows)
@@ -134,8 +137,5 @@ def capture(
         detach,
         cache,
     )
-    add_hook(model, hook)
-    try:
+    with hooked(model, hook):
         yield cache
-    finally:
-        remove_hook(model, hook)

@@ -23,6 +23,8 @@ saved log-sum-exp: ``p = exp(s - lse)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +63,7 @@ class Site:
     name: str
     index: int
     tower: str
+    heads: int
     hooks: list = field(repr=False)
     layer: nn.Module = field(repr=False)
 
@@ -77,9 +80,10 @@ class Hook:
     """Base of everything that reads or steers attention inside the ``"headwise"`` function.
 
     Subclasses override what they need; each method gets the :class:`Call` of one module call.
-    Order inside a call: ``pattern`` -> fast attention for all heads -> ``request`` -> explicit
-    scores of the requested block -> ``edit_scores`` -> probabilities -> ``edit_probs`` ->
-    block outputs replace the fast ones if anything was edited -> ``edit_output`` -> ``observe``.
+    Order inside a call: ``pattern`` -> ``request`` (before the fast path runs: ``call.out`` is
+    not set yet) -> fast attention for all heads -> explicit scores of the requested block ->
+    ``edit_scores`` -> probabilities -> ``edit_probs`` -> block outputs replace the fast ones
+    if anything was edited -> ``edit_output`` -> ``observe``.
     ``edit_*`` return ``True`` when they changed something.
     """
 
@@ -88,6 +92,9 @@ class Hook:
 
     def request(self, call: Call) -> Request | None:
         return None
+
+    def needs_lse(self, call: Call) -> bool:
+        return False
 
     def edit_scores(self, call: Call) -> bool:
         return False
@@ -120,7 +127,7 @@ class Call:
     bias: torch.Tensor | None
     pattern: Pattern | None
     softcap: float | None
-    out: torch.Tensor
+    out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     heads: torch.Tensor | None = None
     rows: torch.Tensor | None = None
@@ -178,13 +185,30 @@ def attach(model: nn.Module) -> list[Site]:
             for mod in _attention_modules(layer):
                 kind = "cross_attn" if "cross" in type(mod).__name__.lower() else "attn"
                 name = f"{prefixes[path]}blocks.{index}.{kind}"
-                site = Site(name, index, prefixes[path], hooks, layer)
+                heads = mod.config.num_attention_heads
+                site = Site(name, index, prefixes[path], heads, hooks, layer)
                 mod._headwise_site = site
                 sites.append(site)
     if not sites:
         raise ValueError(f"found no attention modules in {type(model).__name__}")
     model._headwise_sites = sites
     return sites
+
+
+class HeadGate(Hook):
+    """Multiply each head's output (before the output projection) by a gate.
+
+    ``gates`` maps site names to tensors broadcastable to ``(B, Lq, H)`` (``(H,)`` for one gate
+    per head); gradients flow into them (Michel et al.'s ``xi``).
+    """
+
+    def __init__(self, gates: dict[str, torch.Tensor]) -> None:
+        self.gates = gates
+
+    def edit_output(self, call: Call) -> None:
+        gate = self.gates.get(call.site.name)
+        if gate is not None:
+            call.out = call.out * gate.to(call.out.dtype)[..., None]
 
 
 def add_hook(model: nn.Module, hook: Hook) -> None:
@@ -194,6 +218,16 @@ def add_hook(model: nn.Module, hook: Hook) -> None:
 
 def remove_hook(model: nn.Module, hook: Hook) -> None:
     model._headwise_sites[0].hooks.remove(hook)
+
+
+@contextmanager
+def hooked(model: nn.Module, hook: Hook) -> Iterator[Hook]:
+    """Install ``hook`` on ``model`` for the duration of the block."""
+    add_hook(model, hook)
+    try:
+        yield hook
+    finally:
+        remove_hook(model, hook)
 
 
 Layers = int | str | list[int | str] | None
@@ -324,15 +358,18 @@ def attention_forward(
         def score_mod(s, b, h, i, j):
             return softcap * torch.tanh(s / softcap)
 
-    need_lse = bool(hooks)
+    if not hooks:
+        return attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod), None
+    call = Call(site, module, q, k, v, scale, bias, pattern, softcap)
+    requests = [r for r in (h.request(call) for h in hooks) if r is not None]
+    # The LSE costs the SDPA fast path (it cannot return it): ask only when a hook needs it.
+    need_lse = bool(requests) or any(h.needs_lse(call) for h in hooks)
     result = attention(
         q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, return_lse=need_lse
     )
-    if not need_lse:
-        return result, None
-    out, lse = result
-    call = Call(site, module, q, k, v, scale, bias, pattern, softcap, out, lse)
-    _explicit_block(call, hooks)
+    call.out, call.lse = result if need_lse else (result, None)
+    if requests:
+        _explicit_block(call, hooks, requests)
     for hook in hooks:
         hook.edit_output(call)
     for hook in hooks:
@@ -340,11 +377,8 @@ def attention_forward(
     return call.out.contiguous(), None
 
 
-def _explicit_block(call: Call, hooks: list[Hook]) -> None:
+def _explicit_block(call: Call, hooks: list[Hook], requests: list[Request]) -> None:
     """Scores and probabilities of the union of the requested heads/rows; edits go to ``out``."""
-    requests = [r for r in (h.request(call) for h in hooks) if r is not None]
-    if not requests:
-        return
     q_len, num_heads = call.q.shape[1], call.q.shape[2]
     device = call.q.device
     call.heads = _union([r.heads for r in requests], num_heads, device)
