@@ -55,6 +55,11 @@ class Pattern:
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``ValueError`` if the pattern was built for other sequence lengths."""
 
+    def query_groups(self, q_len: int, size: int) -> list[slice | torch.Tensor]:
+        """Query positions to process together, about ``size`` each, chosen so that their visible
+        keys overlap: consecutive rows by default; spatial tiles for neighborhoods."""
+        return [slice(s, min(q_len, s + size)) for s in range(0, q_len, size)]
+
     def head_patterns(self) -> tuple[Pattern, ...] | None:
         """One head-agnostic pattern per head, or ``None`` if every head follows this one."""
         return None

@@ -285,6 +285,13 @@ class _Intersection(Pattern):
             allowed = self._combine(allowed, part._allowed(h, q_idx, kv_idx, q_len, kv_len))
         return allowed
 
+    def query_groups(self, q_len, size):
+        # A part with its own grouping (a neighborhood) knows best which queries share keys.
+        for part in self.parts:
+            if type(part).query_groups is not Pattern.query_groups:
+                return part.query_groups(q_len, size)
+        return super().query_groups(q_len, size)
+
     def head_patterns(self):
         if self.num_heads is None:
             return None

@@ -76,6 +76,20 @@ class Neighborhood(Pattern):
             coords.append((idx // inner) % length)
         return coords
 
+    def query_groups(self, q_len, size):
+        """Spatial tiles of about ``size`` queries (in dilation-group order), whose windows
+        overlap far more than those of consecutive row-major tokens."""
+        rank = len(self.grid)
+        edge = max(1, round(size ** (1 / rank)))
+        index = torch.arange(self.size).view(self.grid)
+        for axis, (length, d) in enumerate(zip(self.grid, self.dilation)):
+            order = sorted(range(length), key=lambda i, d=d: (i % d, i // d))
+            index = index.index_select(axis, torch.tensor(order))
+        tiles = [index]
+        for axis in range(rank):
+            tiles = [part for t in tiles for part in t.split(edge, dim=axis)]
+        return [torch.sort(t.flatten()).values for t in tiles]
+
     def axis_window(
         self, axis: int, i: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,6 +107,27 @@ class Neighborhood(Pattern):
         leader = torch.minimum((inner // s) * s + s // 2, last)
         centre = torch.clamp(torch.minimum(leader, last - right), min=left)
         return group, centre - left, torch.minimum(centre + right, last)
+
+    def visible(self, q_idx, kv_idx, q_len, kv_len):
+        # The window is a product over axes: look each axis up in its small (L_a, L_a) table
+        # instead of evaluating the full predicate per (query, key) pair.
+        allowed = None
+        for axis, (i, j) in enumerate(zip(self.coordinates(q_idx), self.coordinates(kv_idx))):
+            table = self._axis_table(axis, q_idx.device)
+            part = table[i[:, None], j[None, :]]
+            allowed = part if allowed is None else allowed & part
+        return allowed[None]
+
+    def _axis_table(self, axis: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(self.grid[axis], device=device)
+        group, lo, hi = self.axis_window(axis, positions)
+        keys = positions[None, :]
+        inner = keys // self.dilation[axis]
+        return (
+            (keys % self.dilation[axis] == group[:, None])
+            & (inner >= lo[:, None])
+            & (inner <= hi[:, None])
+        )
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         allowed = torch.ones_like(q_idx + kv_idx, dtype=torch.bool)

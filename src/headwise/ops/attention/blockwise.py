@@ -25,52 +25,63 @@ import torch
 
 from headwise.ops.attention.problem import ScoreMod, bias_4d
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
-from headwise.patterns import EMPTY, FULL, Pattern
+from headwise.patterns import EMPTY, Pattern
 
 DEFAULT_BLOCK = 64
+#: partial row blocks keep their element masks in the cached plan up to this many booleans
+MASK_CACHE_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
-class _RowBlock:
-    q_start: int
-    q_stop: int
-    keys: slice | torch.Tensor  # key positions this row block may see
+class _RowGroup:
+    rows: slice | torch.Tensor  # query positions processed together
+    keys: slice | torch.Tensor  # every key position at least one of them may see
     needs_mask: bool  # False when every selected key is visible to every row and head
+    mask: torch.Tensor | None = None  # (H_p, rows, keys) when cached
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=32)
 def _plan(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
-) -> tuple[_RowBlock, ...]:
+) -> tuple[_RowGroup, ...]:
     if pattern is None:
         return tuple(
-            _RowBlock(s, min(q_len, s + block), slice(0, kv_len), False)
+            _RowGroup(slice(s, min(q_len, s + block)), slice(0, kv_len), False)
             for s in range(0, q_len, block)
         )
-    layout = pattern.block_layout(q_len, kv_len, block, device="cpu")
-    nonempty = (layout != EMPTY).any(0)
-    all_full = (layout == FULL).all(0)
-    rows = []
-    for r in range(layout.shape[1]):
-        cols = torch.nonzero(nonempty[r]).flatten()
-        q_start, q_stop = r * block, min(q_len, (r + 1) * block)
-        needs_mask = not bool(all_full[r, cols].all())
-        if len(cols) == 0:
-            keys: slice | torch.Tensor = slice(0, 0)
-        elif int(cols[-1] - cols[0]) + 1 == len(cols):
-            keys = slice(int(cols[0]) * block, min(kv_len, (int(cols[-1]) + 1) * block))
-        else:
-            starts = cols * block
-            keys = (starts[:, None] + torch.arange(block)).flatten()
-            keys = keys[keys < kv_len].to(device)
-        rows.append(_RowBlock(q_start, q_stop, keys, needs_mask))
-    return tuple(rows)
+    groups = []
+    budget = MASK_CACHE_ELEMENTS
+    all_keys = torch.arange(kv_len)
+    for rows in pattern.query_groups(q_len, block):
+        visible = pattern.visible(_positions(rows), all_keys, q_len, kv_len)
+        cols = torch.nonzero(visible.any(0).any(0)).flatten()
+        keys = _as_slice(cols) if len(cols) else slice(0, 0)
+        visible = visible[:, :, keys]
+        needs_mask = not bool(visible.all())
+        mask = None
+        if needs_mask and visible.numel() <= budget:
+            # Evaluating the predicate costs as much as the scores; do it once per plan.
+            budget -= visible.numel()
+            mask = visible.to(device)
+        if isinstance(keys, torch.Tensor):
+            keys = keys.to(device)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(device)
+        groups.append(_RowGroup(rows, keys, needs_mask, mask))
+    return tuple(groups)
 
 
-def _key_positions(keys: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(keys, slice):
-        return torch.arange(keys.start, keys.stop, device=device)
-    return keys
+def _as_slice(index: torch.Tensor) -> slice | torch.Tensor:
+    """A slice when the sorted ``index`` is one contiguous range, else the index itself."""
+    if int(index[-1] - index[0]) + 1 == len(index):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def _positions(index: slice | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    if isinstance(index, slice):
+        return torch.arange(index.start, index.stop, device=device)
+    return index
 
 
 class _Blockwise(torch.autograd.Function):
@@ -93,8 +104,8 @@ class _Blockwise(torch.autograd.Function):
                 continue
             scores = _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len)
             block_out, block_lse = masked_softmax_av(scores, vg[:, :, :, row.keys])
-            out[:, :, :, row.q_start : row.q_stop] = block_out
-            lse[:, :, row.q_start : row.q_stop] = block_lse.reshape(batch, heads, -1)
+            out[:, :, :, row.rows] = block_out
+            lse[:, :, row.rows] = block_lse.reshape(batch, heads, -1)
         ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
         ctx.params = (pattern, scale, score_mod, plan)
         out = out.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
@@ -127,7 +138,7 @@ class _Blockwise(torch.autograd.Function):
         for row in plan:
             if _count(row.keys) == 0:
                 continue
-            rows = slice(row.q_start, row.q_stop)
+            rows = row.rows
             q_blk = qg[:, :, :, rows]
             with torch.enable_grad():
                 raw = (q_blk @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
@@ -173,7 +184,7 @@ def _count(keys: slice | torch.Tensor) -> int:
 
 
 def _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len):
-    raw = (qg[:, :, :, row.q_start : row.q_stop] @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
+    raw = (qg[:, :, :, row.rows] @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
     return _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len)
 
 
@@ -182,39 +193,45 @@ def _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len):
     batch, kv_heads, group, n_rows, n_keys = raw.shape
     heads = kv_heads * group
     scores = raw.reshape(batch, heads, n_rows, n_keys)
-    q_idx = torch.arange(row.q_start, row.q_stop, device=raw.device)
-    kv_idx = _key_positions(row.keys, raw.device)
+    q_idx = _positions(row.rows, raw.device)
+    kv_idx = _positions(row.keys, raw.device)
     if score_mod is not None:
         scores = score_mod(scores, *score_indices(batch, heads, q_idx, kv_idx))
     if bias is not None:
         scores = scores + _bias_block(bias_4d(bias), row).to(scores.dtype)
     if pattern is not None and row.needs_mask:
-        visible = pattern.visible(q_idx, kv_idx, q_len, kv_len)
+        visible = (
+            row.mask if row.mask is not None else pattern.visible(q_idx, kv_idx, q_len, kv_len)
+        )
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores.reshape(batch, kv_heads, group, n_rows, n_keys)
 
 
-def _bias_block(bias: torch.Tensor, row: _RowBlock) -> torch.Tensor:
-    rows = slice(row.q_start, row.q_stop) if bias.shape[2] > 1 else slice(None)
-    block = bias[:, :, rows]
+def _bias_block(bias: torch.Tensor, row: _RowGroup) -> torch.Tensor:
+    block = bias[:, :, row.rows] if bias.shape[2] > 1 else bias
     return block[..., row.keys] if bias.shape[3] > 1 else block
 
 
-def _accumulate_bias_grad(dbias: torch.Tensor, d_scores: torch.Tensor, row: _RowBlock) -> None:
+def _accumulate_bias_grad(dbias: torch.Tensor, d_scores: torch.Tensor, row: _RowGroup) -> None:
+    """Add a ``(B, H, rows, keys)`` score gradient into ``dbias`` (broadcast dims reduced)."""
     for dim in (0, 1):
         if dbias.shape[dim] == 1:
             d_scores = d_scores.sum(dim, keepdim=True)
-    if dbias.shape[2] == 1:
-        d_scores = d_scores.sum(2, keepdim=True)
-        target = dbias
-    else:
-        target = dbias[:, :, row.q_start : row.q_stop]
     if dbias.shape[3] == 1:
-        target += d_scores.sum(3, keepdim=True)
-    elif isinstance(row.keys, slice):
-        target[..., row.keys] += d_scores
+        d_scores = d_scores.sum(3, keepdim=True)
+    elif not isinstance(row.keys, slice):
+        spread = d_scores.new_zeros(*d_scores.shape[:3], dbias.shape[3])
+        d_scores = spread.index_add_(3, row.keys, d_scores)
     else:
-        target.index_add_(3, row.keys, d_scores)
+        spread = d_scores.new_zeros(*d_scores.shape[:3], dbias.shape[3])
+        spread[..., row.keys] = d_scores
+        d_scores = spread
+    if dbias.shape[2] == 1:
+        dbias += d_scores.sum(2, keepdim=True)
+    elif isinstance(row.rows, slice):
+        dbias[:, :, row.rows] += d_scores
+    else:
+        dbias.index_add_(2, row.rows, d_scores)
 
 
 def _add_keys(grad: torch.Tensor, update: torch.Tensor, keys: slice | torch.Tensor) -> None:
