@@ -181,8 +181,8 @@ def redistribute(
 
 
 class _VAR(Hook):
-    def __init__(self, sites, image, dims, tau, rho, keep, min_image_mass, heads):
-        self.names = {s.name for s in sites}
+    def __init__(self, image, dims, tau, rho, keep, min_image_mass, heads):
+        # the chosen sites are those whose layer pre-hook fills ``sinks``
         self.image, self.dims, self.tau = image, dims, tau
         self.rho, self.keep, self.min_mass, self.heads = rho, keep, min_image_mass, heads
         self.sinks: dict[str, torch.Tensor] = {}
@@ -253,7 +253,7 @@ def visual_attention_redistribution(
         tower = max(stacks, key=lambda t: len(stacks[t]))  # the language model's stack
         layers = [s.name for s in stacks[tower][2:-1]]
     sites = select_sites(model, layers)
-    hook = _VAR(sites, image.bool(), list(sink_dims), tau, rho, keep, min_image_mass, heads)
+    hook = _VAR(image.bool(), list(sink_dims), tau, rho, keep, min_image_mass, heads)
     handles = []
     for site in sites:
 
