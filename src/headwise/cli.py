@@ -1,4 +1,5 @@
-"""Command line: ``headwise demo`` runs every pattern through ``auto`` and checks it.
+"""Command line: ``headwise demo`` runs every pattern through ``auto`` and checks it;
+``headwise report`` writes the HTML head report of a Hugging Face model.
 
 The CLI is thin: it calls the same public API a user would.
 """
@@ -105,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--repeats", type=int, default=3)
+    report = sub.add_parser(
+        "report", help="HTML head report of a Hugging Face model (default: offline MiniLM)"
+    )
+    report.add_argument("args", nargs=argparse.REMAINDER, help="see python -m headwise.hf -h")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        from headwise.hf.__main__ import main as report_main
+
+        report_main(args.args)
+        return 0
     return run_demo(args)
 
 
