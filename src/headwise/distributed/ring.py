@@ -128,23 +128,27 @@ class _RingAttention(torch.autograd.Function):
         safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
         grad_q = torch.zeros_like(q, dtype=acc)
         flat = _pack(k, v)
-        grad_flat = None  # the accumulator of the K/V shard held now, once it has arrived
         pending_grad = None
         for step in range(ring.size):
             pending = ring.shift(flat, _KV_TAG, "K/V") if step < ring.size - 1 else None
             pattern, visible = spec.block(ring.rank, ring.size, (ring.rank - step) % ring.size)
+            grads = None
             if visible:
                 k_s, v_s = _unpack(flat, k.shape, v.shape)
                 dq, dk, dv = _block_grads(
                     q, k_s, v_s, pattern, spec, out, safe_lse, grad_out, grad_lse
                 )
                 grad_q += dq
-                contribution = _pack(dk.to(acc), dv.to(acc))
+                grads = (dk, dv)
+            # The accumulator arrives while this block was computed; add into it in place.
+            if pending_grad is None:
+                grad_flat = torch.zeros(flat.numel(), dtype=acc, device=flat.device)
             else:
-                contribution = torch.zeros(flat.numel(), dtype=acc, device=flat.device)
-            grad_flat = contribution if pending_grad is None else pending_grad.result()
-            if pending_grad is not None:
-                grad_flat = grad_flat + contribution
+                grad_flat = pending_grad.result()
+            if grads is not None:
+                grad_k, grad_v = _unpack(grad_flat, k.shape, v.shape)
+                grad_k += grads[0]
+                grad_v += grads[1]
             pending_grad = ring.shift(grad_flat, _GRAD_TAG, "dK/dV")
             if pending is not None:
                 flat = pending.result()
