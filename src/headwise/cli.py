@@ -106,16 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--repeats", type=int, default=3)
-    report = sub.add_parser(
-        "report", help="HTML head report of a Hugging Face model (default: offline MiniLM)"
+    sub.add_parser(
+        "report",
+        help="HTML head report of a Hugging Face model (default: offline MiniLM); "
+        "options: see python -m headwise.hf -h",
+        add_help=False,
     )
-    report.add_argument("args", nargs=argparse.REMAINDER, help="see python -m headwise.hf -h")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.command == "report":
         from headwise.hf.__main__ import main as report_main
 
-        report_main(args.args)
+        report_main(rest)
         return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return run_demo(args)
 
 
