@@ -14,6 +14,7 @@ from torch import nn
 
 from headwise import patterns
 from headwise.ops.attention import Backend, attention
+from headwise.ops.attention.gather import gathered_attention
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -46,11 +47,11 @@ class SparsifinerAttention(nn.Module):
     a reconstruction loss between ``Ahat`` (``forward(..., return_approx=True)``) and a dense
     teacher's attention (stage 1 of the paper; use ``dense=True`` for its dense forward).
 
-    Why a bias and not a pattern: the mask differs per batch element, and
-    :mod:`headwise.patterns` are batch-agnostic predicates of (head, query, key). The mask is
-    therefore passed to :func:`headwise.attention` as an additive ``(B, H, N, N)`` bias of 0 and
-    ``-inf`` (rows with no kept key give zeros in every backend). This is exact but does not skip
-    the hidden blocks; a batch-aware block-sparse path is left to the core.
+    The sparse path: the mask differs per batch element, which batch-agnostic
+    :mod:`headwise.patterns` cannot express, so the kept keys go to
+    :func:`headwise.ops.attention.gather.gathered_attention` as a ``(B, H, N, k)`` index: each
+    non-CLS row computes ``k`` scores instead of ``N`` (the paper's FLOP saving). The dense CLS
+    row runs through :func:`headwise.attention`.
 
     Args:
         embed_dim: ``C``; divisible by ``num_heads``.
@@ -166,6 +167,19 @@ class SparsifinerAttention(nn.Module):
                 mask[..., 0, :] = True
         return mask
 
+    def connectivity_index(self, approx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept keys as an index ``(B, H, N, budget)`` and its validity mask (causal rows
+        shorter than the budget have invalid slots). Same keys as :meth:`connectivity_mask`."""
+        with torch.no_grad():
+            scores = approx.detach()
+            if self.causal:
+                n = scores.shape[-1]
+                future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            index = scores.topk(self.budget, dim=-1).indices
+            valid = torch.isfinite(scores.gather(-1, index))
+        return index, valid
+
     def forward(
         self, x: torch.Tensor, *, dense: bool = False, return_approx: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -190,17 +204,24 @@ class SparsifinerAttention(nn.Module):
         batch = x.shape[0]
         q, k, v = self.qkv(x).view(batch, self.seq_len, 3, self.num_heads, -1).unbind(2)
         approx = self.approximate_attention(q, k) if return_approx else None
-        bias = None
-        if not dense:
+        if dense:
+            pattern = patterns.causal() if self.causal else None
+            out = attention(q, k, v, pattern, backend=self.backend)
+        else:
             if approx is None:
                 with torch.no_grad():
-                    keep = self.connectivity_mask(self.approximate_attention(q, k))
+                    index, valid = self.connectivity_index(self.approximate_attention(q, k))
             else:
-                keep = self.connectivity_mask(approx)
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~keep, float("-inf"))
-        pattern = patterns.causal() if self.causal else None
-        out = attention(q, k, v, pattern, bias=bias, backend=self.backend)
+                index, valid = self.connectivity_index(approx)
+            start = 1 if self.cls_token else 0
+            out = gathered_attention(
+                q[:, start:], k, v, index[:, :, start:], valid=valid[:, :, start:]
+            )
+            if self.cls_token:
+                # CLS row is dense: all keys (causal: position 0 sees only itself).
+                keys = slice(0, 1) if self.causal else slice(None)
+                cls = attention(q[:, :1], k[:, keys], v[:, keys], backend=self.backend)
+                out = torch.cat((cls, out), dim=1)
         y = self.out_proj(out.reshape(batch, self.seq_len, self.embed_dim))
         return (y, approx) if return_approx else y
 

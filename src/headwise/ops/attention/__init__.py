@@ -13,6 +13,7 @@ Rows with no visible key give O = 0 and lse = -inf.
 from headwise.ops.attention.api import Backend, attention, attention_varlen, explain
 from headwise.ops.attention.backends import BACKENDS, REFERENCE_AUTO_LIMIT
 from headwise.ops.attention.dispatch import Explanation
+from headwise.ops.attention.gather import gathered_attention
 from headwise.ops.attention.neighborhood import neighborhood_attention
 from headwise.ops.attention.varlen import Packed, pack, unpack
 
@@ -25,6 +26,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "explain",
+    "gathered_attention",
     "neighborhood_attention",
     "pack",
     "unpack",
