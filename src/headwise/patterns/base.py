@@ -159,7 +159,7 @@ def _flatten(kind: type, parts: tuple[Pattern, ...]) -> tuple[Pattern, ...]:
     for part in parts:
         if not isinstance(part, Pattern):
             raise TypeError(f"can only combine Pattern objects; got {type(part).__name__}")
-        flat.extend(part.parts if isinstance(part, kind) else (part,))
+        flat.extend(part.parts if type(part) is kind else (part,))
     heads = {p.num_heads for p in flat if p.num_heads is not None}
     if len(heads) > 1:
         raise ValueError(f"cannot combine per-head patterns with different head counts {heads}")
