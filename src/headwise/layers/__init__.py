@@ -3,6 +3,7 @@
 Sequence-side layers live here; vision token mixers in :mod:`headwise.layers.vision`.
 """
 
+from headwise.layers import vision
 from headwise.layers.acmil import MultiBranchAttentionPooling
 from headwise.layers.agent import AgentAttention, AgentAttention2d
 from headwise.layers.based import BasedAttention
@@ -57,4 +58,5 @@ __all__ = [
     "SelectiveMultiHeadAttention",
     "SparsifinerAttention",
     "apply_rotary",
+    "vision",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from headwise.layers.neighborhood import NeighborhoodAttention2D
 from headwise.layers.vision import (
     AggregatedAttention,
     ChannelAttention,
@@ -107,6 +108,13 @@ register_mixer("spectral", lambda d, s, b, r, **kw: SpectralGating(d, r, **kw))
 register_mixer("subspace", lambda d, s, b, r, **kw: SubspaceAttention(d, **kw))
 register_mixer("scale_aware", lambda d, s, b, r, **kw: ScaleAwareModulation(d, **kw))
 register_mixer("msa_conv", lambda d, s, b, r, **kw: MSAConv(d, **kw))
+register_mixer(
+    "neighborhood",
+    # NAT: 7x7 neighborhood attention with its relative positional bias
+    lambda d, s, b, r, **kw: NeighborhoodAttention2D(
+        d, _heads(d), kernel_size=7, rel_pos_bias=True, **kw
+    ),
+)
 
 
 class VisionBlock(nn.Module):
