@@ -104,6 +104,14 @@ class SdpaBackend(Backend):
                 mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
                 is_causal = False
             mask = attn_bias if mask is None else attn_bias.masked_fill(~mask, float("-inf"))
+        head_dim, value_dim = q.shape[-1], v.shape[-1]
+        if scale is None:
+            scale = head_dim**-0.5
+        if head_dim != value_dim:
+            # SDPA's fused kernels need one head dim for q, k and v, and otherwise fall back to
+            # the L x L math path; zero padding changes neither the scores nor the kept output.
+            width = max(head_dim, value_dim)
+            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -113,7 +121,7 @@ class SdpaBackend(Backend):
             scale=scale,
             enable_gqa=q.shape[2] != k.shape[2],
         )
-        return out.transpose(1, 2), None
+        return out.transpose(1, 2)[..., :value_dim], None
 
 
 @functools.lru_cache(maxsize=1)
