@@ -188,7 +188,8 @@ def main() -> None:
     if "compile" not in args.skip:
         bench_recompiles(args, device, dtype, lines)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"attention-{device.type}-{env['date'][:10]}.md"
+    suffix = "-backward" if args.backward else ""
+    path = RESULTS / f"attention-{device.type}{suffix}-{env['date'][:10]}.md"
     path.write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}")
 

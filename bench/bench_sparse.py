@@ -128,7 +128,8 @@ def main() -> None:
             print(row, flush=True)
             lines.append(row)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"sparse-{device.type}-{env['date'][:10]}.md"
+    suffix = "-backward" if args.backward else ""
+    path = RESULTS / f"sparse-{device.type}{suffix}-{env['date'][:10]}.md"
     path.write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}")
 

@@ -1,5 +1,5 @@
 """Command line: ``headwise demo`` runs every pattern through ``auto`` and checks it;
-``headwise report`` writes the HTML head report of a Hugging Face model.
+``headwise inspect`` writes the HTML head report of a Hugging Face model.
 
 The CLI is thin: it calls the same public API a user would.
 """
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--repeats", type=int, default=3)
     sub.add_parser(
-        "report",
+        "inspect",
         help="HTML head report of a Hugging Face model (default: offline MiniLM); "
         "options: see python -m headwise.hf -h",
         add_help=False,
     )
     args, rest = parser.parse_known_args(argv)
-    if args.command == "report":
+    if args.command == "inspect":
         from headwise.hf.__main__ import main as report_main
 
         report_main(rest)
