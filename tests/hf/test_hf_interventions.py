@@ -17,6 +17,7 @@ from headwise.hf import (
     prune_heads,
     redistribute,
     reinforce_heads,
+    select_sites,
     vhr_select,
     visual_attention_redistribution,
 )
@@ -186,3 +187,22 @@ def test_sparse_pattern_swap_reports_drift():
     plan = P.per_head([P.sliding_window(2)] * 2 + [P.strided(2, 0, block=2)] * 2)
     drift = pattern_drift(model, inputs, plan, layers=[1])
     assert drift.max_abs > 1e-3 and 0 < drift.relative < 10
+
+
+def test_moa_plan_and_s2_shards_swap_into_a_real_model():
+    from headwise.layers.moa import MoAPlan
+    from headwise.layers.s2 import S2Pattern
+
+    model, inputs = build("llama")
+    # alpha >= the length keeps every key: the MoA plan must change nothing
+    dense_plan = MoAPlan.uniform(2, 4, alpha=4096, beta=0.0, max_new_tokens=0)
+    sites = [s.name for s in select_sites(model, None)]
+    patterns = dict(zip(sites, dense_plan.layer_patterns(length=12)))
+    assert pattern_drift(model, inputs, patterns).max_abs < 1e-5
+    sparse = MoAPlan.uniform(
+        2, 4, alpha=0, beta=0.25, block=2, sink_size=2, min_cache=2, max_new_tokens=0
+    )
+    patterns = dict(zip(sites, sparse.layer_patterns(length=12)))
+    assert pattern_drift(model, inputs, patterns).max_abs > 1e-4
+    shards = S2Pattern(heads=4, num_kv_heads=2, block=2, n_local=1, vert_stride=2, head_step=1)
+    assert pattern_drift(model, inputs, shards, layers=[1]).max_abs > 1e-4

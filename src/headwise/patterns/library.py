@@ -295,7 +295,12 @@ class _Intersection(Pattern):
     def head_patterns(self):
         if self.num_heads is None:
             return None
-        per_part = [p.head_patterns() or (p,) * self.num_heads for p in self.parts]
+        per_part = []
+        for part in self.parts:
+            split = (part,) * self.num_heads if part.num_heads is None else part.head_patterns()
+            if split is None:  # a per-head part that cannot be split into single heads
+                return None
+            per_part.append(split)
         return tuple(type(self)(parts) for parts in zip(*per_part))
 
     def visible(self, q_idx, kv_idx, q_len, kv_len):

@@ -96,6 +96,20 @@ def test_backend_matches_oracle(backend, name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "name", ["causal", "window_sinks", "documents", "per_head", "block_sparse"]
+)
+def test_blockwise_step_by_step_path_matches_oracle(monkeypatch, name, dtype):
+    # On CPU blockwise runs PyTorch's fused kernel per query group; its step-by-step softmax
+    # (used for score_mod, bias gradients, other devices) must agree on its own.
+    import headwise.ops.attention.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "_FUSED", None)
+    q, k, v = make_inputs(dtype=dtype)
+    check_against_oracle("blockwise", q, k, v, PATTERNS[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ["blockwise", "sdpa"])
 @pytest.mark.parametrize("bias_shape", [(1, 4, 37, 37), (2, 1, 1, 37), (37, 37)])
 def test_bias_and_its_gradient(backend, bias_shape, dtype):
@@ -251,7 +265,8 @@ def test_score_mod_captured_tensors_get_gradients():
         grads[backend] = torch.autograd.grad(out.square().sum(), (slopes, table, q))
     assert torch.all(grads["reference"][0] != 0)
     for fast, ref in zip(grads["blockwise"], grads["reference"]):
-        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        # slope gradients sum ~20k float32 terms: accumulation order shows at 1e-5
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------- the auto rule
