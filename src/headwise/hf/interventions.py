@@ -363,12 +363,19 @@ def pattern_drift(
     output: str = "auto",
 ) -> Drift:
     """How much the model's output moves when ``pattern`` is swapped in (see
-    :func:`swap_pattern`). ``output``: the output field compared (``"auto"``: ``logits``, else
+    :func:`swap_pattern`), on the real tokens (``attention_mask == 1``) when the inputs have an
+    attention mask. ``output``: the output field compared (``"auto"``: ``logits``, else
     ``last_hidden_state``)."""
     with torch.no_grad():
         base = _output(model(**inputs), output)
         with swap_pattern(model, pattern, layers):
             swapped = _output(model(**inputs), output)
+    mask = inputs.get("attention_mask")
+    if mask is not None and base.dim() >= 2 and tuple(base.shape[:2]) == tuple(mask.shape):
+        # Padding rows are not outputs anyone reads, and eager fills their fully masked rows
+        # with a uniform softmax that a swapped pattern changes: compare real tokens only.
+        real = mask.bool()
+        base, swapped = base[real], swapped[real]
     diff = (swapped - base).float()
     return Drift(
         float(diff.abs().max()),
