@@ -1,11 +1,12 @@
 """Blockwise softmax attention in PyTorch: any pattern, forward and backward, on any device.
 
-Queries are processed in row blocks of ``block`` tokens. For each row block the pattern's block
-layout names the key blocks with at least one visible entry; only those keys are gathered, so
-empty blocks cost nothing and no ``Lq x Lk`` tensor is built (peak extra memory is
-``B * H * block * keys_selected``). Within a row block the softmax is exact (the same
-``masked_softmax_av`` as the reference). Backward is FlashAttention-2 style: it keeps only
-``out`` and ``lse`` and recomputes each row block's probabilities,
+Queries are processed in groups of about ``block`` (consecutive rows, or the pattern's own
+grouping: spatial tiles for neighborhoods). Each group gathers exactly the keys at least one of its
+queries may see, so hidden keys cost nothing and no ``Lq x Lk`` tensor is built (peak extra memory
+is ``B * H * block * keys_selected``); element masks of partial groups are cached with the plan.
+Within a group the softmax is exact: on CPU one call of PyTorch's fused attention kernel with the
+pattern as an additive mask, otherwise the same ``masked_softmax_av`` as the reference. Backward
+is FlashAttention-2 style: it keeps only ``out`` and ``lse`` and recomputes each group,
 
     dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,
     dV = P^T dO,  dbias = dS (reduced over broadcast dims).
