@@ -241,6 +241,11 @@ class BlockSparse(Pattern):
             self._cache[key] = flat.view(self.shape).to(device)
         return self._cache[key]
 
+    def query_groups(self, q_len, size):
+        # Rows of one query block share their key blocks exactly: never split a block.
+        rows = max(size, self.block_size[0]) // self.block_size[0] * self.block_size[0]
+        return super().query_groups(q_len, rows)
+
     def head_patterns(self):
         if self.shape[0] == 1:
             return None

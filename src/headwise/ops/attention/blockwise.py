@@ -29,7 +29,7 @@ from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, s
 from headwise.patterns import EMPTY, Pattern
 
 DEFAULT_BLOCK = 64
-#: partial row blocks keep their element masks in the cached plan up to this many booleans
+#: partial query groups keep their masks (float32) in the cached plan up to this many entries
 MASK_CACHE_ELEMENTS = 1 << 25
 
 
@@ -38,7 +38,8 @@ class _RowGroup:
     rows: slice | torch.Tensor  # query positions processed together
     keys: slice | torch.Tensor  # every key position at least one of them may see
     needs_mask: bool  # False when every selected key is visible to every row and head
-    mask: torch.Tensor | None = None  # (H_p, rows, keys) when cached
+    mask: torch.Tensor | None = None  # additive (H_p, rows, keys): 0 or -inf, when cached
+    has_empty_rows: bool = True  # whether some row of some head sees none of the keys
 
 
 @functools.lru_cache(maxsize=32)
@@ -59,16 +60,17 @@ def _plan(
         keys = _as_slice(cols) if len(cols) else slice(0, 0)
         visible = visible[:, :, keys]
         needs_mask = not bool(visible.all())
+        has_empty_rows = not bool(visible.any(-1).all())
         mask = None
         if needs_mask and visible.numel() <= budget:
             # Evaluating the predicate costs as much as the scores; do it once per plan.
             budget -= visible.numel()
-            mask = visible.to(device)
+            mask = _additive(visible).to(device)
         if isinstance(keys, torch.Tensor):
             keys = keys.to(device)
         if isinstance(rows, torch.Tensor):
             rows = rows.to(device)
-        groups.append(_RowGroup(rows, keys, needs_mask, mask))
+        groups.append(_RowGroup(rows, keys, needs_mask, mask, has_empty_rows))
     return tuple(groups)
 
 
@@ -213,12 +215,7 @@ def _additive_mask(bias, pattern, row, q_len, kv_len, dtype, device):
     """The pattern (as 0 / -inf) plus the bias for one query group, ``(B|1, H|1, rows, keys)``."""
     mask = None
     if pattern is not None and row.needs_mask:
-        q_idx, kv_idx = _positions(row.rows, device), _positions(row.keys, device)
-        visible = (
-            row.mask if row.mask is not None else pattern.visible(q_idx, kv_idx, q_len, kv_len)
-        )
-        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-        mask = mask.masked_fill(~visible, float("-inf"))[None]
+        mask = _pattern_mask(pattern, row, q_len, kv_len, device).to(dtype)[None]
     if bias is not None:
         block = _bias_block(bias_4d(bias), row).to(dtype)
         mask = block if mask is None else mask + block
@@ -242,7 +239,8 @@ def _fused_forward(q, k, v, bias, pattern, scale, plan, out, lse):
             attn_mask=mask,
             scale=scale,
         )
-        if mask is not None:  # the kernel reports 0, not -inf, for rows that see no key
+        if mask is not None and (row.has_empty_rows or bias is not None):
+            # the kernel reports 0, not -inf, for rows that see no key
             block_lse = block_lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
         out_h[:, :, row.rows] = block_out.to(out.dtype)
         lse[:, :, row.rows] = block_lse.to(lse.dtype)
@@ -313,11 +311,20 @@ def _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len):
     if bias is not None:
         scores = scores + _bias_block(bias_4d(bias), row).to(scores.dtype)
     if pattern is not None and row.needs_mask:
-        visible = (
-            row.mask if row.mask is not None else pattern.visible(q_idx, kv_idx, q_len, kv_len)
-        )
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores + _pattern_mask(pattern, row, q_len, kv_len, raw.device).to(scores.dtype)
     return scores.reshape(batch, kv_heads, group, n_rows, n_keys)
+
+
+def _additive(visible: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def _pattern_mask(pattern, row, q_len, kv_len, device) -> torch.Tensor:
+    """The pattern on one query group as an additive float32 mask ``(H_p, rows, keys)``."""
+    if row.mask is not None:
+        return row.mask
+    q_idx, kv_idx = _positions(row.rows, device), _positions(row.keys, device)
+    return _additive(pattern.visible(q_idx, kv_idx, q_len, kv_len))
 
 
 def _bias_block(bias: torch.Tensor, row: _RowGroup) -> torch.Tensor:
@@ -403,6 +410,7 @@ def blockwise_attention(
     return torch.cat(outs, 2)[:, :, inverse], torch.cat(lses, 1)[:, inverse]
 
 
+@functools.lru_cache(maxsize=64)
 def _head_groups(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int
 ) -> list[tuple[Pattern, list[int]]] | None:
