@@ -8,7 +8,8 @@ Then it compares a padded batch (SDPA + key-padding bias) with the same batch pa
     python bench/bench_attention.py                      # CPU defaults
     python bench/bench_attention.py --lengths 1024 4096 16384 --backward --device cuda
 
-Results go to ``bench/results/attention-<device>-<date>.md`` with device, versions and date.
+Results go to ``bench/results/attention-<device>[-backward]-<date>.md`` with device, versions
+and date.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ it is installed (``pip install --no-deps natten``).
     python bench/bench_sparse.py --backward      # forward + backward (blockwise; flex on CUDA)
     python bench/bench_sparse.py --device cuda --length 16384
 
-Results go to ``bench/results/sparse-<device>-<date>.md`` with device, versions and date.
+Results go to ``bench/results/sparse-<device>[-backward]-<date>.md`` with device, versions and
+date.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def main() -> None:
         candidates = [
             (b, lambda b=b, p=pattern: attention(*leaves, p, backend=b)) for b in args.backends
         ]
-        peer = natten_call(pattern, *leaves)
+        # NATTEN's CPU path is FlexAttention, which has no backward on CPU.
+        cpu_backward = args.backward and device.type == "cpu"
+        peer = None if cpu_backward else natten_call(pattern, *leaves)
         if peer is not None:
             candidates.append(("natten", peer))
         for backend, fn in candidates:
