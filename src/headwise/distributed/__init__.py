@@ -7,7 +7,8 @@
   the KV blocks its heads read, with a per-rank KV memory report.
 * :func:`balance`, :class:`BalancedBatchSampler`, :func:`exchange_balanced` - Unpadded BERT's
   length-balanced packing over data-parallel ranks, with the global loss normaliser.
-* :func:`context_parallel` - a :class:`headwise.MultiHeadAttention` on a sharded sequence.
+* :func:`context_parallel` - a :class:`headwise.MultiHeadAttention` on a sharded sequence;
+  :func:`hf_context_parallel` - a Hugging Face model (through :mod:`headwise.hf`) the same way.
 * :func:`init_distributed` / :class:`PeerTimeoutError` - finite timeouts: a dead or missing rank
   raises instead of hanging. :func:`launch` runs a function on local processes (tests, benches).
 
@@ -15,6 +16,7 @@ Layouts and the padding rule: :mod:`headwise.distributed.sharding`.
 """
 
 from headwise.distributed._comm import PeerTimeoutError, init_distributed
+from headwise.distributed.hf import hf_context_parallel
 from headwise.distributed.launch import RankResult, launch
 from headwise.distributed.packing import (
     Assignment,
@@ -49,6 +51,7 @@ __all__ = [
     "exchange_balanced",
     "gather_heads",
     "gather_sequence",
+    "hf_context_parallel",
     "init_distributed",
     "launch",
     "merge_partials",

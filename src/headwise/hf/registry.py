@@ -90,6 +90,12 @@ class Hook:
     def pattern(self, site: Site) -> Pattern | None:
         return None
 
+    def attend(self, module, q, k, v, pattern, scale, bias, score_mod) -> torch.Tensor | None:
+        """Compute the attention of ``module`` instead of :func:`headwise.attention` (``(B, L,
+        H, D)`` tensors; ``bias`` is the model's mask): e.g. ring attention over ranks. ``None``
+        leaves the computation as it is."""
+        return None
+
     def request(self, call: Call) -> Request | None:
         return None
 
@@ -358,6 +364,10 @@ def attention_forward(
         def score_mod(s, b, h, i, j):
             return softcap * torch.tanh(s / softcap)
 
+    for hook in hooks:
+        out = hook.attend(module, q, k, v, pattern, scale, bias, score_mod)
+        if out is not None:
+            return out, None
     if not hooks:
         return attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod), None
     call = Call(site, module, q, k, v, scale, bias, pattern, softcap)
