@@ -30,7 +30,7 @@ from headwise.patterns import EMPTY, Pattern
 
 DEFAULT_BLOCK = 64
 #: partial query groups keep their masks (float32) in the cached plan up to this many entries
-MASK_CACHE_ELEMENTS = 1 << 25
+MASK_CACHE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class _RowGroup:
     has_empty_rows: bool = True  # whether some row of some head sees none of the keys
 
 
-@functools.lru_cache(maxsize=32)
+# At most 16 plans x MASK_CACHE_ELEMENTS float32 masks (1 GiB) stay cached.
+@functools.lru_cache(maxsize=16)
 def _plan(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
 ) -> tuple[_RowGroup, ...]:
