@@ -9,7 +9,7 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
 	$(PYTHON) -m pip install -q -e ".[test]"
 	@# NATTEN is an optional peer the tests cross-check against; it installs without its deps.
-	$(PYTHON) -m pip install -q --no-deps natten
+	$(PYTHON) -m pip install -q --no-deps "natten==0.21.7"
 
 demo: install
 	$(PYTHON) -m headwise demo
