@@ -70,7 +70,7 @@ def test_varlen_cross_lengths_and_lse():
     "cu,match",
     [
         (torch.tensor([1, 3, 6]), "start at 0"),
-        (torch.tensor([0, 4, 3, 6]), "never decrease"),
+        (torch.tensor([0, 4, 3, 6]), "non-decreasing"),
         (torch.tensor([0, 3, 7]), "end at T=6"),
         (torch.tensor([[0, 6]]), "1-D"),
         (torch.tensor([0.0, 6.0]), "int32 or int64"),

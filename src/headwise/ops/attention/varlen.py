@@ -58,15 +58,15 @@ def unpack(tokens: torch.Tensor, packed: Packed) -> torch.Tensor:
 
 def seqlens_from_cu(name: str, cu_seqlens: torch.Tensor, total: int) -> tuple[int, ...]:
     """Validate ``cu_seqlens`` against ``total`` packed tokens and return the lengths."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 1:
         shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
-        raise ValueError(f"{name} must be a 1-D tensor [0, ..., T] of length >= 2; got {shape}")
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor [0, ..., T]; got {shape}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64; got {cu_seqlens.dtype}")
     values = cu_seqlens.tolist()
+    if values[0] != 0 or values[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at T={total}; got {values}")
     lengths = tuple(b - a for a, b in itertools.pairwise(values))
-    if values[0] != 0 or min(lengths) < 0 or values[-1] != total:
-        raise ValueError(
-            f"{name} must start at 0, never decrease and end at T={total}; got {values}"
-        )
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing; got {values}")
     return lengths

@@ -12,11 +12,11 @@ kernel), ``feature_maps.py``.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 
+from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.ops.linear import naive
 from headwise.ops.linear.chunk import DecayedLinearAttention, chunk_forward, compute_dtype
 from headwise.ops.linear.feature_maps import (
@@ -113,7 +113,7 @@ def linear_attention(
             raise ValueError(f"feature_map {fmap!r} is sequence-level and needs causal=False")
         if varlen:
             raise ValueError(f"feature_map {fmap!r} is sequence-level; cu_seqlens unsupported")
-    lengths = _check_cu_seqlens(cu_seqlens, q.shape[0]) if varlen else None
+    lengths = list(seqlens_from_cu("cu_seqlens", cu_seqlens, q.shape[0])) if varlen else None
 
     qf, kf = fmap.query(q), fmap.key(k)
     if qf.shape[-1] != kf.shape[-1]:
@@ -405,21 +405,6 @@ def _check_decay(
     if bool(bad.any()):
         raise ValueError(f"decay values must lie in (0, 1]; got {lam.detach().cpu().tolist()}")
     return lam
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> list[int]:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-        got = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens)
-        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor; got {got}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32 or int64; got {cu_seqlens.dtype}")
-    offsets = cu_seqlens.tolist()
-    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}; got {offsets}")
-    lengths = [b - a for a, b in itertools.pairwise(offsets)]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens must be non-decreasing; got {offsets}")
-    return lengths
 
 
 def _check_state(
