@@ -203,7 +203,7 @@ def _use_fused(q: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod | None) -> 
     )
 
 
-def _heads_first(q, k, v):
+def heads_first(q, k, v):
     """``(B, L, H, D)`` views as ``(B, H, L, D)``, K/V heads repeated to the query heads."""
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -225,7 +225,7 @@ def _additive_mask(bias, pattern, row, q_len, kv_len, dtype, device):
 
 def _fused_forward(q, k, v, bias, pattern, scale, plan, out, lse):
     batch, q_len, heads, _ = q.shape
-    qh, kh, vh = _heads_first(q, k, v)
+    qh, kh, vh = heads_first(q, k, v)
     out_h = out.view(batch, heads, q_len, -1)
     for row in plan:
         if _count(row.keys) == 0:
@@ -250,7 +250,7 @@ def _fused_forward(q, k, v, bias, pattern, scale, plan, out, lse):
 def _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse):
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    qh, kh, vh = _heads_first(q, k, v)
+    qh, kh, vh = heads_first(q, k, v)
     d_out = grad_out.transpose(1, 2).to(q.dtype)
     out_h = out.view(batch, heads, q_len, -1).to(q.dtype)
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)

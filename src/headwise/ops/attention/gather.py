@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from headwise.ops.attention.blockwise import heads_first
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av
 
 _CHUNK = 256
@@ -37,7 +38,7 @@ class _Gathered(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, index, valid, scale):
         dtype = compute_dtype(q.dtype)
-        qh, kh, vh = (_heads_first(t, q.shape[2], dtype) for t in (q, k, v))
+        qh, kh, vh = (t.to(dtype) for t in heads_first(q, k, v))
         out = torch.empty(*qh.shape[:3], vh.shape[-1], dtype=dtype, device=q.device)
         lse = torch.empty(qh.shape[:3], dtype=dtype, device=q.device)
         for rows in _chunks(q.shape[1]):
@@ -56,7 +57,7 @@ class _Gathered(torch.autograd.Function):
         q, k, v, index, valid, out, lse = ctx.saved_tensors
         dtype = out.dtype
         heads, kv_heads = q.shape[2], k.shape[2]
-        qh, kh, vh = (_heads_first(t, heads, dtype) for t in (q, k, v))
+        qh, kh, vh = (t.to(dtype) for t in heads_first(q, k, v))
         dout = grad_out.transpose(1, 2).to(dtype)
         delta = (dout * out).sum(-1)
         if grad_lse is not None:
@@ -83,12 +84,6 @@ class _Gathered(torch.autograd.Function):
             return grad.transpose(1, 2).to(like.dtype)
 
         return dq.transpose(1, 2).to(q.dtype), to_input(dk, k), to_input(dv, v), None, None, None
-
-
-def _heads_first(t: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, L, H_t, D)`` -> ``(B, H, L, D)`` in ``dtype``, repeating K/V heads for GQA."""
-    t = t.transpose(1, 2).to(dtype)
-    return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
 
 
 def _chunks(length: int):
