@@ -39,8 +39,10 @@ def assert_fa3_close(
     err_naive = max_error(naive, oracle)
     finite = oracle[torch.isfinite(oracle)].detach()
     magnitude = float(finite.abs().max()) if finite.numel() else 0.0
-    # float32 accumulation-order noise; negligible next to bf16/fp16 rounding
-    floor = 2 * rounding_error(finite, dtype) + 1e-6 * max(1.0, magnitude)
+    # float32 accumulation-order noise, negligible next to bf16/fp16 rounding; 4e-6 because an
+    # exact zero (dQ with a single visible key) comes out of kernels as a difference of two
+    # float32 sums of O(1) terms
+    floor = 2 * rounding_error(finite, dtype) + 4e-6 * max(1.0, magnitude)
     bound = factor * err_naive + floor
     assert err_fast <= bound, (
         f"{what}: error {err_fast:.3g} > {factor} x naive {err_naive:.3g} + floor {floor:.3g}"

@@ -60,6 +60,14 @@ class Pattern:
         keys overlap: consecutive rows by default; spatial tiles for neighborhoods."""
         return [slice(s, min(q_len, s + size)) for s in range(0, q_len, size)]
 
+    def key_panels(
+        self, q_len: int, kv_len: int, size: int
+    ) -> list[tuple[torch.Tensor | None, list[slice | torch.Tensor]]]:
+        """The query groups split among panels: each names the key positions a kernel gathers
+        once, in an order where every group of the panel sees one contiguous run of them
+        (``None``: all keys in their own order, nothing to gather)."""
+        return [(None, self.query_groups(q_len, size))]
+
     def head_patterns(self) -> tuple[Pattern, ...] | None:
         """One head-agnostic pattern per head, or ``None`` if every head follows this one."""
         return None

@@ -297,6 +297,12 @@ class _Intersection(Pattern):
                 return part.query_groups(q_len, size)
         return super().query_groups(q_len, size)
 
+    def key_panels(self, q_len, kv_len, size):
+        for part in self.parts:
+            if type(part).key_panels is not Pattern.key_panels:
+                return part.key_panels(q_len, kv_len, size)
+        return super().key_panels(q_len, kv_len, size)
+
     def head_patterns(self):
         if self.num_heads is None:
             return None
@@ -321,6 +327,10 @@ class _Union(_Intersection):
     @staticmethod
     def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a | b
+
+    def key_panels(self, q_len, kv_len, size):
+        # A part's panel holds only that part's keys; the union may see others.
+        return Pattern.key_panels(self, q_len, kv_len, size)
 
 
 @dataclass(frozen=True)

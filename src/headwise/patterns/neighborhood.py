@@ -79,16 +79,53 @@ class Neighborhood(Pattern):
     def query_groups(self, q_len, size):
         """Spatial tiles of about ``size`` queries (in dilation-group order), whose windows
         overlap far more than those of consecutive row-major tokens."""
+        return [tile for band in self._tile_bands(size) for tile in band]
+
+    def key_panels(self, q_len, kv_len, size):
+        """The tiles of :meth:`query_groups` in bands that share every tile coordinate but the
+        last axis'. A band's panel holds the keys its queries may see, ordered with the last axis
+        outermost (dilation-group order on every axis), so each tile's window union is one
+        contiguous run of the panel: a kernel reads it in place instead of gathering it."""
+        if len(self.grid) == 1:
+            return [(None, self.query_groups(q_len, size))]
+        panels = []
+        for band in self._tile_bands(size):
+            coords = self.coordinates(torch.cat(band))
+            per_axis = []
+            for axis in range(len(self.grid)):
+                seen = self._axis_table(axis, torch.device("cpu"))[coords[axis].unique()].any(0)
+                per_axis.append(self._dilation_order(axis)[seen[self._dilation_order(axis)]])
+            # last axis outermost, then the others in grid order
+            order = [per_axis[-1], *per_axis[:-1]]
+            mesh = torch.meshgrid(*order, indexing="ij")
+            flat = torch.zeros_like(mesh[0])
+            for axis, coord in enumerate([*mesh[1:], mesh[0]]):
+                flat = flat + coord * math.prod(self.grid[axis + 1 :])
+            panels.append((flat.flatten(), band))
+        return panels
+
+    def _dilation_order(self, axis: int) -> torch.Tensor:
+        """Positions along ``axis`` sorted by (dilation group, index within the group)."""
+        length, d = self.grid[axis], self.dilation[axis]
+        return torch.tensor(sorted(range(length), key=lambda i: (i % d, i // d)))
+
+    def _tile_bands(self, size: int) -> list[list[torch.Tensor]]:
+        """Tiles of about ``size`` queries, grouped by their tile index on all axes but the last.
+
+        Tiles are taller than wide on the last axis (``size`` 32 on a 2-D grid: 8 x 4), which
+        makes bands taller, so fewer bands re-read each key."""
         rank = len(self.grid)
-        edge = max(1, round(size ** (1 / rank)))
+        edges = _tile_edges(size, rank)
         index = torch.arange(self.size).view(self.grid)
-        for axis, (length, d) in enumerate(zip(self.grid, self.dilation)):
-            order = sorted(range(length), key=lambda i, d=d: (i % d, i // d))
-            index = index.index_select(axis, torch.tensor(order))
-        tiles = [index]
         for axis in range(rank):
-            tiles = [part for t in tiles for part in t.split(edge, dim=axis)]
-        return [torch.sort(t.flatten()).values for t in tiles]
+            index = index.index_select(axis, self._dilation_order(axis))
+        bands = [index]
+        for axis in range(rank - 1):
+            bands = [part for b in bands for part in b.split(edges[axis], dim=axis)]
+        return [
+            [torch.sort(t.flatten()).values for t in band.split(edges[-1], dim=rank - 1)]
+            for band in bands
+        ]
 
     def axis_window(
         self, axis: int, i: torch.Tensor
@@ -136,6 +173,15 @@ class Neighborhood(Pattern):
             inner = j // self.dilation[axis]
             allowed = allowed & (j % self.dilation[axis] == group) & (inner >= lo) & (inner <= hi)
         return allowed
+
+
+def _tile_edges(size: int, rank: int) -> tuple[int, ...]:
+    """Tile edge per axis for tiles of about ``size`` queries, the last axis half as long as the
+    others: 32 -> (8, 4) on a 2-D grid, (4, 4, 2) on a 3-D grid."""
+    if rank == 1:
+        return (size,)
+    edge = max(1, round((2 * size) ** (1 / rank)))
+    return (*(edge,) * (rank - 1), max(1, round(size / edge ** (rank - 1))))
 
 
 def _per_axis(name: str, value, rank: int, kind=int) -> tuple:

@@ -401,3 +401,67 @@ def test_densities_of_a_per_head_stack_are_the_mean_of_its_heads():
     heads = HETEROGENEOUS.head_patterns()
     expected = sum(p.density(300, 300) for p in heads) / len(heads)
     assert HETEROGENEOUS.density(300, 300) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------- batched runs and key panels
+RUN_PATTERNS = {
+    # (pattern, length, what the CPU plan must contain)
+    "window": (P.sliding_window(20, 9), 203, "runs"),
+    "causal_window": (P.sliding_window(24) & P.causal(), 150, "runs"),
+    "neighborhood_2d_dilated": (
+        P.neighborhood((12, 44), (5, 7), dilation=(1, 2)),
+        528,
+        "panels+runs",
+    ),
+    "neighborhood_3d_causal": (
+        P.neighborhood((5, 6, 7), 3, causal=(True, False, False)),
+        210,
+        "panels+runs",
+    ),
+    "neighborhood_and_window": (P.neighborhood((16, 16), 5) & P.sliding_window(40), 256, "panels"),
+    # a union may see keys outside a part's panel: it must not borrow the neighborhood's panels
+    "neighborhood_or_sinks": (P.neighborhood((16, 16), 5) | P.sinks(3), 256, "no panels"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", RUN_PATTERNS)
+def test_batched_runs_and_gathered_panels_match_oracle(name, dtype):
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _plan, _Run
+
+    pattern, length, expected = RUN_PATTERNS[name]
+    plan = _plan(pattern, length, length, DEFAULT_BLOCK, "cpu")
+    runs = [run for panel in plan for run in panel.runs if isinstance(run, _Run)]
+    gathered = [panel for panel in plan if panel.keys is not None]
+    if expected == "runs":
+        assert runs, "the plan should batch same-shaped groups"
+    elif expected.startswith("panels"):
+        assert gathered, "the plan should read tiles from gathered panels"
+        assert runs or expected == "panels", "the plan should batch same-shaped tiles"
+    else:
+        assert not gathered
+    q, k, v = make_inputs(batch=2, q_len=length, kv_len=length, dtype=dtype)
+    check_against_oracle("blockwise", q, k, v, pattern)
+
+
+def test_heads_not_evenly_spaced_are_copied_not_viewed():
+    # heads [0, 1, 3] share a pattern: no strided view selects them, so they are index-copied
+    pattern = P.per_head([P.sliding_window(2)] * 2 + [P.full(), P.sliding_window(2)])
+    q, k, v = make_inputs(batch=2, q_len=200, kv_len=200, heads=4, kv_heads=2)
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _head_groups
+
+    assert [heads for _, heads in _head_groups(pattern, 200, 200, DEFAULT_BLOCK)] == [
+        [0, 1, 3],
+        [2],
+    ]
+    check_against_oracle("blockwise", q, k, v, pattern)
+
+
+@pytest.mark.parametrize("name", ["neighborhood_2d_dilated", "neighborhood_3d_causal"])
+def test_step_by_step_path_reads_panel_keys_in_panel_order(monkeypatch, name):
+    import headwise.ops.attention.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "_FUSED", None)
+    pattern, length, _ = RUN_PATTERNS[name]
+    q, k, v = make_inputs(batch=1, q_len=length, kv_len=length)
+    check_against_oracle("blockwise", q, k, v, pattern)

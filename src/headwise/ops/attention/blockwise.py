@@ -1,7 +1,7 @@
 """Blockwise softmax attention in PyTorch: any pattern, forward and backward, on any device.
 
 Queries are processed in groups of about ``block`` (consecutive rows, or the pattern's own
-grouping: spatial tiles for neighborhoods). Each group gathers exactly the keys at least one of its
+grouping: spatial tiles for neighborhoods). Each group reads exactly the keys at least one of its
 queries may see, so hidden keys cost nothing and no ``Lq x Lk`` tensor is built (peak extra memory
 is ``B * H * block * keys_selected``); element masks of partial groups are cached with the plan.
 Within a group the softmax is exact: on CPU one call of PyTorch's fused attention kernel with the
@@ -10,6 +10,18 @@ is FlashAttention-2 style: it keeps only ``out`` and ``lse`` and recomputes each
 
     dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,
     dV = P^T dO,  dbias = dS (reduced over broadcast dims).
+
+What keeps the CPU path close to the FLOP bound (``bench/bench_sparse.py``):
+
+* **panels** - a pattern may name key orders in which each group's keys are one contiguous run
+  (:meth:`Pattern.key_panels`; a 2-D neighborhood's band of tiles, column-major). A panel is
+  gathered once into a reused buffer and its groups read slices of it in place, instead of each
+  tile gathering its own window union;
+* **runs** - consecutive groups with equal query and key counts, the same mask and evenly spaced
+  key offsets (the interior of a sliding window or of a neighborhood band) go to the kernel as
+  one batch of strided views: one call instead of dozens;
+* ``block = 32``: below 192 queries the kernel works on 32 queries at a time anyway, so groups
+  of 32 cost no GEMM efficiency and cover smaller key unions than groups of 64.
 
 Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
 slopes) get their gradients too, by local autograd on each recomputed block.
@@ -20,6 +32,7 @@ This is the CPU training path for sparse patterns (FlexAttention has no CPU back
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +41,7 @@ from headwise.ops.attention.problem import ScoreMod, bias_4d
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
 from headwise.patterns import EMPTY, Pattern
 
-DEFAULT_BLOCK = 64
+DEFAULT_BLOCK = 32
 #: partial query groups keep their masks (float32) in the cached plan up to this many entries
 MASK_CACHE_ELEMENTS = 1 << 24
 
@@ -37,46 +50,133 @@ MASK_CACHE_ELEMENTS = 1 << 24
 class _RowGroup:
     rows: slice | torch.Tensor  # query positions processed together
     keys: slice | torch.Tensor  # every key position at least one of them may see
+    panel_keys: slice | torch.Tensor  # the same keys as positions in the group's panel
     needs_mask: bool  # False when every selected key is visible to every row and head
     mask: torch.Tensor | None = None  # additive (H_p, rows, keys): 0 or -inf, when cached
     has_empty_rows: bool = True  # whether some row of some head sees none of the keys
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive groups of one panel that one kernel call can take as a batch: equal query
+    and key counts, the same mask, and keys at evenly spaced offsets of the panel
+    (``key_start + i * key_step``), so the batch is a strided view, not a copy."""
+
+    groups: tuple[_RowGroup, ...]
+    rows: slice | torch.Tensor  # the groups' query positions, concatenated
+    key_start: int
+    key_step: int
+    key_index: torch.Tensor  # every panel position read, group after group (for dK, dV)
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """Keys gathered once (``keys``: their positions; ``None``: K itself, nothing gathered) and
+    the query groups that read slices of them, also as batched runs."""
+
+    keys: torch.Tensor | None
+    groups: tuple[_RowGroup, ...]
+    runs: tuple[_Run | _RowGroup, ...]
 
 
 # At most 16 plans x MASK_CACHE_ELEMENTS float32 masks (1 GiB) stay cached.
 @functools.lru_cache(maxsize=16)
 def _plan(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
-) -> tuple[_RowGroup, ...]:
+) -> tuple[_Panel, ...]:
     if pattern is None:
-        return tuple(
-            _RowGroup(slice(s, min(q_len, s + block)), slice(0, kv_len), False)
+        groups = tuple(
+            _RowGroup(slice(s, min(q_len, s + block)), slice(0, kv_len), slice(0, kv_len), False)
             for s in range(0, q_len, block)
         )
-    groups = []
+        return (_Panel(None, groups, _runs(list(groups), device)),)
+    panels = []
     budget = MASK_CACHE_ELEMENTS
-    all_keys = torch.arange(kv_len)
-    for rows in pattern.query_groups(q_len, block):
-        visible = pattern.visible(_positions(rows), all_keys, q_len, kv_len)
-        cols = torch.nonzero(visible.any(0).any(0)).flatten()
-        keys = _as_slice(cols) if len(cols) else slice(0, 0)
-        visible = visible[:, :, keys]
-        needs_mask = not bool(visible.all())
-        has_empty_rows = not bool(visible.any(-1).all())
-        mask = None
-        if needs_mask and visible.numel() <= budget:
-            # Evaluating the predicate costs as much as the scores; do it once per plan.
-            budget -= visible.numel()
-            mask = _additive(visible).to(device)
-        if isinstance(keys, torch.Tensor):
-            keys = keys.to(device)
-        if isinstance(rows, torch.Tensor):
-            rows = rows.to(device)
-        groups.append(_RowGroup(rows, keys, needs_mask, mask, has_empty_rows))
-    return tuple(groups)
+    for panel_keys, query_groups in pattern.key_panels(q_len, kv_len, block):
+        positions = torch.arange(kv_len) if panel_keys is None else panel_keys
+        groups = []
+        for rows in query_groups:
+            visible = pattern.visible(_positions(rows), positions, q_len, kv_len)
+            cols = torch.nonzero(visible.any(0).any(0)).flatten()
+            in_panel = _as_slice(cols) if len(cols) else slice(0, 0)
+            visible = visible[:, :, in_panel]
+            keys = in_panel if panel_keys is None else _as_slice(panel_keys[in_panel], sort=False)
+            needs_mask = not bool(visible.all())
+            has_empty_rows = not bool(visible.any(-1).all())
+            mask = None
+            if needs_mask and visible.numel() <= budget:
+                # Evaluating the predicate costs as much as the scores; do it once per plan.
+                budget -= visible.numel()
+                mask = _additive(visible).to(device)
+            groups.append(
+                _RowGroup(
+                    _to(rows, device),
+                    _to(keys, device),
+                    _to(in_panel, device),
+                    needs_mask,
+                    mask,
+                    has_empty_rows,
+                )
+            )
+        panels.append(_Panel(_to(panel_keys, device), tuple(groups), _runs(groups, device)))
+    return tuple(panels)
 
 
-def _as_slice(index: torch.Tensor) -> slice | torch.Tensor:
-    """A slice when the sorted ``index`` is one contiguous range, else the index itself."""
+def _runs(groups: list[_RowGroup], device: str) -> tuple[_Run | _RowGroup, ...]:
+    """Split ``groups`` into maximal batchable runs; a group that batches with no neighbour
+    stays as it is."""
+    runs: list[list[_RowGroup]] = []
+    for row in groups:
+        if runs and _extends(runs[-1], row):
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return tuple(_as_run(run, device) if len(run) > 1 else run[0] for run in runs)
+
+
+def _extends(run: list[_RowGroup], row: _RowGroup) -> bool:
+    last = run[-1]
+    if not (isinstance(row.panel_keys, slice) and isinstance(last.panel_keys, slice)):
+        return False
+    if _count(row.rows) != _count(last.rows) or _count(row.keys) != _count(last.keys):
+        return False
+    if _count(row.keys) == 0 or row.needs_mask != last.needs_mask:
+        return False
+    if row.needs_mask and (
+        row.mask is None or last.mask is None or not torch.equal(row.mask, last.mask)
+    ):
+        return False
+    step = row.panel_keys.start - last.panel_keys.start
+    if len(run) > 1 and step != last.panel_keys.start - run[-2].panel_keys.start:
+        return False
+    return step >= 0
+
+
+def _as_run(run: list[_RowGroup], device: str) -> _Run:
+    starts = [row.panel_keys.start for row in run]
+    width = _count(run[0].keys)
+    key_index = (torch.tensor(starts)[:, None] + torch.arange(width)[None]).flatten()
+    if all(isinstance(row.rows, slice) for row in run) and all(
+        a.rows.stop == b.rows.start for a, b in itertools.pairwise(run)
+    ):
+        rows = slice(run[0].rows.start, run[-1].rows.stop)
+    else:
+        rows = torch.cat([_positions(row.rows, torch.device(device)) for row in run])
+    step = starts[1] - starts[0]
+    return _Run(tuple(run), rows, starts[0], step, key_index.to(device))
+
+
+def _to(index, device: str):
+    return index.to(device) if isinstance(index, torch.Tensor) else index
+
+
+def _as_slice(index: torch.Tensor, sort: bool = True) -> slice | torch.Tensor:
+    """A slice when ``index`` (sorted, unless ``sort=False``) is one increasing contiguous range,
+    else the index itself."""
+    if not sort:
+        if len(index) and bool((index == index[0] + torch.arange(len(index))).all()):
+            return slice(int(index[0]), int(index[-1]) + 1)
+        return index
     if int(index[-1] - index[0]) + 1 == len(index):
         return slice(int(index[0]), int(index[-1]) + 1)
     return index
@@ -88,35 +188,22 @@ def _positions(index: slice | torch.Tensor, device: torch.device | None = None) 
     return index
 
 
+def _groups(plan: tuple[_Panel, ...]):
+    return (row for panel in plan for row in panel.groups)
+
+
 class _Blockwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, pattern, scale, score_mod, block, *captured):
-        batch, q_len, heads, _ = q.shape
-        kv_len, kv_heads = k.shape[1], k.shape[2]
-        group = heads // kv_heads
-        dtype = compute_dtype(q.dtype)
-        plan = _plan(pattern, q_len, kv_len, block, str(q.device))
-        # (B, Hkv, G, L, D) so GQA needs no copy of K/V per query head.
-        qg = _grouped_q(q, kv_heads, dtype)
-        kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
-        vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
-        out = torch.zeros(batch, kv_heads, group, q_len, v.shape[3], dtype=dtype, device=q.device)
-        lse = torch.full((batch, heads, q_len), float("-inf"), dtype=dtype, device=q.device)
+        plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
         ctx.fused = _use_fused(q, v, score_mod)
         if ctx.fused:
-            _fused_forward(q, k, v, bias, pattern, scale, plan, out, lse)
+            out, lse = _fused_forward(q, k, v, bias, pattern, scale, plan)
         else:
-            for row in plan:
-                if _count(row.keys) == 0:
-                    continue
-                scores = _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len)
-                block_out, block_lse = masked_softmax_av(scores, vg[:, :, :, row.keys])
-                out[:, :, :, row.rows] = block_out
-                lse[:, :, row.rows] = block_lse.reshape(batch, heads, -1)
+            out, lse = _stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan)
         ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
         ctx.params = (pattern, scale, score_mod, plan)
-        out = out.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
@@ -130,12 +217,12 @@ class _Blockwise(torch.autograd.Function):
         batch, q_len, heads, _ = q.shape
         kv_len, kv_heads = k.shape[1], k.shape[2]
         group = heads // kv_heads
-        dtype = out.dtype
+        dtype = compute_dtype(q.dtype)
         qg = _grouped_q(q, kv_heads, dtype)
         kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
         vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
         dout = _grouped_q(grad_out, kv_heads, dtype)
-        delta = (dout * out).sum(-1)  # (B, Hkv, G, Lq)
+        delta = (dout * _grouped_q(out, kv_heads, dtype)).sum(-1)  # (B, Hkv, G, Lq)
         lse = lse.view(batch, kv_heads, group, q_len)
         if grad_lse is not None:
             delta = delta - grad_lse.to(dtype).view(batch, kv_heads, group, q_len)
@@ -145,7 +232,7 @@ class _Blockwise(torch.autograd.Function):
         dv = torch.zeros_like(vg.squeeze(2))
         dbias = torch.zeros_like(bias_4d(bias), dtype=dtype) if need_bias_grad else None
         d_captured = [torch.zeros_like(t) for t in captured]
-        for row in plan:
+        for row in _groups(plan):
             if _count(row.keys) == 0:
                 continue
             rows = row.rows
@@ -182,10 +269,32 @@ class _Blockwise(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
 
 
+def _stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan):
+    """The softmax written out group by group: ``(out (B, Lq, H, Dv), lse (B, H, Lq))``."""
+    batch, q_len, heads, _ = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    dtype = compute_dtype(q.dtype)
+    # (B, Hkv, G, L, D) so GQA needs no copy of K/V per query head.
+    qg = _grouped_q(q, kv_heads, dtype)
+    kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+    vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+    out = q.new_zeros(batch, kv_heads, heads // kv_heads, q_len, v.shape[3], dtype=dtype)
+    lse = torch.full((batch, heads, q_len), float("-inf"), dtype=dtype, device=q.device)
+    for row in _groups(plan):
+        if _count(row.keys) == 0:
+            continue
+        scores = _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len)
+        block_out, block_lse = masked_softmax_av(scores, vg[:, :, :, row.keys])
+        out[:, :, :, row.rows] = block_out
+        lse[:, :, row.rows] = block_lse.reshape(batch, heads, -1)
+    return out.reshape(batch, heads, q_len, -1).transpose(1, 2), lse
+
+
 # PyTorch's fused CPU attention kernel with its log-sum-exp (what SDPA runs on CPU). Each query
-# group is one call over its gathered keys with the pattern as an additive mask: several times
-# faster than the step-by-step softmax above, which remains for score_mod, bias gradients, LSE
-# gradients and other devices.
+# group is one call over its keys with the pattern as an additive mask: several times faster than
+# the step-by-step softmax above, which remains for score_mod, bias gradients, LSE gradients and
+# other devices. The kernel takes (B, H, L, D) views with any strides, so groups read slices of
+# K, V (or of a panel gathered once) in place; only index-selected keys are copied.
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(
     torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
@@ -223,65 +332,227 @@ def _additive_mask(bias, pattern, row, q_len, kv_len, dtype, device):
     return mask
 
 
-def _fused_forward(q, k, v, bias, pattern, scale, plan, out, lse):
-    batch, q_len, heads, _ = q.shape
-    qh, kh, vh = heads_first(q, k, v)
-    out_h = out.view(batch, heads, q_len, -1)
-    for row in plan:
-        if _count(row.keys) == 0:
-            continue
-        mask = _additive_mask(bias, pattern, row, q_len, k.shape[1], q.dtype, q.device)
+def _take(t: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    """Positions ``index`` of a ``(B, L, H, D)`` tensor as a ``(B, H, n, D)`` view (a slice) or
+    copy (an index)."""
+    part = t[:, index] if isinstance(index, slice) else t.index_select(1, index)
+    return part.transpose(1, 2)
+
+
+def _put(t: torch.Tensor, index: slice | torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``(B, H, n, D)`` values at positions ``index`` of a ``(B, L, H, D)`` tensor."""
+    values = values.transpose(1, 2).to(t.dtype)
+    if isinstance(index, slice):
+        t[:, index] = values
+    else:
+        t.index_copy_(1, index, values)
+
+
+def _add(t: torch.Tensor, index: slice | torch.Tensor, values: torch.Tensor) -> None:
+    """Add ``(B, H, n, D)`` values at positions ``index`` of a ``(B, L, H, D)`` tensor."""
+    values = values.transpose(1, 2).to(t.dtype)
+    if isinstance(index, slice):
+        t[:, index] += values
+    else:
+        t.index_add_(1, index, values)
+
+
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    group = heads // t.shape[2]
+    return t.repeat_interleave(group, 2) if group > 1 else t
+
+
+class _PanelGather:
+    """Gathers each panel's keys of ``k`` and ``v`` (``(B, L, H, D)``) into one buffer reused
+    by every panel: fresh multi-megabyte allocations each cost a round of page faults."""
+
+    def __init__(self, plan: tuple[_Panel, ...], k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        longest = max((len(p.keys) for p in plan if p.keys is not None), default=0)
+        self.k_buf = k.new_empty(k.shape[0], longest, *k.shape[2:])
+        self.v_buf = v.new_empty(v.shape[0], longest, *v.shape[2:])
+
+    def __call__(self, panel: _Panel) -> tuple[torch.Tensor, torch.Tensor]:
+        if panel.keys is None:
+            return self.k, self.v
+        n = len(panel.keys)
+        k_panel, v_panel = self.k_buf[:, :n], self.v_buf[:, :n]
+        torch.index_select(self.k, 1, panel.keys, out=k_panel)
+        torch.index_select(self.v, 1, panel.keys, out=v_panel)
+        return k_panel, v_panel
+
+    def zeros(self, panel: _Panel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed panel-shaped buffers (gradient accumulators); ``k``, ``v`` themselves for an
+        ungathered panel."""
+        if panel.keys is None:
+            return self.k, self.v
+        n = len(panel.keys)
+        return self.k_buf[:, :n].zero_(), self.v_buf[:, :n].zero_()
+
+
+def _run_rows(run: _Run, t: torch.Tensor, b: int) -> torch.Tensor:
+    """The run's query rows of batch element ``b`` of a ``(B, L, H, D)`` tensor as
+    ``(G, H, n, D)``."""
+    part = t[b, run.rows] if isinstance(run.rows, slice) else t[b].index_select(0, run.rows)
+    return part.unflatten(0, (len(run.groups), -1)).transpose(1, 2)
+
+
+def _run_keys(run: _Run, panel: torch.Tensor, b: int) -> torch.Tensor:
+    """The run's keys of batch element ``b`` of a ``(B, P, H, D)`` panel as a strided
+    ``(G, H, n, D)`` view: group ``i`` reads positions ``key_start + i * key_step`` onwards."""
+    t = panel[b]
+    n_keys = _count(run.groups[0].keys)
+    size = (len(run.groups), n_keys, *t.shape[1:])
+    stride = (run.key_step * t.stride(0), *t.stride())
+    offset = t.storage_offset() + run.key_start * t.stride(0)
+    return t.as_strided(size, stride, offset).transpose(1, 2)
+
+
+def _run_mask(run: _Run, dtype: torch.dtype) -> torch.Tensor | None:
+    first = run.groups[0]
+    return first.mask.to(dtype)[None] if first.needs_mask else None
+
+
+def _put_rows(t: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor, dim: int):
+    """Write ``values`` at ``rows`` along ``dim`` of ``t`` (one batch element)."""
+    values = values.to(t.dtype)
+    if isinstance(rows, slice):
+        t[(slice(None),) * dim + (rows,)] = values
+    else:
+        t.index_copy_(dim, rows, values)
+
+
+def _run_forward(run, q, k_panel, v_panel, scale, out, lse):
+    mask = _run_mask(run, q.dtype)
+    for b in range(q.shape[0]):
         block_out, block_lse = _FUSED(
-            qh[:, :, row.rows],
-            kh[:, :, row.keys],
-            vh[:, :, row.keys],
+            _run_rows(run, q, b),
+            _run_keys(run, k_panel, b),
+            _run_keys(run, v_panel, b),
             0.0,
             False,
             attn_mask=mask,
             scale=scale,
         )
-        if mask is not None and (row.has_empty_rows or bias is not None):
-            # the kernel reports 0, not -inf, for rows that see no key
+        if mask is not None and any(row.has_empty_rows for row in run.groups):
             block_lse = block_lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
-        out_h[:, :, row.rows] = block_out.to(out.dtype)
-        lse[:, :, row.rows] = block_lse.to(lse.dtype)
+        _put_rows(out[b], run.rows, block_out.transpose(1, 2).flatten(0, 1), 0)
+        _put_rows(lse[b], run.rows, block_lse.transpose(0, 1).flatten(1), 1)
+
+
+def _run_backward(run, d_out, q, k_panel, v_panel, out, safe_lse, scale, dq, dk_panel, dv_panel):
+    mask = _run_mask(run, q.dtype)
+    for b in range(q.shape[0]):
+        lse_rows = safe_lse[b][:, run.rows] if isinstance(run.rows, slice) else None
+        if lse_rows is None:
+            lse_rows = safe_lse[b].index_select(1, run.rows)
+        lse_rows = lse_rows.unflatten(1, (len(run.groups), -1)).transpose(0, 1).contiguous()
+        dq_b, dk_b, dv_b = _FUSED_BACKWARD(
+            _run_rows(run, d_out, b),
+            _run_rows(run, q, b),
+            _run_keys(run, k_panel, b),
+            _run_keys(run, v_panel, b),
+            _run_rows(run, out, b),
+            lse_rows,
+            0.0,
+            False,
+            attn_mask=mask,
+            scale=scale,
+        )
+        _put_rows(dq[b], run.rows, dq_b.transpose(1, 2).flatten(0, 1), 0)
+        dk_panel[b].index_add_(
+            0, run.key_index, dk_b.transpose(1, 2).flatten(0, 1).to(dk_panel.dtype)
+        )
+        dv_panel[b].index_add_(
+            0, run.key_index, dv_b.transpose(1, 2).flatten(0, 1).to(dv_panel.dtype)
+        )
+
+
+def _fused_forward(q, k, v, bias, pattern, scale, plan):
+    batch, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    k, v = _repeat_kv(k, heads), _repeat_kv(v, heads)
+    out = q.new_zeros(batch, q_len, heads, v.shape[3])
+    lse = torch.full((batch, heads, q_len), float("-inf"), device=q.device)
+    gather = _PanelGather(plan, k, v)
+    for panel in plan:
+        k_panel, v_panel = gather(panel)
+        # a bias differs from group to group: no batched runs then
+        for row in panel.runs if bias is None else panel.groups:
+            if isinstance(row, _Run):
+                _run_forward(row, q, k_panel, v_panel, scale, out, lse)
+                continue
+            if _count(row.keys) == 0:
+                continue
+            mask = _additive_mask(bias, pattern, row, q_len, kv_len, q.dtype, q.device)
+            block_out, block_lse = _FUSED(
+                _take(q, row.rows),
+                _take(k_panel, row.panel_keys),
+                _take(v_panel, row.panel_keys),
+                0.0,
+                False,
+                attn_mask=mask,
+                scale=scale,
+            )
+            if mask is not None and (row.has_empty_rows or bias is not None):
+                # the kernel reports 0, not -inf, for rows that see no key
+                block_lse = block_lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
+            _put(out, row.rows, block_out)
+            if isinstance(row.rows, slice):
+                lse[:, :, row.rows] = block_lse
+            else:
+                lse.index_copy_(2, row.rows, block_lse.to(lse.dtype))
+    return out, lse
 
 
 def _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse):
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    qh, kh, vh = heads_first(q, k, v)
-    d_out = grad_out.transpose(1, 2).to(q.dtype)
-    out_h = out.view(batch, heads, q_len, -1).to(q.dtype)
+    dtype = compute_dtype(q.dtype)
+    k_rep, v_rep = _repeat_kv(k, heads), _repeat_kv(v, heads)
+    d_out = grad_out.to(q.dtype)
+    out = out.to(q.dtype)
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    dq = torch.zeros(qh.shape, dtype=out.dtype, device=q.device)
-    dk = torch.zeros(kh.shape, dtype=out.dtype, device=q.device)
-    dv = torch.zeros(vh.shape, dtype=out.dtype, device=q.device)
-    for row in plan:
-        if _count(row.keys) == 0:
-            continue
-        mask = _additive_mask(bias, pattern, row, q_len, kv_len, q.dtype, q.device)
-        dq_b, dk_b, dv_b = _FUSED_BACKWARD(
-            d_out[:, :, row.rows],
-            qh[:, :, row.rows],
-            kh[:, :, row.keys],
-            vh[:, :, row.keys],
-            out_h[:, :, row.rows],
-            safe_lse[:, :, row.rows],
-            0.0,
-            False,
-            attn_mask=mask,
-            scale=scale,
-        )
-        dq[:, :, row.rows] = dq_b.to(dq.dtype)
-        _add_keys(dk, dk_b.to(dk.dtype), row.keys)
-        _add_keys(dv, dv_b.to(dv.dtype), row.keys)
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(k_rep.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(v_rep.shape, dtype=dtype, device=q.device)
+    gather = _PanelGather(plan, k_rep, v_rep)
+    grads = _PanelGather(plan, dk, dv)
+    for panel in plan:
+        k_panel, v_panel = gather(panel)
+        dk_panel, dv_panel = grads.zeros(panel)
+        for row in panel.runs if bias is None else panel.groups:
+            if isinstance(row, _Run):
+                inputs = (d_out, q, k_panel, v_panel, out, safe_lse)
+                _run_backward(row, *inputs, scale, dq, dk_panel, dv_panel)
+                continue
+            if _count(row.keys) == 0:
+                continue
+            mask = _additive_mask(bias, pattern, row, q_len, kv_len, q.dtype, q.device)
+            rows = row.rows
+            dq_b, dk_b, dv_b = _FUSED_BACKWARD(
+                _take(d_out, rows),
+                _take(q, rows),
+                _take(k_panel, row.panel_keys),
+                _take(v_panel, row.panel_keys),
+                _take(out, rows),
+                safe_lse[:, :, rows],
+                0.0,
+                False,
+                attn_mask=mask,
+                scale=scale,
+            )
+            _put(dq, rows, dq_b)
+            _add(dk_panel, row.panel_keys, dk_b)
+            _add(dv_panel, row.panel_keys, dv_b)
+        if panel.keys is not None:
+            dk.index_add_(1, panel.keys, dk_panel)
+            dv.index_add_(1, panel.keys, dv_panel)
 
     def per_kv_head(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        grad = grad.view(batch, kv_heads, heads // kv_heads, kv_len, -1).sum(2)
-        return grad.transpose(1, 2).to(like.dtype)
+        return grad.view(batch, kv_len, kv_heads, heads // kv_heads, -1).sum(3).to(like.dtype)
 
-    return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk, k), per_kv_head(dv, v), None
+    return dq.to(q.dtype), per_kv_head(dk, k), per_kv_head(dv, v), None
 
 
 def _grouped_q(t: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -385,30 +656,54 @@ def blockwise_attention(
     # Heads with different patterns: one pass per distinct pattern, each skipping its own empty
     # blocks, instead of one pass over the union of all heads' blocks.
     group_size = q.shape[2] // k.shape[2]
-    outs, lses, order = [], [], []
+    out = lse = None
     for sub_pattern, heads in groups:
-        index = torch.tensor(heads, device=q.device)
-        kv_index = index // group_size
+        kv_heads = [h // group_size for h in heads]
         sub_bias = None
         if bias is not None:
             full = bias_4d(bias)
-            sub_bias = full[:, index] if full.shape[1] > 1 else full
-        out, lse = _Blockwise.apply(
-            q[:, :, index],
-            k[:, :, kv_index],
-            v[:, :, kv_index],
+            sub_bias = _select_heads(full, heads, 1) if full.shape[1] > 1 else full
+        sub_out, sub_lse = _Blockwise.apply(
+            _select_heads(q, heads, 2),
+            _select_heads(k, kv_heads, 2),
+            _select_heads(v, kv_heads, 2),
             sub_bias,
             sub_pattern,
             scale,
-            _renumber_heads(score_mod, index),
+            _renumber_heads(score_mod, torch.tensor(heads, device=q.device)),
             block,
             *captured,
         )
-        outs.append(out)
-        lses.append(lse)
-        order.extend(heads)
-    inverse = torch.argsort(torch.tensor(order, device=q.device))
-    return torch.cat(outs, 2)[:, :, inverse], torch.cat(lses, 1)[:, inverse]
+        if out is None:
+            out = sub_out.new_empty(*q.shape[:3], sub_out.shape[3])
+            lse = sub_lse.new_empty(q.shape[0], q.shape[2], q.shape[1])
+        _write_heads(out, heads, sub_out, 2)
+        _write_heads(lse, heads, sub_lse, 1)
+    return out, lse
+
+
+def _head_slice(heads: list[int]) -> slice | None:
+    """``heads`` as a slice when they are evenly spaced and increasing."""
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    if step > 0 and heads == list(range(heads[0], heads[-1] + 1, step)):
+        return slice(heads[0], heads[-1] + 1, step)
+    return None
+
+
+def _select_heads(t: torch.Tensor, heads: list[int], dim: int) -> torch.Tensor:
+    """Heads ``heads`` of ``t`` along ``dim``: a strided view when evenly spaced, else a copy."""
+    where = _head_slice(heads)
+    if where is not None:
+        return t[(slice(None),) * dim + (where,)]
+    return t.index_select(dim, torch.tensor(heads, device=t.device))
+
+
+def _write_heads(t: torch.Tensor, heads: list[int], values: torch.Tensor, dim: int) -> None:
+    where = _head_slice(heads)
+    if where is not None:
+        t[(slice(None),) * dim + (where,)] = values
+    else:
+        t.index_copy_(dim, torch.tensor(heads, device=t.device), values)
 
 
 @functools.lru_cache(maxsize=64)
