@@ -31,6 +31,7 @@ This is the CPU training path for sparse patterns (FlexAttention has no CPU back
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -118,8 +119,38 @@ def _plan(
                     has_empty_rows,
                 )
             )
+        if panel_keys is None:
+            groups, scattered = _gather_scattered(groups, kv_len, device)
+            if scattered is not None:
+                panels.append(scattered)
         panels.append(_Panel(_to(panel_keys, device), tuple(groups), _runs(groups, device)))
     return tuple(panels)
+
+
+#: scattered key sets are gathered into one panel while it holds at most this many times kv_len
+SCATTERED_PANEL_FACTOR = 8
+
+
+def _gather_scattered(
+    groups: list[_RowGroup], kv_len: int, device: str
+) -> tuple[list[_RowGroup], _Panel | None]:
+    """Groups whose keys are no contiguous range (block-sparse rows, sinks beside a window) move
+    to one panel holding their key sets back to back, sorted by size, so that groups of equal
+    size run as one batched call instead of one gather and one call each."""
+    scattered = sorted(
+        (row for row in groups if isinstance(row.keys, torch.Tensor)), key=lambda r: len(r.keys)
+    )
+    total = sum(len(row.keys) for row in scattered)
+    if len(scattered) < 2 or total > SCATTERED_PANEL_FACTOR * kv_len:
+        return groups, None
+    starts = itertools.accumulate((len(row.keys) for row in scattered), initial=0)
+    moved = [
+        dataclasses.replace(row, panel_keys=slice(start, start + len(row.keys)))
+        for row, start in zip(scattered, starts)
+    ]
+    kept = [row for row in groups if not isinstance(row.keys, torch.Tensor)]
+    keys = torch.cat([row.keys for row in scattered])
+    return kept, _Panel(keys, tuple(moved), _runs(moved, device))
 
 
 def _runs(groups: list[_RowGroup], device: str) -> tuple[_Run | _RowGroup, ...]:
