@@ -471,3 +471,35 @@ def test_step_by_step_path_reads_panel_keys_in_panel_order(monkeypatch, name):
     pattern, length, _ = RUN_PATTERNS[name]
     q, k, v = make_inputs(batch=1, q_len=length, kv_len=length)
     check_against_oracle("blockwise", q, k, v, pattern)
+
+
+SPLIT_HEADS = P.per_head([P.sliding_window(3), P.sliding_window(3), P.full(), P.causal()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias_shape", [None, (2, 4, 90, 90), (1, 1, 90, 90)])
+def test_heads_split_by_pattern_with_bias_and_gqa(bias_shape, dtype):
+    # heads 0 and 1 share a pattern and a K/V head (GQA 2:1): their dK, dV must add up
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _head_groups
+
+    assert _head_groups(SPLIT_HEADS, 90, 90, DEFAULT_BLOCK) is not None
+    q, k, v = make_inputs(q_len=90, kv_len=90, dtype=dtype)
+    bias = None
+    if bias_shape is not None:
+        bias = torch.randn(bias_shape).to(dtype).requires_grad_()
+    check_against_oracle("blockwise", q, k, v, SPLIT_HEADS, bias=bias)
+
+
+def test_heads_split_by_pattern_renumber_score_mod_heads():
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    q, k, v = make_inputs(q_len=90, kv_len=90)
+    out = attention(q, k, v, SPLIT_HEADS, score_mod=alibi, backend="blockwise")
+    expected = attention(q, k, v, SPLIT_HEADS, score_mod=alibi, backend="reference")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    (got,) = torch.autograd.grad(out.square().sum(), slopes)
+    (want,) = torch.autograd.grad(expected.square().sum(), slopes)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -224,80 +224,154 @@ def _groups(plan: tuple[_Panel, ...]):
 
 
 class _Blockwise(torch.autograd.Function):
+    """``head_groups``: ``((pattern, heads), ...)``; ``heads`` ``None`` means every head. Each
+    group runs on views of its heads and writes into one output, so the backward pass fills one
+    gradient per input instead of a zero-padded one per group."""
+
     @staticmethod
-    def forward(ctx, q, k, v, bias, pattern, scale, score_mod, block, *captured):
-        plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
+    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, *captured):
         ctx.fused = _use_fused(q, v, score_mod)
-        if ctx.fused:
-            out, lse = _fused_forward(q, k, v, bias, pattern, scale, plan)
+        plans, parts = [], []
+        for pattern, heads in head_groups:
+            plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
+            qs, ks, vs, bs = _head_views(q, k, v, bias, heads)
+            if ctx.fused:
+                parts.append(_fused_forward(qs, ks, vs, bs, pattern, scale, plan))
+            else:
+                sub_mod = _renumber_heads(score_mod, heads)
+                parts.append(_stepwise_forward(qs, ks, vs, bs, pattern, scale, sub_mod, plan))
+            plans.append(plan)
+        if head_groups[0][1] is None:
+            out, lse = parts[0]
         else:
-            out, lse = _stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan)
+            out = parts[0][0].new_empty(*q.shape[:3], v.shape[3])
+            lse = parts[0][1].new_empty(q.shape[0], q.shape[2], q.shape[1])
+            for (_, heads), (sub_out, sub_lse) in zip(head_groups, parts):
+                _write_heads(out, heads, sub_out, 2)
+                _write_heads(lse, heads, sub_lse, 1)
         ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
-        ctx.params = (pattern, scale, score_mod, plan)
+        ctx.params = (head_groups, scale, score_mod, plans)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
-        pattern, scale, score_mod, plan = ctx.params
+        head_groups, scale, score_mod, plans = ctx.params
         need_bias_grad = bias is not None and ctx.needs_input_grad[3]
-        if ctx.fused and not need_bias_grad and (grad_lse is None or not grad_lse.any()):
-            grads = _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse)
-            return *grads, None, None, None, None
-        batch, q_len, heads, _ = q.shape
-        kv_len, kv_heads = k.shape[1], k.shape[2]
-        group = heads // kv_heads
-        dtype = compute_dtype(q.dtype)
-        qg = _grouped_q(q, kv_heads, dtype)
-        kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
-        vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
-        dout = _grouped_q(grad_out, kv_heads, dtype)
-        delta = (dout * _grouped_q(out, kv_heads, dtype)).sum(-1)  # (B, Hkv, G, Lq)
-        lse = lse.view(batch, kv_heads, group, q_len)
-        if grad_lse is not None:
-            delta = delta - grad_lse.to(dtype).view(batch, kv_heads, group, q_len)
-        safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        dq = torch.zeros_like(qg)
-        dk = torch.zeros_like(kg.squeeze(2))
-        dv = torch.zeros_like(vg.squeeze(2))
-        dbias = torch.zeros_like(bias_4d(bias), dtype=dtype) if need_bias_grad else None
+        fused = ctx.fused and not need_bias_grad and (grad_lse is None or not grad_lse.any())
+        if head_groups[0][1] is None:
+            (pattern, _), plan = head_groups[0], plans[0]
+            parts = (grad_out, grad_lse, q, k, v, bias, out, lse)
+            grads = _backward(
+                fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad
+            )
+            grad_q, grad_k, grad_v, grad_bias, d_captured = grads
+            return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_bias = torch.zeros_like(bias) if need_bias_grad else None
         d_captured = [torch.zeros_like(t) for t in captured]
-        for row in _groups(plan):
-            if _count(row.keys) == 0:
-                continue
-            rows = row.rows
-            q_blk = qg[:, :, :, rows]
-            with torch.enable_grad():
-                raw = (q_blk @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
-                raw = raw.detach().requires_grad_(score_mod is not None)
-                scores = _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len)
-            probs = torch.exp(scores.detach() - safe_lse[:, :, :, rows, None])
-            d_out = dout[:, :, :, rows]
-            dv_sel = (probs.transpose(-1, -2) @ d_out).sum(2)
-            d_probs = d_out @ vg[:, :, :, row.keys].transpose(-1, -2)
-            d_scores = probs * (d_probs - delta[:, :, :, rows, None])
+        group_size = q.shape[2] // k.shape[2]
+        for (pattern, heads), plan in zip(head_groups, plans):
+            parts = (
+                _select_heads(grad_out, heads, 2),
+                None if grad_lse is None else _select_heads(grad_lse, heads, 1),
+                *_head_views(q, k, v, bias, heads),
+                _select_heads(out, heads, 2),
+                _select_heads(lse, heads, 1),
+            )
+            sub_mod = _renumber_heads(score_mod, heads)
+            grads = _backward(fused, parts, pattern, scale, sub_mod, plan, captured, need_bias_grad)
+            dq, dk, dv, dbias, d_leaves = grads
+            kv_heads = [h // group_size for h in heads]
+            _write_heads(grad_q, heads, dq, 2)
+            _add_heads(grad_k, kv_heads, dk, 2)
+            _add_heads(grad_v, kv_heads, dv, 2)
             if dbias is not None:
-                _accumulate_bias_grad(
-                    dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row
-                )
-            if score_mod is not None:
-                d_scores, *d_leaves = torch.autograd.grad(
-                    scores, [raw, *captured], d_scores, allow_unused=True
-                )
-                for total, part in zip(d_captured, d_leaves):
-                    if part is not None:
-                        total += part
-            d_scores = d_scores * scale
-            dq[:, :, :, rows] = d_scores @ kg[:, :, :, row.keys]
-            dk_sel = (d_scores.transpose(-1, -2) @ q_blk).sum(2)
-            _add_keys(dk, dk_sel, row.keys)
-            _add_keys(dv, dv_sel, row.keys)
-        grad_q = dq.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
-        grad_k = dk.transpose(1, 2).to(k.dtype)
-        grad_v = dv.transpose(1, 2).to(v.dtype)
-        grad_bias = dbias.reshape(bias.shape).to(bias.dtype) if dbias is not None else None
+                full = bias_4d(grad_bias)
+                if full.shape[1] > 1:
+                    _write_heads(full, heads, dbias, 1)
+                else:
+                    full += dbias
+            for total, part in zip(d_captured, d_leaves):
+                total += part
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+
+
+def _head_views(q, k, v, bias, heads):
+    """q, k, v and bias restricted to the query heads ``heads`` (``None``: all of them)."""
+    if heads is None:
+        return q, k, v, bias
+    kv_heads = [h // (q.shape[2] // k.shape[2]) for h in heads]
+    if bias is not None:
+        full = bias_4d(bias)
+        bias = _select_heads(full, heads, 1) if full.shape[1] > 1 else full
+    return (
+        _select_heads(q, heads, 2),
+        _select_heads(k, kv_heads, 2),
+        _select_heads(v, kv_heads, 2),
+        bias,
+    )
+
+
+def _backward(fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad):
+    """Gradients ``(dq, dk, dv, dbias, d_captured)`` of one head group."""
+    grad_out, grad_lse, q, k, v, bias, out, lse = parts
+    if fused:
+        dq, dk, dv = _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse)
+        return dq, dk, dv, None, [torch.zeros_like(t) for t in captured]
+    batch, q_len, heads, _ = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = compute_dtype(q.dtype)
+    qg = _grouped_q(q, kv_heads, dtype)
+    kg = k.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+    vg = v.permute(0, 2, 1, 3).to(dtype).unsqueeze(2)
+    dout = _grouped_q(grad_out, kv_heads, dtype)
+    delta = (dout * _grouped_q(out, kv_heads, dtype)).sum(-1)  # (B, Hkv, G, Lq)
+    lse = lse.reshape(batch, kv_heads, group, q_len)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(dtype).reshape(batch, kv_heads, group, q_len)
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros_like(kg.squeeze(2))
+    dv = torch.zeros_like(vg.squeeze(2))
+    dbias = torch.zeros_like(bias_4d(bias), dtype=dtype) if need_bias_grad else None
+    d_captured = [torch.zeros_like(t) for t in captured]
+    for row in _groups(plan):
+        if _count(row.keys) == 0:
+            continue
+        rows = row.rows
+        q_blk = qg[:, :, :, rows]
+        with torch.enable_grad():
+            raw = (q_blk @ kg[:, :, :, row.keys].transpose(-1, -2)) * scale
+            raw = raw.detach().requires_grad_(score_mod is not None)
+            scores = _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len)
+        probs = torch.exp(scores.detach() - safe_lse[:, :, :, rows, None])
+        d_out = dout[:, :, :, rows]
+        dv_sel = (probs.transpose(-1, -2) @ d_out).sum(2)
+        d_probs = d_out @ vg[:, :, :, row.keys].transpose(-1, -2)
+        d_scores = probs * (d_probs - delta[:, :, :, rows, None])
+        if dbias is not None:
+            _accumulate_bias_grad(dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row)
+        if score_mod is not None:
+            d_scores, *d_leaves = torch.autograd.grad(
+                scores, [raw, *captured], d_scores, allow_unused=True
+            )
+            for total, part in zip(d_captured, d_leaves):
+                if part is not None:
+                    total += part
+        d_scores = d_scores * scale
+        dq[:, :, :, rows] = d_scores @ kg[:, :, :, row.keys]
+        dk_sel = (d_scores.transpose(-1, -2) @ q_blk).sum(2)
+        _add_keys(dk, dk_sel, row.keys)
+        _add_keys(dv, dv_sel, row.keys)
+    grad_q = dq.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
+    grad_k = dk.transpose(1, 2).to(k.dtype)
+    grad_v = dv.transpose(1, 2).to(v.dtype)
+    grad_bias = dbias.reshape(bias.shape).to(bias.dtype) if dbias is not None else None
+    return grad_q, grad_k, grad_v, grad_bias, d_captured
 
 
 def _stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan):
@@ -583,7 +657,7 @@ def _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse):
     def per_kv_head(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return grad.view(batch, kv_len, kv_heads, heads // kv_heads, -1).sum(3).to(like.dtype)
 
-    return dq.to(q.dtype), per_kv_head(dk, k), per_kv_head(dv, v), None
+    return dq.to(q.dtype), per_kv_head(dk, k), per_kv_head(dv, v)
 
 
 def _grouped_q(t: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -682,46 +756,21 @@ def blockwise_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
     groups = _head_groups(pattern, q.shape[1], k.shape[1], block)
-    if groups is None:
-        return _Blockwise.apply(q, k, v, bias, pattern, scale, score_mod, block, *captured)
     # Heads with different patterns: one pass per distinct pattern, each skipping its own empty
     # blocks, instead of one pass over the union of all heads' blocks.
-    group_size = q.shape[2] // k.shape[2]
-    out = lse = None
-    for sub_pattern, heads in groups:
-        kv_heads = [h // group_size for h in heads]
-        sub_bias = None
-        if bias is not None:
-            full = bias_4d(bias)
-            sub_bias = _select_heads(full, heads, 1) if full.shape[1] > 1 else full
-        sub_out, sub_lse = _Blockwise.apply(
-            _select_heads(q, heads, 2),
-            _select_heads(k, kv_heads, 2),
-            _select_heads(v, kv_heads, 2),
-            sub_bias,
-            sub_pattern,
-            scale,
-            _renumber_heads(score_mod, torch.tensor(heads, device=q.device)),
-            block,
-            *captured,
-        )
-        if out is None:
-            out = sub_out.new_empty(*q.shape[:3], sub_out.shape[3])
-            lse = sub_lse.new_empty(q.shape[0], q.shape[2], q.shape[1])
-        _write_heads(out, heads, sub_out, 2)
-        _write_heads(lse, heads, sub_lse, 1)
-    return out, lse
+    head_groups = ((pattern, None),) if groups is None else tuple((p, tuple(h)) for p, h in groups)
+    return _Blockwise.apply(q, k, v, bias, head_groups, scale, score_mod, block, *captured)
 
 
-def _head_slice(heads: list[int]) -> slice | None:
+def _head_slice(heads) -> slice | None:
     """``heads`` as a slice when they are evenly spaced and increasing."""
     step = heads[1] - heads[0] if len(heads) > 1 else 1
-    if step > 0 and heads == list(range(heads[0], heads[-1] + 1, step)):
+    if step > 0 and list(heads) == list(range(heads[0], heads[-1] + 1, step)):
         return slice(heads[0], heads[-1] + 1, step)
     return None
 
 
-def _select_heads(t: torch.Tensor, heads: list[int], dim: int) -> torch.Tensor:
+def _select_heads(t: torch.Tensor, heads, dim: int) -> torch.Tensor:
     """Heads ``heads`` of ``t`` along ``dim``: a strided view when evenly spaced, else a copy."""
     where = _head_slice(heads)
     if where is not None:
@@ -729,12 +778,21 @@ def _select_heads(t: torch.Tensor, heads: list[int], dim: int) -> torch.Tensor:
     return t.index_select(dim, torch.tensor(heads, device=t.device))
 
 
-def _write_heads(t: torch.Tensor, heads: list[int], values: torch.Tensor, dim: int) -> None:
+def _write_heads(t: torch.Tensor, heads, values: torch.Tensor, dim: int) -> None:
     where = _head_slice(heads)
     if where is not None:
         t[(slice(None),) * dim + (where,)] = values
     else:
-        t.index_copy_(dim, torch.tensor(heads, device=t.device), values)
+        t.index_copy_(dim, torch.tensor(heads, device=t.device), values.to(t.dtype))
+
+
+def _add_heads(t: torch.Tensor, heads, values: torch.Tensor, dim: int) -> None:
+    """Add ``values`` at ``heads`` along ``dim`` (repeated heads add up: GQA)."""
+    where = _head_slice(heads)
+    if where is not None:
+        t[(slice(None),) * dim + (where,)] += values
+    else:
+        t.index_add_(dim, torch.tensor(heads, device=t.device), values.to(t.dtype))
 
 
 @functools.lru_cache(maxsize=64)
@@ -760,10 +818,11 @@ def _visited_blocks(pattern: Pattern, q_len: int, kv_len: int, block: int, union
     return int((layout != EMPTY).any(0).sum()) if union else int((layout != EMPTY).sum())
 
 
-def _renumber_heads(score_mod: ScoreMod | None, heads: torch.Tensor) -> ScoreMod | None:
+def _renumber_heads(score_mod: ScoreMod | None, heads) -> ScoreMod | None:
     """``score_mod`` seen from a subset of heads: local head ``h`` is global head ``heads[h]``."""
-    if score_mod is None:
-        return None
+    if score_mod is None or heads is None:
+        return score_mod
+    heads = torch.tensor(heads)
 
     def renumbered(score, b, h, q_idx, kv_idx):
         return score_mod(score, b, heads[h], q_idx, kv_idx)
