@@ -503,3 +503,17 @@ def test_heads_split_by_pattern_renumber_score_mod_heads():
     (got,) = torch.autograd.grad(out.square().sum(), slopes)
     (want,) = torch.autograd.grad(expected.square().sum(), slopes)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_plans_stay_cached_for_many_patterns_within_the_mask_budget(monkeypatch):
+    import headwise.ops.attention.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "_PLANS", blockwise.collections.OrderedDict())
+    windows = [P.sliding_window(w) for w in range(1, 41)]  # 40 layers' worth of patterns
+    first = [blockwise._plan(p, 100, 100, 32, "cpu") for p in windows]
+    assert all(blockwise._plan(p, 100, 100, 32, "cpu") is f for p, f in zip(windows, first))
+    # masks beyond the budget: the least recently used plans go first, the newest stays
+    monkeypatch.setattr(blockwise, "PLAN_CACHE_MASK_ELEMENTS", 1)
+    newest = blockwise._plan(P.sliding_window(50), 100, 100, 32, "cpu")
+    assert list(blockwise._PLANS) == [(P.sliding_window(50), 100, 100, 32, "cpu")]
+    assert blockwise._plan(P.sliding_window(50), 100, 100, 32, "cpu") is newest

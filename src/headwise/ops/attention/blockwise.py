@@ -31,6 +31,7 @@ This is the CPU training path for sparse patterns (FlexAttention has no CPU back
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -43,6 +44,9 @@ from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, s
 from headwise.patterns import EMPTY, Pattern
 
 DEFAULT_BLOCK = 32
+#: the backward pass runs groups this many times larger (PyTorch's CPU backward kernel does
+#: better on 64-query groups: less overlapping dK/dV work between neighbouring groups)
+BACKWARD_BLOCK_FACTOR = 2
 #: partial query groups keep their masks (float32) in the cached plan up to this many entries
 MASK_CACHE_ELEMENTS = 1 << 24
 
@@ -67,7 +71,6 @@ class _Run:
     rows: slice | torch.Tensor  # the groups' query positions, concatenated
     key_start: int
     key_step: int
-    key_index: torch.Tensor  # every panel position read, group after group (for dK, dV)
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,34 @@ class _Panel:
     runs: tuple[_Run | _RowGroup, ...]
 
 
-# At most 16 plans x MASK_CACHE_ELEMENTS float32 masks (1 GiB) stay cached.
-@functools.lru_cache(maxsize=16)
+#: plans stay cached (least recently used dropped first) up to this many ...
+PLAN_CACHE_SIZE = 256
+#: ... and while their cached masks hold at most this many float32 entries (1 GiB) in all
+PLAN_CACHE_MASK_ELEMENTS = 1 << 28
+_PLANS: collections.OrderedDict[tuple, tuple[tuple[_Panel, ...], int]] = collections.OrderedDict()
+
+
 def _plan(
+    pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
+) -> tuple[_Panel, ...]:
+    """The cached plan: a model with many layers and heads keeps each of its plans (a fixed
+    small LRU would rebuild them on every call), within a memory budget for their masks."""
+    key = (pattern, q_len, kv_len, block, device)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key][0]
+    plan = _build_plan(pattern, q_len, kv_len, block, device)
+    masks = sum(row.mask.numel() for row in _groups(plan) if row.mask is not None)
+    _PLANS[key] = (plan, masks)
+    while len(_PLANS) > 1 and (
+        len(_PLANS) > PLAN_CACHE_SIZE
+        or sum(size for _, size in _PLANS.values()) > PLAN_CACHE_MASK_ELEMENTS
+    ):
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _build_plan(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
 ) -> tuple[_Panel, ...]:
     if pattern is None:
@@ -185,8 +213,6 @@ def _extends(run: list[_RowGroup], row: _RowGroup) -> bool:
 
 def _as_run(run: list[_RowGroup], device: str) -> _Run:
     starts = [row.panel_keys.start for row in run]
-    width = _count(run[0].keys)
-    key_index = (torch.tensor(starts)[:, None] + torch.arange(width)[None]).flatten()
     if all(isinstance(row.rows, slice) for row in run) and all(
         a.rows.stop == b.rows.start for a, b in itertools.pairwise(run)
     ):
@@ -194,7 +220,7 @@ def _as_run(run: list[_RowGroup], device: str) -> _Run:
     else:
         rows = torch.cat([_positions(row.rows, torch.device(device)) for row in run])
     step = starts[1] - starts[0]
-    return _Run(tuple(run), rows, starts[0], step, key_index.to(device))
+    return _Run(tuple(run), rows, starts[0], step)
 
 
 def _to(index, device: str):
@@ -231,7 +257,7 @@ class _Blockwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, *captured):
         ctx.fused = _use_fused(q, v, score_mod)
-        plans, parts = [], []
+        parts = []
         for pattern, heads in head_groups:
             plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
             qs, ks, vs, bs = _head_views(q, k, v, bias, heads)
@@ -240,7 +266,6 @@ class _Blockwise(torch.autograd.Function):
             else:
                 sub_mod = _renumber_heads(score_mod, heads)
                 parts.append(_stepwise_forward(qs, ks, vs, bs, pattern, scale, sub_mod, plan))
-            plans.append(plan)
         if head_groups[0][1] is None:
             out, lse = parts[0]
         else:
@@ -250,14 +275,19 @@ class _Blockwise(torch.autograd.Function):
                 _write_heads(out, heads, sub_out, 2)
                 _write_heads(lse, heads, sub_lse, 1)
         ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
-        ctx.params = (head_groups, scale, score_mod, plans)
+        ctx.params = (head_groups, scale, score_mod, block)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
-        head_groups, scale, score_mod, plans = ctx.params
+        head_groups, scale, score_mod, block = ctx.params
+        # Backward in groups twice as large: the kernel's dK, dV per group overlap less.
+        plans = [
+            _plan(pattern, q.shape[1], k.shape[1], BACKWARD_BLOCK_FACTOR * block, str(q.device))
+            for pattern, _ in head_groups
+        ]
         need_bias_grad = bias is not None and ctx.needs_input_grad[3]
         fused = ctx.fused and not need_bias_grad and (grad_lse is None or not grad_lse.any())
         if head_groups[0][1] is None:
@@ -545,38 +575,12 @@ def _run_forward(run, q, k_panel, v_panel, scale, out, lse):
         _put_rows(lse[b], run.rows, block_lse.transpose(0, 1).flatten(1), 1)
 
 
-def _run_backward(run, d_out, q, k_panel, v_panel, out, safe_lse, scale, dq, dk_panel, dv_panel):
-    mask = _run_mask(run, q.dtype)
-    for b in range(q.shape[0]):
-        lse_rows = safe_lse[b][:, run.rows] if isinstance(run.rows, slice) else None
-        if lse_rows is None:
-            lse_rows = safe_lse[b].index_select(1, run.rows)
-        lse_rows = lse_rows.unflatten(1, (len(run.groups), -1)).transpose(0, 1).contiguous()
-        dq_b, dk_b, dv_b = _FUSED_BACKWARD(
-            _run_rows(run, d_out, b),
-            _run_rows(run, q, b),
-            _run_keys(run, k_panel, b),
-            _run_keys(run, v_panel, b),
-            _run_rows(run, out, b),
-            lse_rows,
-            0.0,
-            False,
-            attn_mask=mask,
-            scale=scale,
-        )
-        _put_rows(dq[b], run.rows, dq_b.transpose(1, 2).flatten(0, 1), 0)
-        dk_panel[b].index_add_(
-            0, run.key_index, dk_b.transpose(1, 2).flatten(0, 1).to(dk_panel.dtype)
-        )
-        dv_panel[b].index_add_(
-            0, run.key_index, dv_b.transpose(1, 2).flatten(0, 1).to(dv_panel.dtype)
-        )
-
-
 def _fused_forward(q, k, v, bias, pattern, scale, plan):
     batch, q_len, heads, _ = q.shape
     kv_len = k.shape[1]
-    k, v = _repeat_kv(k, heads), _repeat_kv(v, heads)
+    # index_select copies a strided source whole on every call: make each contiguous once
+    q = q.contiguous()
+    k, v = _repeat_kv(k, heads).contiguous(), _repeat_kv(v, heads).contiguous()
     out = q.new_zeros(batch, q_len, heads, v.shape[3])
     lse = torch.full((batch, heads, q_len), float("-inf"), device=q.device)
     gather = _PanelGather(plan, k, v)
@@ -614,9 +618,12 @@ def _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse):
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     dtype = compute_dtype(q.dtype)
-    k_rep, v_rep = _repeat_kv(k, heads), _repeat_kv(v, heads)
-    d_out = grad_out.to(q.dtype)
-    out = out.to(q.dtype)
+    # index_select copies a strided source whole on every call: make each contiguous once
+    k_rep = _repeat_kv(k, heads).contiguous()
+    v_rep = _repeat_kv(v, heads).contiguous()
+    d_out = grad_out.to(q.dtype).contiguous()
+    out = out.to(q.dtype).contiguous()
+    q = q.contiguous()
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k_rep.shape, dtype=dtype, device=q.device)
@@ -626,11 +633,7 @@ def _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse):
     for panel in plan:
         k_panel, v_panel = gather(panel)
         dk_panel, dv_panel = grads.zeros(panel)
-        for row in panel.runs if bias is None else panel.groups:
-            if isinstance(row, _Run):
-                inputs = (d_out, q, k_panel, v_panel, out, safe_lse)
-                _run_backward(row, *inputs, scale, dq, dk_panel, dv_panel)
-                continue
+        for row in panel.groups:
             if _count(row.keys) == 0:
                 continue
             mask = _additive_mask(bias, pattern, row, q_len, kv_len, q.dtype, q.device)
