@@ -149,36 +149,39 @@ def _build_plan(
             )
         if panel_keys is None:
             groups, scattered = _gather_scattered(groups, kv_len, device)
-            if scattered is not None:
-                panels.append(scattered)
+            panels.extend(scattered)
         panels.append(_Panel(_to(panel_keys, device), tuple(groups), _runs(groups, device)))
     return tuple(panels)
 
 
-#: scattered key sets are gathered into one panel while it holds at most this many times kv_len
-SCATTERED_PANEL_FACTOR = 8
-
-
 def _gather_scattered(
     groups: list[_RowGroup], kv_len: int, device: str
-) -> tuple[list[_RowGroup], _Panel | None]:
+) -> tuple[list[_RowGroup], list[_Panel]]:
     """Groups whose keys are no contiguous range (block-sparse rows, sinks beside a window) move
-    to one panel holding their key sets back to back, sorted by size, so that groups of equal
-    size run as one batched call instead of one gather and one call each."""
+    to panels holding their key sets back to back, sorted by size, so that groups of equal size
+    run as one batched call instead of one gather and one call each. A panel holds at most
+    ``kv_len`` keys (one K's worth), so the gather buffer stays small and in cache."""
     scattered = sorted(
         (row for row in groups if isinstance(row.keys, torch.Tensor)), key=lambda r: len(r.keys)
     )
-    total = sum(len(row.keys) for row in scattered)
-    if len(scattered) < 2 or total > SCATTERED_PANEL_FACTOR * kv_len:
-        return groups, None
-    starts = itertools.accumulate((len(row.keys) for row in scattered), initial=0)
-    moved = [
-        dataclasses.replace(row, panel_keys=slice(start, start + len(row.keys)))
-        for row, start in zip(scattered, starts)
-    ]
+    if len(scattered) < 2:
+        return groups, []
     kept = [row for row in groups if not isinstance(row.keys, torch.Tensor)]
-    keys = torch.cat([row.keys for row in scattered])
-    return kept, _Panel(keys, tuple(moved), _runs(moved, device))
+    chunks: list[list[_RowGroup]] = [[]]
+    for row in scattered:
+        if chunks[-1] and sum(len(r.keys) for r in chunks[-1]) + len(row.keys) > kv_len:
+            chunks.append([])
+        chunks[-1].append(row)
+    panels = []
+    for chunk in chunks:
+        starts = itertools.accumulate((len(row.keys) for row in chunk), initial=0)
+        moved = [
+            dataclasses.replace(row, panel_keys=slice(start, start + len(row.keys)))
+            for row, start in zip(chunk, starts)
+        ]
+        keys = torch.cat([row.keys for row in chunk])
+        panels.append(_Panel(keys, tuple(moved), _runs(moved, device)))
+    return kept, panels
 
 
 def _runs(groups: list[_RowGroup], device: str) -> tuple[_Run | _RowGroup, ...]:
