@@ -1,6 +1,6 @@
 """How close is ``blockwise`` to the kernel it is built on? (CPU)
 
-For each pattern of ``bench_sparse.py`` this times, in one run and interleaved round by round:
+For each pattern of ``bench_sparse.py`` this times, in one run, called in turn round by round:
 dense SDPA (the baseline), ``headwise.attention(..., backend="blockwise")`` and the *kernel floor*:
 PyTorch's fused CPU attention kernel alone on exactly the calls blockwise makes for that pattern
 (query groups, key panels and batched runs of the cached plan), with every view and gather prepared
@@ -16,14 +16,13 @@ Results go to ``bench/results/kernel-floor-cpu-<date>.md``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from bench_sparse import patterns_for
 from headwise import attention
-from headwise.measure import environment
+from headwise.measure import environment, time_interleaved
 from headwise.ops.attention import blockwise as bw
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,7 +77,7 @@ def main() -> None:
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [
         f"- problem: B=1, L={args.length}, H={args.heads}, D={args.dim}, float32, forward; "
-        f"minimum over {args.rounds} interleaved rounds",
+        f"median of {args.rounds} interleaved rounds",
         "- columns give speedup over dense SDPA / FLOP bound 1/d (target 0.5)",
         "",
         "| pattern | density | kernel calls | blockwise ms | floor ms | blockwise | floor |",
@@ -96,14 +95,7 @@ def main() -> None:
                     fused(a, b, c_, 0.0, False, attn_mask=m) for a, b, c_, m in c
                 ],
             }
-            best = dict.fromkeys(runs, float("inf"))
-            for fn in runs.values():
-                fn()
-            for _ in range(args.rounds):
-                for key, fn in runs.items():
-                    start = time.perf_counter()
-                    fn()
-                    best[key] = min(best[key], time.perf_counter() - start)
+            best = time_interleaved(runs, torch.device("cpu"), rounds=args.rounds)
             density = pattern.density(args.length, args.length)
             row = (
                 f"| {name} | {density:.3f} | {len(calls)} | {best['blockwise'] * 1e3:.1f} | "

@@ -24,7 +24,7 @@ import torch
 
 import headwise.patterns as P
 from headwise import attention, explain
-from headwise.measure import environment, time_call
+from headwise.measure import environment, time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", nargs="+", default=["flex", "blockwise"])
     parser.add_argument("--backward", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = (args.batch, args.length, args.heads, args.dim)
@@ -88,7 +88,7 @@ def main() -> None:
                     return fn()
             return torch.autograd.grad(fn().sum(), leaves)
 
-        return time_call(run, device, repeats=args.repeats)
+        return run
 
     env = environment(device)
     lines = ["# headwise sparse attention benchmark\n"]
@@ -97,36 +97,37 @@ def main() -> None:
     lines += [
         f"- problem: B={args.batch}, L={args.length}, H={args.heads}, D={args.dim}, "
         f"{args.dtype}, {mode}",
-        "- speedup = dense SDPA time / pattern time, measured in this run; "
-        "bound = 1/density (FLOP-wise); target = 0.5/density (issue 3, CPU)",
+        "- speedup = dense SDPA time / pattern time; per pattern, dense SDPA and every backend "
+        f"are called in turn for {args.repeats} rounds and each time is the median of its "
+        "rounds; bound = 1/density (FLOP-wise); target = 0.5/density (issue 3, CPU)",
         "",
+        "| pattern | density | backend | ms | dense ms | speedup | bound 1/d | speedup / bound |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    dense = timed(lambda: attention(*leaves, backend="sdpa"))
-    lines.append(f"dense SDPA: {dense * 1e3:.1f} ms\n")
-    lines.append("| pattern | density | backend | ms | speedup | bound 1/d | speedup / bound |")
-    lines.append("|---|---|---|---|---|---|---|")
     print("\n".join(lines), flush=True)
     for name, pattern in patterns_for(args.length, args.heads):
         density = pattern.density(args.length, args.length)
-        candidates = [
-            (b, lambda b=b, p=pattern: attention(*leaves, p, backend=b)) for b in args.backends
-        ]
+        candidates = {
+            b: timed(lambda b=b, p=pattern: attention(*leaves, p, backend=b))
+            for b in args.backends
+            if explain(*leaves, pattern, backend=(b,)).backend is not None
+        }
         # NATTEN's CPU path is FlexAttention, which has no backward on CPU.
         cpu_backward = args.backward and device.type == "cpu"
         peer = None if cpu_backward else natten_call(pattern, *leaves)
         if peer is not None:
-            candidates.append(("natten", peer))
-        for backend, fn in candidates:
-            if (
-                backend != "natten"
-                and explain(*leaves, pattern, backend=(backend,)).backend is None
-            ):
-                continue
-            seconds = timed(fn)
-            speedup = dense / seconds
+            candidates["natten"] = timed(peer)
+        seconds = time_interleaved(
+            {"dense": timed(lambda: attention(*leaves, backend="sdpa")), **candidates},
+            device,
+            rounds=args.repeats,
+        )
+        dense = seconds.pop("dense")
+        for backend, time_s in seconds.items():
+            speedup = dense / time_s
             row = (
-                f"| {name} | {density:.3f} | {backend} | {seconds * 1e3:.1f} | {speedup:.2f} | "
-                f"{1 / density:.1f} | {speedup * density:.2f} |"
+                f"| {name} | {density:.3f} | {backend} | {time_s * 1e3:.1f} | {dense * 1e3:.1f} "
+                f"| {speedup:.2f} | {1 / density:.1f} | {speedup * density:.2f} |"
             )
             print(row, flush=True)
             lines.append(row)

@@ -115,6 +115,27 @@ def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int = 
     return times[len(times) // 2]
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 5
+) -> dict[str, float]:
+    """Median seconds of each ``fn()`` over ``rounds`` rounds that call every function once in
+    turn, after one warm-up call each: slow phases of a shared machine then hit all of them
+    alike, so ratios between them hold better than with one function timed after the other."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """What a results file must record: device, versions, date."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()

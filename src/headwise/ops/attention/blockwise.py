@@ -17,9 +17,11 @@ What keeps the CPU path close to the FLOP bound (``bench/bench_sparse.py``):
   (:meth:`Pattern.key_panels`; a 2-D neighborhood's band of tiles, column-major). A panel is
   gathered once into a reused buffer and its groups read slices of it in place, instead of each
   tile gathering its own window union;
-* **runs** - consecutive groups with equal query and key counts, the same mask and evenly spaced
-  key offsets (the interior of a sliding window or of a neighborhood band) go to the kernel as
-  one batch of strided views: one call instead of dozens;
+* **runs** - in the forward pass, consecutive groups with equal query and key counts, the same
+  mask and evenly spaced key offsets (the interior of a sliding window or of a neighborhood band,
+  block-sparse rows keeping as many blocks) go to the kernel as one batch of strided views: one
+  call instead of dozens. The backward kernel is faster called group by group (measured), so
+  the backward pass does that, in groups twice as large;
 * ``block = 32``: below 192 queries the kernel works on 32 queries at a time anyway, so groups
   of 32 cost no GEMM efficiency and cover smaller key unions than groups of 64.
 
@@ -63,8 +65,8 @@ class _RowGroup:
 
 @dataclass(frozen=True)
 class _Run:
-    """Consecutive groups of one panel that one kernel call can take as a batch: equal query
-    and key counts, the same mask, and keys at evenly spaced offsets of the panel
+    """Consecutive groups of one panel that one forward kernel call can take as a batch: equal
+    query and key counts, the same mask, and keys at evenly spaced offsets of the panel
     (``key_start + i * key_step``), so the batch is a strided view, not a copy."""
 
     groups: tuple[_RowGroup, ...]
@@ -119,7 +121,27 @@ def _build_plan(
             for s in range(0, q_len, block)
         )
         return (_Panel(None, groups, _runs(list(groups), device)),)
+    panels, mostly_scattered = _panels(pattern, q_len, kv_len, block, device)
+    if mostly_scattered:
+        # Scattered key sets (sinks beside a window) are copied once per group: groups twice as
+        # large halve the copying per query, worth it unless they add much masked work.
+        larger, _ = _panels(pattern, q_len, kv_len, 2 * block, device)
+        if _work(larger) <= 1.15 * _work(panels):
+            return larger
+    return panels
+
+
+def _work(panels: tuple[_Panel, ...]) -> int:
+    return sum(_count(row.rows) * _count(row.keys) for row in _groups(panels))
+
+
+def _panels(
+    pattern: Pattern, q_len: int, kv_len: int, block: int, device: str
+) -> tuple[tuple[_Panel, ...], bool]:
+    """The plan's panels, and whether most groups of the pattern's own key order (no panel of
+    its own) see scattered keys."""
     panels = []
+    mostly_scattered = False
     budget = MASK_CACHE_ELEMENTS
     for panel_keys, query_groups in pattern.key_panels(q_len, kv_len, block):
         positions = torch.arange(kv_len) if panel_keys is None else panel_keys
@@ -148,10 +170,12 @@ def _build_plan(
                 )
             )
         if panel_keys is None:
+            scattered_rows = sum(isinstance(row.keys, torch.Tensor) for row in groups)
+            mostly_scattered = 2 * scattered_rows > len(groups)
             groups, scattered = _gather_scattered(groups, kv_len, device)
             panels.extend(scattered)
         panels.append(_Panel(_to(panel_keys, device), tuple(groups), _runs(groups, device)))
-    return tuple(panels)
+    return tuple(panels), mostly_scattered
 
 
 def _gather_scattered(
