@@ -99,19 +99,21 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return max(0, sampler.stop() - start)
 
 
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one ``fn()`` call, device work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int = 5) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = sorted(_seconds(fn, device) for _ in range(repeats))
     return times[len(times) // 2]
 
 
@@ -126,13 +128,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_seconds(fn, device))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
