@@ -852,10 +852,9 @@ def _renumber_heads(score_mod: ScoreMod | None, heads) -> ScoreMod | None:
     """``score_mod`` seen from a subset of heads: local head ``h`` is global head ``heads[h]``."""
     if score_mod is None or heads is None:
         return score_mod
-    heads = torch.tensor(heads)
 
     def renumbered(score, b, h, q_idx, kv_idx):
-        return score_mod(score, b, heads[h], q_idx, kv_idx)
+        return score_mod(score, b, torch.tensor(heads, device=h.device)[h], q_idx, kv_idx)
 
     return renumbered
 
