@@ -88,13 +88,15 @@ class Neighborhood(Pattern):
         contiguous run of the panel: a kernel reads it in place instead of gathering it."""
         if len(self.grid) == 1:
             return [(None, self.query_groups(q_len, size))]
+        orders = [self._dilation_order(axis) for axis in range(len(self.grid))]
+        tables = [self._axis_table(axis, torch.device("cpu")) for axis in range(len(self.grid))]
         panels = []
         for band in self._tile_bands(size):
             coords = self.coordinates(torch.cat(band))
             per_axis = []
-            for axis in range(len(self.grid)):
-                seen = self._axis_table(axis, torch.device("cpu"))[coords[axis].unique()].any(0)
-                per_axis.append(self._dilation_order(axis)[seen[self._dilation_order(axis)]])
+            for order, table, coord in zip(orders, tables, coords):
+                seen = table[coord.unique()].any(0)
+                per_axis.append(order[seen[order]])
             # last axis outermost, then the others in grid order
             order = [per_axis[-1], *per_axis[:-1]]
             mesh = torch.meshgrid(*order, indexing="ij")

@@ -299,8 +299,8 @@ class _Blockwise(torch.autograd.Function):
             out = parts[0][0].new_empty(*q.shape[:3], v.shape[3])
             lse = parts[0][1].new_empty(q.shape[0], q.shape[2], q.shape[1])
             for (_, heads), (sub_out, sub_lse) in zip(head_groups, parts):
-                _write_heads(out, heads, sub_out, 2)
-                _write_heads(lse, heads, sub_lse, 1)
+                _put_rows(out, _head_index(heads, out.device), sub_out, 2)
+                _put_rows(lse, _head_index(heads, lse.device), sub_lse, 1)
         ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
         ctx.params = (head_groups, scale, score_mod, block)
         return out.to(q.dtype), lse
@@ -342,13 +342,14 @@ class _Blockwise(torch.autograd.Function):
             grads = _backward(fused, parts, pattern, scale, sub_mod, plan, captured, need_bias_grad)
             dq, dk, dv, dbias, d_leaves = grads
             kv_heads = [h // group_size for h in heads]
-            _write_heads(grad_q, heads, dq, 2)
-            _add_heads(grad_k, kv_heads, dk, 2)
-            _add_heads(grad_v, kv_heads, dv, 2)
+            _put_rows(grad_q, _head_index(heads, grad_q.device), dq, 2)
+            # GQA: heads sharing a K/V head repeat in kv_heads, and their dK, dV add up
+            _add_rows(grad_k, _head_index(kv_heads, grad_k.device), dk, 2)
+            _add_rows(grad_v, _head_index(kv_heads, grad_v.device), dv, 2)
             if dbias is not None:
                 full = bias_4d(grad_bias)
                 if full.shape[1] > 1:
-                    _write_heads(full, heads, dbias, 1)
+                    _put_rows(full, _head_index(heads, full.device), dbias, 1)
                 else:
                     full += dbias
             for total, part in zip(d_captured, d_leaves):
@@ -422,8 +423,8 @@ def _backward(fused, parts, pattern, scale, score_mod, plan, captured, need_bias
         d_scores = d_scores * scale
         dq[:, :, :, rows] = d_scores @ kg[:, :, :, row.keys]
         dk_sel = (d_scores.transpose(-1, -2) @ q_blk).sum(2)
-        _add_keys(dk, dk_sel, row.keys)
-        _add_keys(dv, dv_sel, row.keys)
+        _add_rows(dk, row.keys, dk_sel, 2)
+        _add_rows(dv, row.keys, dv_sel, 2)
     grad_q = dq.reshape(batch, heads, q_len, -1).transpose(1, 2).to(q.dtype)
     grad_k = dk.transpose(1, 2).to(k.dtype)
     grad_v = dv.transpose(1, 2).to(v.dtype)
@@ -501,24 +502,6 @@ def _take(t: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
     return part.transpose(1, 2)
 
 
-def _put(t: torch.Tensor, index: slice | torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``(B, H, n, D)`` values at positions ``index`` of a ``(B, L, H, D)`` tensor."""
-    values = values.transpose(1, 2).to(t.dtype)
-    if isinstance(index, slice):
-        t[:, index] = values
-    else:
-        t.index_copy_(1, index, values)
-
-
-def _add(t: torch.Tensor, index: slice | torch.Tensor, values: torch.Tensor) -> None:
-    """Add ``(B, H, n, D)`` values at positions ``index`` of a ``(B, L, H, D)`` tensor."""
-    values = values.transpose(1, 2).to(t.dtype)
-    if isinstance(index, slice):
-        t[:, index] += values
-    else:
-        t.index_add_(1, index, values)
-
-
 def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     group = heads // t.shape[2]
     return t.repeat_interleave(group, 2) if group > 1 else t
@@ -576,12 +559,21 @@ def _run_mask(run: _Run, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _put_rows(t: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor, dim: int):
-    """Write ``values`` at ``rows`` along ``dim`` of ``t`` (one batch element)."""
+    """Write ``values`` at positions ``rows`` along ``dim`` of ``t``."""
     values = values.to(t.dtype)
     if isinstance(rows, slice):
         t[(slice(None),) * dim + (rows,)] = values
     else:
         t.index_copy_(dim, rows, values)
+
+
+def _add_rows(t: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor, dim: int):
+    """Add ``values`` at positions ``rows`` along ``dim`` of ``t``."""
+    values = values.to(t.dtype)
+    if isinstance(rows, slice):
+        t[(slice(None),) * dim + (rows,)] += values
+    else:
+        t.index_add_(dim, rows, values)
 
 
 def _run_forward(run, q, k_panel, v_panel, scale, out, lse):
@@ -633,11 +625,8 @@ def _fused_forward(q, k, v, bias, pattern, scale, plan):
             if mask is not None and (row.has_empty_rows or bias is not None):
                 # the kernel reports 0, not -inf, for rows that see no key
                 block_lse = block_lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
-            _put(out, row.rows, block_out)
-            if isinstance(row.rows, slice):
-                lse[:, :, row.rows] = block_lse
-            else:
-                lse.index_copy_(2, row.rows, block_lse.to(lse.dtype))
+            _put_rows(out, row.rows, block_out.transpose(1, 2), 1)
+            _put_rows(lse, row.rows, block_lse, 2)
     return out, lse
 
 
@@ -677,9 +666,9 @@ def _fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse):
                 attn_mask=mask,
                 scale=scale,
             )
-            _put(dq, rows, dq_b)
-            _add(dk_panel, row.panel_keys, dk_b)
-            _add(dv_panel, row.panel_keys, dv_b)
+            _put_rows(dq, rows, dq_b.transpose(1, 2), 1)
+            _add_rows(dk_panel, row.panel_keys, dk_b.transpose(1, 2), 1)
+            _add_rows(dv_panel, row.panel_keys, dv_b.transpose(1, 2), 1)
         if panel.keys is not None:
             dk.index_add_(1, panel.keys, dk_panel)
             dv.index_add_(1, panel.keys, dv_panel)
@@ -761,13 +750,6 @@ def _accumulate_bias_grad(dbias: torch.Tensor, d_scores: torch.Tensor, row: _Row
         dbias.index_add_(2, row.rows, d_scores)
 
 
-def _add_keys(grad: torch.Tensor, update: torch.Tensor, keys: slice | torch.Tensor) -> None:
-    if isinstance(keys, slice):
-        grad[:, :, keys] += update
-    else:
-        grad.index_add_(2, keys, update)
-
-
 def blockwise_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -792,37 +774,21 @@ def blockwise_attention(
     return _Blockwise.apply(q, k, v, bias, head_groups, scale, score_mod, block, *captured)
 
 
-def _head_slice(heads) -> slice | None:
-    """``heads`` as a slice when they are evenly spaced and increasing."""
+def _head_index(heads, device: torch.device) -> slice | torch.Tensor:
+    """``heads`` as a slice when evenly spaced and increasing (selected as a strided view), else
+    as an index tensor."""
     step = heads[1] - heads[0] if len(heads) > 1 else 1
     if step > 0 and list(heads) == list(range(heads[0], heads[-1] + 1, step)):
         return slice(heads[0], heads[-1] + 1, step)
-    return None
+    return torch.tensor(heads, device=device)
 
 
 def _select_heads(t: torch.Tensor, heads, dim: int) -> torch.Tensor:
     """Heads ``heads`` of ``t`` along ``dim``: a strided view when evenly spaced, else a copy."""
-    where = _head_slice(heads)
-    if where is not None:
+    where = _head_index(heads, t.device)
+    if isinstance(where, slice):
         return t[(slice(None),) * dim + (where,)]
-    return t.index_select(dim, torch.tensor(heads, device=t.device))
-
-
-def _write_heads(t: torch.Tensor, heads, values: torch.Tensor, dim: int) -> None:
-    where = _head_slice(heads)
-    if where is not None:
-        t[(slice(None),) * dim + (where,)] = values
-    else:
-        t.index_copy_(dim, torch.tensor(heads, device=t.device), values.to(t.dtype))
-
-
-def _add_heads(t: torch.Tensor, heads, values: torch.Tensor, dim: int) -> None:
-    """Add ``values`` at ``heads`` along ``dim`` (repeated heads add up: GQA)."""
-    where = _head_slice(heads)
-    if where is not None:
-        t[(slice(None),) * dim + (where,)] += values
-    else:
-        t.index_add_(dim, torch.tensor(heads, device=t.device), values.to(t.dtype))
+    return t.index_select(dim, where)
 
 
 @functools.lru_cache(maxsize=64)
