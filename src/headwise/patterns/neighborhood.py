@@ -178,12 +178,13 @@ class Neighborhood(Pattern):
 
 
 def _tile_edges(size: int, rank: int) -> tuple[int, ...]:
-    """Tile edge per axis for tiles of about ``size`` queries, the last axis half as long as the
-    others: 32 -> (8, 4) on a 2-D grid, (4, 4, 2) on a 3-D grid."""
+    """Tile edge per axis for tiles of at most ``size`` queries (powers of two, the last axis
+    never longer than the others): 16 -> (4, 4), 32 -> (8, 4) on a 2-D grid; 32 -> (4, 4, 2) on
+    a 3-D grid."""
     if rank == 1:
         return (size,)
-    edge = max(1, round((2 * size) ** (1 / rank)))
-    return (*(edge,) * (rank - 1), max(1, round(size / edge ** (rank - 1))))
+    bits = max(0, size.bit_length() - 1)
+    return tuple(1 << (bits // rank + (axis < bits % rank)) for axis in range(rank))
 
 
 def _per_axis(name: str, value, rank: int, kind=int) -> tuple:
