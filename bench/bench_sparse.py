@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", nargs="+", default=["flex", "blockwise"])
+    parser.add_argument("--backends", nargs="+", default=["flex", "blockwise", "native"])
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()

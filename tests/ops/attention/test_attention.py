@@ -38,7 +38,7 @@ def check_against_oracle(backend, q, k, v, pattern=None, bias=None, score_mod=No
     """Run ``backend`` and compare out, LSE and grads of q, k, v (and bias) with the oracle."""
     dtype = q.dtype
     q_len, kv_len = q.shape[1], k.shape[1]
-    lse_wanted = backend in ("blockwise", "reference")
+    lse_wanted = backend in ("blockwise", "reference", "native")
     result = attention(
         q, k, v, pattern, bias=bias, score_mod=score_mod, backend=backend, return_lse=lse_wanted
     )
@@ -84,13 +84,17 @@ PATTERNS = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", PATTERNS)
-@pytest.mark.parametrize("backend", ["blockwise", "reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["blockwise", "native", "reference", "sdpa"])
 def test_backend_matches_oracle(backend, name, dtype):
     pattern = PATTERNS[name]
     q, k, v = make_inputs(dtype=dtype)
     if backend == "sdpa" and name not in ("none", "causal", "causal_top_left"):
         with pytest.raises(ValueError, match="not full or plain causal"):
             attention(q, k, v, pattern, backend="sdpa")
+        return
+    if backend == "native" and dtype != torch.float32:
+        with pytest.raises(ValueError, match="takes float32"):
+            attention(q, k, v, pattern, backend="native")
         return
     check_against_oracle(backend, q, k, v, pattern)
 
@@ -131,11 +135,11 @@ def test_score_mod_softcap(dtype):
 @pytest.mark.parametrize(
     "q_len,kv_len", [(1, 1), (1, 50), (50, 1), (65, 64), (64, 65), (129, 200), (200, 129)]
 )
-@pytest.mark.parametrize("backend", ["blockwise", "sdpa"])
+@pytest.mark.parametrize("backend", ["blockwise", "native", "sdpa"])
 def test_odd_lengths_and_cross_attention(backend, q_len, kv_len):
     q, k, v = make_inputs(batch=1, q_len=q_len, kv_len=kv_len)
     check_against_oracle(backend, q, k, v, P.causal())
-    if backend == "blockwise":
+    if backend != "sdpa":
         check_against_oracle(backend, q, k, v, P.sliding_window(7, 2))
 
 
@@ -143,13 +147,16 @@ def test_odd_lengths_and_cross_attention(backend, q_len, kv_len):
 def test_head_dims(dim):
     q, k, v = make_inputs(batch=1, q_len=33, kv_len=33, dim=dim)
     check_against_oracle("blockwise", q, k, v, P.sliding_window(8))
+    check_against_oracle("native", q, k, v, P.sliding_window(8))
     check_against_oracle("sdpa", q, k, v, P.causal())
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_gqa_ratios(group):
     q, k, v = make_inputs(heads=8, kv_heads=8 // group)
-    check_against_oracle("blockwise", q, k, v, P.per_head([P.causal(), P.sliding_window(2)] * 4))
+    per_head = P.per_head([P.causal(), P.sliding_window(2)] * 4)
+    check_against_oracle("blockwise", q, k, v, per_head)
+    check_against_oracle("native", q, k, v, per_head)
     check_against_oracle("sdpa", q, k, v, P.causal())
 
 
@@ -157,10 +164,11 @@ def test_value_dim_differs_from_head_dim():
     q, k, _ = make_inputs()
     v = torch.randn(2, 37, 2, 24, requires_grad=True)
     check_against_oracle("blockwise", q, k, v, P.causal())
+    check_against_oracle("native", q, k, v, P.sliding_window(5))
     check_against_oracle("sdpa", q, k, v)
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["blockwise", "native", "reference", "sdpa"])
 def test_rows_without_keys_are_zero_not_nan(backend):
     # bottom-right causal with Lq > Lk: the first Lq - Lk rows see nothing
     q, k, v = make_inputs(batch=1, q_len=20, kv_len=8)
@@ -186,7 +194,7 @@ def test_lse_gradient_flows():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+@pytest.mark.parametrize("backend", ["blockwise", "native", "reference"])
 @pytest.mark.parametrize("name", ["window_sinks", "documents", "per_head", "block_sparse"])
 def test_masked_keys_cannot_influence_output(backend, name):
     pattern = PATTERNS[name]
@@ -270,16 +278,23 @@ def test_score_mod_captured_tensors_get_gradients():
 
 
 # ----------------------------------------------------------------- the auto rule
-def test_auto_picks_sdpa_for_dense_and_blockwise_for_sparse():
+def test_auto_picks_sdpa_for_dense_native_or_blockwise_for_sparse():
     q, k, v = make_inputs()
     assert explain(q, k, v).backend == "sdpa"
     assert explain(q, k, v, P.causal()).backend == "sdpa"
     choice = explain(q, k, v, P.sliding_window(4))
-    assert choice.backend == "blockwise"
+    assert choice.backend == "native"  # float32 on CPU, the kernel compiled (test_tiles.py)
     assert "not full or plain causal" in choice.reasons["sdpa"][0]
     choice = explain(q, k, v, P.causal(), return_lse=True)
-    assert choice.backend == "blockwise" and "log-sum-exp" in choice.reasons["sdpa"][0]
-    assert "blockwise" in str(choice)
+    assert choice.backend == "native" and "log-sum-exp" in choice.reasons["sdpa"][0]
+    assert "native" in str(choice)
+    # what the native kernel does not take goes to blockwise, with the reason named
+    bias = torch.randn(37, 37)
+    choice = explain(q, k, v, P.sliding_window(4), bias=bias)
+    assert choice.backend == "blockwise" and "bias" in choice.reasons["native"][0]
+    half = [t.detach().bfloat16() for t in (q, k, v)]
+    choice = explain(*half, P.sliding_window(4))
+    assert choice.backend == "blockwise" and "float32" in choice.reasons["native"][0]
 
 
 def test_auto_never_silently_falls_back_to_reference_for_large_problems():
@@ -448,6 +463,8 @@ def test_batched_runs_and_gathered_panels_match_oracle(name, dtype):
         assert all(keys is None for keys, _ in pattern.key_panels(length, length, DEFAULT_BLOCK))
     q, k, v = make_inputs(batch=2, q_len=length, kv_len=length, dtype=dtype)
     check_against_oracle("blockwise", q, k, v, pattern)
+    if dtype == torch.float32:
+        check_against_oracle("native", q, k, v, pattern)
 
 
 def test_heads_not_evenly_spaced_are_copied_not_viewed():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from headwise.ops.attention.blockwise import blockwise_attention
 from headwise.ops.attention.problem import AttentionProblem, bias_4d
 from headwise.ops.attention.reference import reference_attention
+from headwise.ops.attention.tiles import available as tiles_available
 from headwise.patterns import Pattern
 from headwise.patterns.library import Causal, Full
 
@@ -234,6 +235,32 @@ class BlockwiseBackend(Backend):
         return blockwise_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
 
 
+class NativeBackend(Backend):
+    name = "native"
+    summary = (
+        "headwise's C tile kernel (CPU, float32): 16-query tiles, only the keys they may see; "
+        "backward as blockwise"
+    )
+
+    def reasons(self, problem):
+        reasons = []
+        if problem.device.type != "cpu":
+            reasons.append(f"the native tile kernel runs on CPU, not {problem.device.type}")
+        if problem.dtype != torch.float32:
+            reasons.append(f"the native tile kernel takes float32, not {problem.dtype}")
+        if problem.has_bias or problem.has_score_mod:
+            reasons.append("bias and score_mod are not supported by the native tile kernel")
+        if not reasons and not tiles_available():
+            reasons.append(
+                "the native tile kernel did not compile (no C compiler?) or HEADWISE_NATIVE=0"
+            )
+        return reasons
+
+    def run(self, q, k, v, pattern, scale, bias, score_mod):
+        return blockwise_attention(q, k, v, pattern, scale=scale, native=True)
+
+
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (SdpaBackend(), FlexBackend(), BlockwiseBackend(), ReferenceBackend())
+    b.name: b
+    for b in (SdpaBackend(), FlexBackend(), NativeBackend(), BlockwiseBackend(), ReferenceBackend())
 }

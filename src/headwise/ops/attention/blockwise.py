@@ -43,7 +43,10 @@ import torch
 
 from headwise.ops.attention.problem import ScoreMod, bias_4d
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
-from headwise.patterns import EMPTY, Pattern
+from headwise.ops.attention.tiles import available as tiles_available
+from headwise.ops.attention.tiles import supports as tiles_supported
+from headwise.ops.attention.tiles import tiles_forward
+from headwise.patterns import EMPTY, Pattern, full
 
 DEFAULT_BLOCK = 32
 #: the backward pass runs groups this many times larger (PyTorch's CPU backward kernel does
@@ -282,12 +285,15 @@ class _Blockwise(torch.autograd.Function):
     gradient per input instead of a zero-padded one per group."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, *captured):
+    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, native, *captured):
         ctx.fused = _use_fused(q, v, score_mod)
         parts = []
         for pattern, heads in head_groups:
-            plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
             qs, ks, vs, bs = _head_views(q, k, v, bias, heads)
+            if native:
+                parts.append(tiles_forward(qs, ks, vs, pattern or full(), scale))
+                continue
+            plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
             if ctx.fused:
                 parts.append(_fused_forward(qs, ks, vs, bs, pattern, scale, plan))
             else:
@@ -324,7 +330,7 @@ class _Blockwise(torch.autograd.Function):
                 fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad
             )
             grad_q, grad_k, grad_v, grad_bias, d_captured = grads
-            return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+            return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
         grad_q = torch.empty_like(q)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_bias = torch.zeros_like(bias) if need_bias_grad else None
@@ -354,7 +360,7 @@ class _Blockwise(torch.autograd.Function):
                     full += dbias
             for total, part in zip(d_captured, d_leaves):
                 total += part
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
 
 
 def _head_views(q, k, v, bias, heads):
@@ -760,18 +766,27 @@ def blockwise_attention(
     bias: torch.Tensor | None = None,
     score_mod: ScoreMod | None = None,
     block: int = DEFAULT_BLOCK,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
 
-    ``lse`` is float32 (float64 for float64 inputs).
+    ``lse`` is float32 (float64 for float64 inputs). ``native=True`` runs the forward pass on
+    headwise's C tile kernel (:mod:`headwise.ops.attention.tiles`: float32 on CPU, no bias or
+    ``score_mod``); the backward pass is the same either way.
     """
+    if native and not (bias is None and score_mod is None and tiles_supported(q, k, v)):
+        raise ValueError(
+            "native=True needs float32 CPU tensors, no bias or score_mod, and the compiled tile "
+            f"kernel (available: {tiles_available()}); got {q.dtype} on {q.device}, "
+            f"bias={bias is not None}, score_mod={score_mod is not None}"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
     groups = _head_groups(pattern, q.shape[1], k.shape[1], block)
     # Heads with different patterns: one pass per distinct pattern, each skipping its own empty
     # blocks, instead of one pass over the union of all heads' blocks.
     head_groups = ((pattern, None),) if groups is None else tuple((p, tuple(h)) for p, h in groups)
-    return _Blockwise.apply(q, k, v, bias, head_groups, scale, score_mod, block, *captured)
+    return _Blockwise.apply(q, k, v, bias, head_groups, scale, score_mod, block, native, *captured)
 
 
 def _head_index(heads, device: torch.device) -> slice | torch.Tensor:

@@ -4,9 +4,11 @@ Priority (first backend with no reasons against it wins):
 
 * CUDA: ``sdpa`` (dense / plain causal; FlashAttention-class kernels) -> ``flex`` (any pattern,
   compiled, block-sparse) -> ``blockwise`` -> ``reference``.
-* CPU and other devices: ``sdpa`` -> ``blockwise`` (any pattern, forward and backward, no
-  compilation) -> ``reference``. ``flex`` runs on CPU only for inference without LSE and pays a
-  compilation per shape, so it is used on CPU only when asked for by name.
+* CPU and other devices: ``sdpa`` -> ``native`` (headwise's C tile kernel: float32 on CPU, any
+  pattern without bias or ``score_mod``, backward as blockwise) -> ``blockwise`` (any pattern,
+  any dtype, forward and backward, no compilation) -> ``reference``. ``flex`` runs on CPU only
+  for inference without LSE and pays a compilation per shape, so it is used on CPU only when
+  asked for by name.
 
 ``reference`` is the last resort and is refused by ``auto`` above ``REFERENCE_AUTO_LIMIT`` score
 entries: a large problem never silently falls back to the L x L path.
@@ -20,7 +22,7 @@ from headwise.ops.attention.backends import BACKENDS, REFERENCE_AUTO_LIMIT
 from headwise.ops.attention.problem import AttentionProblem
 
 _CUDA_ORDER = ("sdpa", "flex", "blockwise", "reference")
-_OTHER_ORDER = ("sdpa", "blockwise", "reference")
+_OTHER_ORDER = ("sdpa", "native", "blockwise", "reference")
 
 
 @dataclass(frozen=True)
