@@ -45,7 +45,7 @@ from headwise.ops.attention.problem import ScoreMod, bias_4d
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
 from headwise.ops.attention.tiles import available as tiles_available
 from headwise.ops.attention.tiles import supports as tiles_supported
-from headwise.ops.attention.tiles import tiles_forward
+from headwise.ops.attention.tiles import tiles_backward, tiles_forward
 from headwise.patterns import EMPTY, Pattern, full
 
 DEFAULT_BLOCK = 32
@@ -287,12 +287,15 @@ class _Blockwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, native, *captured):
         ctx.fused = _use_fused(q, v, score_mod)
+        ctx.native = native
+        if native:
+            out, lse = _native_forward(q, k, v, head_groups, scale)
+            ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
+            ctx.params = (head_groups, scale, score_mod, block)
+            return out, lse
         parts = []
         for pattern, heads in head_groups:
             qs, ks, vs, bs = _head_views(q, k, v, bias, heads)
-            if native:
-                parts.append(tiles_forward(qs, ks, vs, pattern or full(), scale))
-                continue
             plan = _plan(pattern, q.shape[1], k.shape[1], block, str(q.device))
             if ctx.fused:
                 parts.append(_fused_forward(qs, ks, vs, bs, pattern, scale, plan))
@@ -316,6 +319,9 @@ class _Blockwise(torch.autograd.Function):
         q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
         head_groups, scale, score_mod, block = ctx.params
+        if ctx.native:
+            grads = _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale)
+            return *grads, None, None, None, None, None, None
         # Backward in groups twice as large: the kernel's dK, dV per group overlap less.
         plans = [
             _plan(pattern, q.shape[1], k.shape[1], BACKWARD_BLOCK_FACTOR * block, str(q.device))
@@ -361,6 +367,25 @@ class _Blockwise(torch.autograd.Function):
             for total, part in zip(d_captured, d_leaves):
                 total += part
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
+
+
+def _native_forward(q, k, v, head_groups, scale):
+    """The tile kernel, one call per head group, all writing into one output."""
+    out = q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[0], q.shape[2], q.shape[1])
+    for pattern, heads in head_groups:
+        tiles_forward(q, k, v, pattern or full(), scale, heads, out=out)
+    return out
+
+
+def _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale):
+    grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if grad_lse is not None and not grad_lse.any():
+        grad_lse = None
+    for pattern, heads in head_groups:
+        tiles_backward(
+            grad_out, grad_lse, q, k, v, out, lse, pattern or full(), scale, grads, heads
+        )
+    return grads
 
 
 def _head_views(q, k, v, bias, heads):

@@ -1,19 +1,24 @@
-/* Exact softmax attention for tiles of up to LANES queries, in plain C with vector extensions.
+/* Exact softmax attention, forward and backward, for tiles of up to LANES queries, in plain C
+ * with vector extensions. headwise compiles this file on first use (tiles.py).
  *
- * headwise compiles this file on first use (see tiles.py) with -O3 -march=native. One work item
- * is (batch, head, tile): the tile's queries sit in the lanes of one vector, its keys are runs
- * ("segments") of consecutive positions, and a key entry carries a bit per lane saying which of
- * the tile's queries may see it. For every key the kernel computes all LANES scores at once:
+ * A tile's queries sit in the lanes of one vector; its keys are runs ("segments") of consecutive
+ * positions; a key entry may carry a bit per lane saying which of the tile's queries see it.
+ * Every key costs one broadcast FMA per head dimension for all lanes at once:
  *
- *     S[n] = scale * log2(e) * (q_lane . k_n)      one vector FMA per head dimension
- *     P[n] = 2^(S[n] - max_n S[n]),  l = sum_n P[n],  O_lane = sum_n P[n] v_n / l,
- *     lse_lane = ln(2) * (max_n S[n] + log2 l)       (natural log, -inf for a query seeing nothing)
+ *   forward   S[n] = scale log2(e) q . k_n,  P[n] = 2^(S[n] - max S),  l = sum P,
+ *             O = sum_n P[n] v_n / l,  lse = ln 2 (max S + log2 l)   (natural log; -inf if empty)
+ *   backward  P[n] = 2^(S[n] - log2(e) lse),  dP[n] = dO . v_n,  D = rowsum(dO * O) - dlse,
+ *             dS[n] = P[n] (dP[n] - D),  dQ = scale sum_n dS[n] k_n,
+ *             dK[n] += scale sum_lanes dS[n] q,  dV[n] += sum_lanes P[n] dO
  *
- * K is read transposed ([dim][position]) so that the keys of a segment are consecutive floats:
- * the inner loop is a broadcast-FMA with a constant displacement, with KEY_CHUNK accumulators in
- * registers. Unlike a rectangular kernel call (every query of a group against the whole union of
- * its keys, as a block of a fused attention kernel), the K panel needs no packing per tile, and
- * the tile can be small (4 x 4 on a 2-D grid) without losing GEMM efficiency.
+ * The K, V (and dO) rows are read in place, each key through its own pointer at constant
+ * displacements (KEY_CHUNK keys, KEY_CHUNK accumulators), so nothing is packed per tile and a
+ * tile can be small (4 x 4 on a 2-D grid) without losing efficiency: a query costs the keys of
+ * its tile's union, where a block of a fused attention kernel costs the union of a larger group.
+ *
+ * Work is split over PyTorch's OpenMP runtime when built with -fopenmp (same libgomp.so.1 soname,
+ * so it is the runtime already loaded): forward items are (batch, head, tile); backward units are
+ * (batch, K/V head) so that no two threads add into the same dK, dV rows.
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -36,13 +41,21 @@ typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 #endif
 
 struct problem {
-    const float *q; int64_t q_sb, q_st, q_sh;          /* q[b, t, h, d], d contiguous */
-    const float *k; int64_t k_sb, k_st, k_sh;          /* k[b, t, hk, d], d contiguous */
-    const float *v; int64_t v_sb, v_st, v_sh;          /* v[b, t, hk, d], d contiguous */
-    float *out; int64_t o_sb, o_st, o_sh;              /* out[b, t, h, d], d contiguous */
-    float *lse; int64_t l_sb, l_sh;                    /* lse[b, h, t] */
-    int64_t heads, group, dim, dim_v;                  /* group: query heads per K/V head */
-    double scale_log2;                                 /* softmax scale * log2(e) */
+    const float *q; int64_t q_sb, q_st, q_sh;          /* [b, t, h, d], d contiguous */
+    const float *k; int64_t k_sb, k_st, k_sh;          /* [b, t, kv, d] */
+    const float *v; int64_t v_sb, v_st, v_sh;          /* [b, t, kv, d] */
+    float *out; int64_t o_sb, o_st, o_sh;              /* [b, t, h, d] (read in backward) */
+    float *lse; int64_t l_sb, l_sh;                    /* [b, h, t] (read in backward) */
+    const float *dout; int64_t do_sb, do_st, do_sh;    /* [b, t, h, d] backward only */
+    const float *dlse; int64_t dl_sb, dl_sh;           /* [b, h, t] or NULL */
+    float *dq; int64_t dq_sb, dq_st, dq_sh;            /* [b, t, h, d] written */
+    float *dk; int64_t dk_sb, dk_st, dk_sh;            /* [b, t, kv, d] added to */
+    float *dv; int64_t dv_sb, dv_st, dv_sh;            /* [b, t, kv, d] added to */
+    int64_t batch, group, dim, dim_v;                  /* group: query heads per K/V head */
+    const int32_t *heads; int64_t n_heads;             /* the query heads to process */
+    const int64_t *unit_offsets; const int32_t *unit_heads; int64_t n_units;
+    /* backward units: K/V head j of the call covers heads[unit_heads[unit_offsets[j]..]] */
+    double scale;
     int64_t tiles, max_keys;
     const int32_t *rows;        /* [tiles][LANES] query positions, -1: empty lane */
     const int64_t *seg_offsets; /* [tiles + 1] into seg_start / seg_len */
@@ -51,6 +64,9 @@ struct problem {
     const int32_t *bits;        /* lane bits per key entry, per head of the pattern */
     int64_t bits_head_stride;   /* 0 when every head shares the pattern */
 };
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.69314718055994531f
 
 static inline vf splat(float x) { return (vf){0} + x; }
 
@@ -64,7 +80,7 @@ static inline vf exp2_vec(vf x) {
     vi underflow = x < splat(-126.0f);
     x = select_bits(underflow, splat(-126.0f), x);
     vf r = (x + splat(12582912.0f)) - splat(12582912.0f); /* round to nearest */
-    vf f = (x - r) * splat(0.69314718055994531f);
+    vf f = (x - r) * splat(LN2);
     vf p = splat(1.0f / 5040.0f);
     p = p * f + splat(1.0f / 720.0f);
     p = p * f + splat(1.0f / 120.0f);
@@ -78,38 +94,40 @@ static inline vf exp2_vec(vf x) {
     return select_bits(underflow, splat(0.0f), p * two_n);
 }
 
-/* scores of N keys at consecutive positions (row stride st): N accumulators, one broadcast FMA
- * per key and dimension, each key read through its own pointer at constant displacements */
-#define DEFINE_QK(N)                                                                       \
-    static void qk_##N(const vf *qt, const float *k, int64_t st, int64_t dim, vf *s) {     \
-        const float *key[N];                                                               \
-        vf acc[N];                                                                         \
-        _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) {                             \
-            key[c] = k + c * st;                                                           \
-            acc[c] = splat(0.0f);                                                          \
-        }                                                                                  \
-        int64_t d = 0;                                                                     \
-        for (; d + 8 <= dim; d += 8) {                                                     \
-            _Pragma("GCC unroll 8") for (int dd = 0; dd < 8; ++dd) {                       \
-                const vf qv = qt[d + dd];                                                  \
-                _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) acc[c] += qv * key[c][d + dd]; \
-            }                                                                              \
-        }                                                                                  \
-        for (; d < dim; ++d) {                                                             \
-            const vf qv = qt[d];                                                           \
-            _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) acc[c] += qv * key[c][d]; \
-        }                                                                                  \
-        _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) s[c] = acc[c];                \
+/* s[c] = sum_d xt[d] * rows[c][d] for N rows at stride st: N accumulators, one broadcast FMA per
+ * row and dimension, each row through its own pointer at constant displacements */
+#define DEFINE_DOT(N)                                                                     \
+    static void dot_##N(const vf *xt, const float *rows, int64_t st, int64_t dim, vf *s) { \
+        const float *row[N];                                                              \
+        vf acc[N];                                                                        \
+        _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) {                            \
+            row[c] = rows + c * st;                                                       \
+            acc[c] = splat(0.0f);                                                         \
+        }                                                                                 \
+        int64_t d = 0;                                                                    \
+        for (; d + 8 <= dim; d += 8) {                                                    \
+            _Pragma("GCC unroll 8") for (int dd = 0; dd < 8; ++dd) {                      \
+                const vf x = xt[d + dd];                                                  \
+                _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c)                      \
+                    acc[c] += x * row[c][d + dd];                                         \
+            }                                                                             \
+        }                                                                                 \
+        for (; d < dim; ++d) {                                                            \
+            const vf x = xt[d];                                                           \
+            _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) acc[c] += x * row[c][d]; \
+        }                                                                                 \
+        _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) s[c] = acc[c];               \
     }
 
-/* W output dimensions of P V over every key of the tile */
-#define DEFINE_PV(W)                                                                          \
-    static void pv_##W(const vf *p, const float *v, int64_t st, const int32_t *start,        \
-                       const int32_t *len, int64_t segs, vf *o) {                             \
+/* o[c] = sum over the tile's keys n of p[n] * rows[n][c], for W columns (one vector per column,
+ * lanes = the tile's queries) */
+#define DEFINE_MIX(W)                                                                         \
+    static void mix_##W(const vf *p, const float *rows, int64_t st, const int32_t *start,    \
+                        const int32_t *len, int64_t segs, vf *o) {                            \
         vf acc[W];                                                                            \
         _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) acc[c] = splat(0.0f);            \
         for (int64_t g = 0; g < segs; ++g) {                                                  \
-            const float *row = v + start[g] * st;                                             \
+            const float *row = rows + start[g] * st;                                          \
             for (int32_t n = 0; n < len[g]; ++n, ++p, row += st) {                            \
                 const vf pn = *p;                                                             \
                 _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) acc[c] += pn * row[c];   \
@@ -118,65 +136,156 @@ static inline vf exp2_vec(vf x) {
         _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) o[c] = acc[c];                   \
     }
 
-#define REPEAT_6(M) M(1) M(2) M(3) M(4) M(5) M(6)
-#define REPEAT_16(M) REPEAT_6(M) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15) M(16)
-#define ENTRY(N) qk_##N,
-#define PV_ENTRY(W) pv_##W,
-
-#define REPEAT_8(M) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8)
-REPEAT_8(DEFINE_QK)
-static void (*const QK[])(const vf *, const float *, int64_t, int64_t, vf *) = {
-    0, REPEAT_8(ENTRY)};
-
-#if DIM_CHUNK == 16
-REPEAT_16(DEFINE_PV)
-static void (*const PV[])(const vf *, const float *, int64_t, const int32_t *, const int32_t *,
-                          int64_t, vf *) = {0, REPEAT_16(PV_ENTRY)};
-#else
-REPEAT_6(DEFINE_PV)
-static void (*const PV[])(const vf *, const float *, int64_t, const int32_t *, const int32_t *,
-                          int64_t, vf *) = {0, REPEAT_6(PV_ENTRY)};
-#endif
-
-static void tile(const struct problem *p, int64_t b, int64_t h, int64_t t, vf *qt, vf *s) {
-    const int32_t *rows = p->rows + t * LANES;
-    const int64_t kv = h / p->group;
-    const int64_t dim = p->dim;
-    const float scale = (float)p->scale_log2;
-
-    /* the tile's queries, transposed: qt[d] holds dimension d of every lane */
-    memset(qt, 0, sizeof(vf) * dim);
-    float *qs = (float *)qt;
-    for (int lane = 0; lane < LANES; ++lane) {
-        if (rows[lane] < 0) continue;
-        const float *src = p->q + b * p->q_sb + rows[lane] * p->q_st + h * p->q_sh;
-        for (int64_t d = 0; d < dim; ++d) qs[d * LANES + lane] = src[d] * scale;
+/* dst[c][:width] += scale * sum_lanes coef[c][lane] * rows[lane][:width] for N rows of dst at
+ * stride st; rows: LANES rows of ld floats (ld a multiple of LANES, zero padded) */
+#define DEFINE_OUTER(N)                                                                      \
+    static void outer_##N(const float *rows, int64_t ld, const vf *coef, float *dst,        \
+                          int64_t st, int64_t width, float scale) {                          \
+        const float *cf = (const float *)coef;                                               \
+        for (int64_t d0 = 0; d0 < width; d0 += LANES) {                                      \
+            vf acc[N];                                                                       \
+            _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) acc[c] = splat(0.0f);       \
+            _Pragma("GCC unroll 16") for (int lane = 0; lane < LANES; ++lane) {              \
+                const vf x = *(const vf *)(rows + lane * ld + d0);                           \
+                _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c)                         \
+                    acc[c] += x * cf[c * LANES + lane];                                      \
+            }                                                                                \
+            const int64_t w = width - d0 < LANES ? width - d0 : LANES;                       \
+            for (int c = 0; c < N; ++c) {                                                    \
+                float *out = dst + c * st + d0;                                              \
+                if (w == LANES) {                                                            \
+                    vf cur;                                                                  \
+                    memcpy(&cur, out, sizeof cur);                                           \
+                    cur += acc[c] * scale;                                                   \
+                    memcpy(out, &cur, sizeof cur);                                           \
+                } else {                                                                     \
+                    for (int64_t i = 0; i < w; ++i) out[i] += acc[c][i] * scale;             \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
     }
 
-    /* scores, segment by segment */
-    const int64_t seg0 = p->seg_offsets[t], segs = p->seg_offsets[t + 1] - seg0;
-    const int32_t *start = p->seg_start + seg0, *len = p->seg_len + seg0;
-    const float *k = p->k + b * p->k_sb + kv * p->k_sh;
+#define REPEAT_4(M) M(1) M(2) M(3) M(4)
+#define REPEAT_6(M) REPEAT_4(M) M(5) M(6)
+#define REPEAT_8(M) REPEAT_6(M) M(7) M(8)
+#define REPEAT_16(M) REPEAT_8(M) M(9) M(10) M(11) M(12) M(13) M(14) M(15) M(16)
+#define DOT_ENTRY(N) dot_##N,
+#define MIX_ENTRY(W) mix_##W,
+#define OUTER_ENTRY(N) outer_##N,
+
+typedef void (*dot_fn)(const vf *, const float *, int64_t, int64_t, vf *);
+typedef void (*mix_fn)(const vf *, const float *, int64_t, const int32_t *, const int32_t *,
+                       int64_t, vf *);
+typedef void (*outer_fn)(const float *, int64_t, const vf *, float *, int64_t, int64_t, float);
+
+#if KEY_CHUNK == 8
+REPEAT_8(DEFINE_DOT)
+REPEAT_8(DEFINE_OUTER)
+static const dot_fn DOT[] = {0, REPEAT_8(DOT_ENTRY)};
+static const outer_fn OUTER[] = {0, REPEAT_8(OUTER_ENTRY)};
+#else
+REPEAT_4(DEFINE_DOT)
+REPEAT_4(DEFINE_OUTER)
+static const dot_fn DOT[] = {0, REPEAT_4(DOT_ENTRY)};
+static const outer_fn OUTER[] = {0, REPEAT_4(OUTER_ENTRY)};
+#endif
+#if DIM_CHUNK == 16
+REPEAT_16(DEFINE_MIX)
+static const mix_fn MIX[] = {0, REPEAT_16(MIX_ENTRY)};
+#else
+REPEAT_6(DEFINE_MIX)
+static const mix_fn MIX[] = {0, REPEAT_6(MIX_ENTRY)};
+#endif
+
+/* per-thread scratch */
+struct scratch {
+    vf *xt;     /* a tile's q (then dO) transposed: [dim][lanes] */
+    vf *s, *ds; /* per key: scores / probabilities, dP / dS */
+    float *q_rows, *do_rows; /* [LANES][ld]: a tile's q and dO rows, zero padded */
+    int64_t ld_q, ld_do;
+};
+
+static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+static int scratch_init(struct scratch *w, const struct problem *p, int backward) {
+    const int64_t dim = p->dim > p->dim_v ? p->dim : p->dim_v;
+    const size_t keys = (size_t)(p->max_keys > 0 ? p->max_keys : 1);
+    memset(w, 0, sizeof *w);
+    w->ld_q = padded(p->dim);
+    w->ld_do = padded(p->dim_v);
+    w->xt = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)dim);
+    w->s = aligned_alloc(sizeof(vf), sizeof(vf) * keys);
+    if (backward) {
+        w->ds = aligned_alloc(sizeof(vf), sizeof(vf) * keys);
+        w->q_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_q);
+        w->do_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_do);
+        if (!w->ds || !w->q_rows || !w->do_rows) return -1;
+    }
+    return w->xt && w->s ? 0 : -1;
+}
+
+static void scratch_free(struct scratch *w) {
+    free(w->xt);
+    free(w->s);
+    free(w->ds);
+    free(w->q_rows);
+    free(w->do_rows);
+}
+
+/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes) */
+static void transpose_rows(vf *xt, const float *base, int64_t st, const int32_t *rows,
+                           int64_t dim, float scale) {
+    memset(xt, 0, sizeof(vf) * (size_t)dim);
+    float *x = (float *)xt;
+    for (int lane = 0; lane < LANES; ++lane) {
+        if (rows[lane] < 0) continue;
+        const float *src = base + rows[lane] * st;
+        for (int64_t d = 0; d < dim; ++d) x[d * LANES + lane] = src[d] * scale;
+    }
+}
+
+/* the tile's keys: s[n] = dot(xt, rows[n]) over every key of every segment */
+static int64_t dot_keys(const vf *xt, const float *base, int64_t st, const int32_t *start,
+                        const int32_t *len, int64_t segs, int64_t dim, vf *s) {
     int64_t keys = 0;
     for (int64_t g = 0; g < segs; ++g) {
         for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
             const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
-            QK[n](qt, k + (start[g] + off) * p->k_st, p->k_st, dim, s + keys);
+            DOT[n](xt, base + (start[g] + off) * st, st, dim, s + keys);
             keys += n;
         }
     }
+    return keys;
+}
 
-    /* hidden keys -> -inf, then the softmax over every key */
-    const vf neg_inf = splat(-INFINITY);
-    if (p->bit_offsets[t] >= 0) {
-        const int32_t *bits = p->bits + p->bit_offsets[t] + h * p->bits_head_stride;
-        vi lane_bit;
-        for (int lane = 0; lane < LANES; ++lane) lane_bit[lane] = 1 << lane;
-        for (int64_t n = 0; n < keys; ++n) {
-            vi seen = ((vi){0} + bits[n]) & lane_bit;
-            s[n] = select_bits(seen != 0, s[n], neg_inf);
-        }
+/* hidden keys -> -inf */
+static void apply_bits(const struct problem *p, int64_t hs, int64_t t, vf *s, int64_t keys) {
+    if (p->bit_offsets[t] < 0) return;
+    const int32_t *bits = p->bits + p->bit_offsets[t] + hs * p->bits_head_stride;
+    vi lane_bit;
+    for (int lane = 0; lane < LANES; ++lane) lane_bit[lane] = 1 << lane;
+    for (int64_t n = 0; n < keys; ++n) {
+        vi seen = ((vi){0} + bits[n]) & lane_bit;
+        s[n] = select_bits(seen != 0, s[n], splat(-INFINITY));
     }
+}
+
+static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
+                         struct scratch *w) {
+    const int32_t *rows = p->rows + t * LANES;
+    const int64_t h = p->heads[hs], kv = h / p->group;
+    const int64_t seg0 = p->seg_offsets[t], segs = p->seg_offsets[t + 1] - seg0;
+    const int32_t *start = p->seg_start + seg0, *len = p->seg_len + seg0;
+    const float *k = p->k + b * p->k_sb + kv * p->k_sh;
+    const float *v = p->v + b * p->v_sb + kv * p->v_sh;
+    vf *s = w->s;
+
+    transpose_rows(w->xt, p->q + b * p->q_sb + h * p->q_sh, p->q_st, rows, p->dim,
+                   (float)p->scale * LOG2E);
+    const int64_t keys = dot_keys(w->xt, k, p->k_st, start, len, segs, p->dim, s);
+    apply_bits(p, hs, t, s, keys);
+
+    const vf neg_inf = splat(-INFINITY);
     vf m = neg_inf;
     for (int64_t n = 0; n < keys; ++n) m = select_bits(s[n] > m, s[n], m);
     const vf m_safe = select_bits(m == neg_inf, splat(0.0f), m);
@@ -188,70 +297,156 @@ static void tile(const struct problem *p, int64_t b, int64_t h, int64_t t, vf *q
     vf inv_l;
     for (int lane = 0; lane < LANES; ++lane) inv_l[lane] = l[lane] > 0 ? 1.0f / l[lane] : 0.0f;
 
-    /* out = P V / l, DIM_CHUNK dimensions at a time */
-    const float *v = p->v + b * p->v_sb + kv * p->v_sh;
     vf o[DIM_CHUNK];
     for (int64_t d0 = 0; d0 < p->dim_v; d0 += DIM_CHUNK) {
-        const int w = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
-        PV[w](s, v + d0, p->v_st, start, len, segs, o);
-        for (int c = 0; c < w; ++c) o[c] *= inv_l;
+        const int cols = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
+        MIX[cols](s, v + d0, p->v_st, start, len, segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
             float *dst = p->out + b * p->o_sb + rows[lane] * p->o_st + h * p->o_sh + d0;
-            for (int c = 0; c < w; ++c) dst[c] = o[c][lane];
+            for (int c = 0; c < cols; ++c) dst[c] = o[c][lane] * inv_l[lane];
         }
     }
     for (int lane = 0; lane < LANES; ++lane) {
         if (rows[lane] < 0) continue;
         p->lse[b * p->l_sb + h * p->l_sh + rows[lane]] =
-            l[lane] > 0 ? (m_safe[lane] + log2f(l[lane])) * 0.69314718055994531f : -INFINITY;
+            l[lane] > 0 ? (m_safe[lane] + log2f(l[lane])) * LN2 : -INFINITY;
     }
 }
 
-static int run_items(const struct problem *p, int64_t begin, int64_t end) {
-    const size_t qt_bytes = sizeof(vf) * (size_t)p->dim;
-    const size_t s_bytes = sizeof(vf) * (size_t)(p->max_keys > 0 ? p->max_keys : 1);
-    vf *qt = aligned_alloc(sizeof(vf), qt_bytes);
-    vf *s = aligned_alloc(sizeof(vf), s_bytes);
-    if (!qt || !s) {
-        free(qt);
-        free(s);
-        return -1;
+static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
+                          struct scratch *w) {
+    const int32_t *rows = p->rows + t * LANES;
+    const int64_t h = p->heads[hs], kv = h / p->group;
+    const int64_t seg0 = p->seg_offsets[t], segs = p->seg_offsets[t + 1] - seg0;
+    const int32_t *start = p->seg_start + seg0, *len = p->seg_len + seg0;
+    const float *k = p->k + b * p->k_sb + kv * p->k_sh;
+    const float *v = p->v + b * p->v_sb + kv * p->v_sh;
+    const float *q = p->q + b * p->q_sb + h * p->q_sh;
+    const float *dout = p->dout + b * p->do_sb + h * p->do_sh;
+    const float scale = (float)p->scale;
+    vf *s = w->s, *ds = w->ds;
+
+    /* per lane: log2-domain lse (+inf for empty rows: P = 0) and D = rowsum(dO * O) - dlse */
+    vf lse2 = splat(INFINITY), delta = splat(0.0f);
+    memset(w->q_rows, 0, sizeof(float) * LANES * (size_t)w->ld_q);
+    memset(w->do_rows, 0, sizeof(float) * LANES * (size_t)w->ld_do);
+    for (int lane = 0; lane < LANES; ++lane) {
+        if (rows[lane] < 0) continue;
+        const int64_t r = rows[lane];
+        const float lse = p->lse[b * p->l_sb + h * p->l_sh + r];
+        if (isinf(lse)) continue;
+        lse2[lane] = lse * LOG2E;
+        const float *o = p->out + b * p->o_sb + r * p->o_st + h * p->o_sh;
+        const float *g = dout + r * p->do_st;
+        float sum = 0.0f;
+        for (int64_t d = 0; d < p->dim_v; ++d) sum += g[d] * o[d];
+        if (p->dlse) sum -= p->dlse[b * p->dl_sb + h * p->dl_sh + r];
+        delta[lane] = sum;
+        memcpy(w->q_rows + lane * w->ld_q, q + r * p->q_st, sizeof(float) * (size_t)p->dim);
+        memcpy(w->do_rows + lane * w->ld_do, g, sizeof(float) * (size_t)p->dim_v);
     }
-    for (int64_t item = begin; item < end; ++item) {
+
+    /* P and dS for every key */
+    transpose_rows(w->xt, q, p->q_st, rows, p->dim, scale * LOG2E);
+    const int64_t keys = dot_keys(w->xt, k, p->k_st, start, len, segs, p->dim, s);
+    apply_bits(p, hs, t, s, keys);
+    transpose_rows(w->xt, dout, p->do_st, rows, p->dim_v, 1.0f);
+    dot_keys(w->xt, v, p->v_st, start, len, segs, p->dim_v, ds);
+    for (int64_t n = 0; n < keys; ++n) {
+        s[n] = exp2_vec(s[n] - lse2);
+        ds[n] = s[n] * (ds[n] - delta);
+    }
+
+    /* dQ = scale dS K (each query row belongs to one tile: written, not added) */
+    vf o[DIM_CHUNK];
+    for (int64_t d0 = 0; d0 < p->dim; d0 += DIM_CHUNK) {
+        const int cols = p->dim - d0 < DIM_CHUNK ? (int)(p->dim - d0) : DIM_CHUNK;
+        MIX[cols](ds, k + d0, p->k_st, start, len, segs, o);
+        for (int lane = 0; lane < LANES; ++lane) {
+            if (rows[lane] < 0) continue;
+            float *dst = p->dq + b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
+            for (int c = 0; c < cols; ++c) dst[c] = o[c][lane] * scale;
+        }
+    }
+
+    /* dK += scale dS^T Q, dV += P^T dO, KEY_CHUNK keys at a time */
+    float *dk = p->dk + b * p->dk_sb + kv * p->dk_sh;
+    float *dv = p->dv + b * p->dv_sb + kv * p->dv_sh;
+    int64_t n0 = 0;
+    for (int64_t g = 0; g < segs; ++g) {
+        for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
+            const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
+            const int64_t key = start[g] + off;
+            OUTER[n](w->q_rows, w->ld_q, ds + n0, dk + key * p->dk_st, p->dk_st, p->dim, scale);
+            OUTER[n](w->do_rows, w->ld_do, s + n0, dv + key * p->dv_st, p->dv_st, p->dim_v, 1.0f);
+            n0 += n;
+        }
+    }
+}
+
+/* Forward: items (batch, head, tile), tile fastest, split evenly over the threads. Returns 0,
+ * or -1 when scratch memory could not be allocated. */
+static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
+    struct scratch w;
+    int failed = scratch_init(&w, p, 0);
+    for (int64_t item = begin; !failed && item < end; ++item) {
         const int64_t t = item % p->tiles;
-        const int64_t h = (item / p->tiles) % p->heads;
-        const int64_t b = item / (p->tiles * p->heads);
-        tile(p, b, h, t, qt, s);
+        const int64_t hs = (item / p->tiles) % p->n_heads;
+        tile_forward(p, item / (p->tiles * p->n_heads), hs, t, &w);
     }
-    free(qt);
-    free(s);
-    return 0;
+    scratch_free(&w);
+    return failed;
 }
 
-/* All work items (batch x heads x tiles, tile fastest) on `threads` OpenMP threads: built with
- * -fopenmp this is the OpenMP runtime PyTorch already runs (same soname), so its workers take
- * the items instead of spinning beside other threads. Returns 0, or -1 when scratch memory could
- * not be allocated. */
-int headwise_tiles_forward(const struct problem *p, int64_t items, int threads) {
+/* Backward: units (batch, K/V head), each every tile of every query head sharing that K/V
+ * head, so a unit's dK, dV rows are its own. */
+static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
+    struct scratch w;
+    int failed = scratch_init(&w, p, 1);
+    for (int64_t unit = begin; !failed && unit < end; ++unit) {
+        const int64_t b = unit / p->n_units, j = unit % p->n_units;
+        for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i)
+            for (int64_t t = 0; t < p->tiles; ++t) tile_backward(p, b, p->unit_heads[i], t, &w);
+    }
+    scratch_free(&w);
+    return failed;
+}
+
+static int run(const struct problem *p, int backward, int64_t items, int threads) {
+    int (*range)(const struct problem *, int64_t, int64_t) =
+        backward ? backward_range : forward_range;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-        failed |= run_items(p, items * i / n, items * (i + 1) / n);
+        failed |= range(p, items * i / n, items * (i + 1) / n);
     }
 #else
     (void)threads;
-    failed = run_items(p, 0, items);
+    failed = range(p, 0, items);
 #endif
     return failed;
 }
 
-/* Items [begin, end) on the calling thread, for builds without OpenMP (tiles.py then splits
- * the items among Python threads; ctypes releases the GIL). */
+/* Entry points. With OpenMP, `threads` threads of the runtime PyTorch already loaded; without,
+ * the *_range entries let tiles.py split the items among Python threads (ctypes releases the
+ * GIL). Each returns 0, or -1 when scratch memory could not be allocated. */
+int headwise_tiles_forward(const struct problem *p, int threads) {
+    return run(p, 0, p->batch * p->n_heads * p->tiles, threads);
+}
+
+int headwise_tiles_backward(const struct problem *p, int threads) {
+    return run(p, 1, p->batch * p->n_units, threads);
+}
+
 int headwise_tiles_forward_range(const struct problem *p, int64_t begin, int64_t end) {
-    return run_items(p, begin, end);
+    return forward_range(p, begin, end);
+}
+
+int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_t end) {
+    return backward_range(p, begin, end);
 }
 
 int headwise_tiles_openmp(void) {

@@ -1,14 +1,16 @@
-"""The native CPU forward kernel for sparse patterns: exact attention on tiles of 16 queries.
+"""The native CPU kernel for sparse patterns: exact attention on tiles of 16 queries.
 
-``tiles.c`` is compiled on first use with the system C compiler (``-O3 -march=native``) and
-loaded with :mod:`ctypes`; when no compiler works, or ``HEADWISE_NATIVE=0`` is set,
-:func:`available` is false and the blockwise path keeps PyTorch's fused kernel. The kernel puts a
-tile's queries in the lanes of one vector and, per key, computes every lane's score with one
-broadcast FMA per head dimension, so a query costs the keys of its tile's window union and no
-more: a 4 x 4 tile of a 2-D neighborhood (k = 16) reads 19 x 19 keys, 1.41x the 16 x 16 each
-query needs, where a 32-query group of PyTorch's kernel reads 1.71x, and the kernel packs no K
-block per tile. The softmax of each lane is exact (two passes over the tile's scores) and ``lse``
-is in natural log like the other paths, so the blockwise backward pass runs on what it returns.
+``tiles.c`` is compiled on first use with the system C compiler (``-O3 -march=native -fopenmp``,
+cached under ``~/.cache/headwise`` or ``$HEADWISE_CACHE``) and loaded with :mod:`ctypes`; when no
+compiler works, or ``HEADWISE_NATIVE=0`` is set, :func:`available` is false and the ``auto``
+dispatch uses the blockwise path instead. The kernel puts a tile's queries in the lanes of one
+vector and, per key, computes every lane's score with one broadcast FMA per head dimension, so a
+query costs the keys of its tile's window union and no more: a 4 x 4 tile of a 2-D neighborhood
+(k = 16) reads 19 x 19 keys, 1.41x the 16 x 16 each query needs, where a 32-query group of
+PyTorch's fused kernel reads 1.71x, and no K block is packed per tile. The softmax of each lane is
+exact (two passes over the tile's scores); ``lse`` is in natural log like the other paths. The
+backward pass recomputes P from ``lse`` (FlashAttention-2 style) and splits work by K/V head, so
+no two threads add into the same dK, dV rows.
 
 Plans (query tiles, key segments, per-key lane bits) are cached per pattern and lengths.
 """
@@ -34,25 +36,26 @@ from headwise.patterns import Pattern
 _SOURCE = Path(__file__).with_name("tiles.c")
 #: queries per tile: the lanes of the kernel's vectors (``LANES`` in tiles.c)
 LANES = 16
-_LOG2E = 1.4426950408889634
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _fields(spec: str) -> list[tuple[str, type]]:
+    """``"q* q_sb q_st"`` -> ctypes fields; ``*`` marks a pointer."""
+    return [(n.rstrip("*"), _PTR if n.endswith("*") else _I64) for n in spec.split()]
 
 
 class _Problem(ctypes.Structure):
     """``struct problem`` of tiles.c, field for field."""
 
     _fields_ = [
-        ("q", _PTR), ("q_sb", _I64), ("q_st", _I64), ("q_sh", _I64),
-        ("k", _PTR), ("k_sb", _I64), ("k_st", _I64), ("k_sh", _I64),
-        ("v", _PTR), ("v_sb", _I64), ("v_st", _I64), ("v_sh", _I64),
-        ("out", _PTR), ("o_sb", _I64), ("o_st", _I64), ("o_sh", _I64),
-        ("lse", _PTR), ("l_sb", _I64), ("l_sh", _I64),
-        ("heads", _I64), ("group", _I64), ("dim", _I64), ("dim_v", _I64),
-        ("scale_log2", ctypes.c_double),
-        ("tiles", _I64), ("max_keys", _I64),
-        ("rows", _PTR), ("seg_offsets", _PTR), ("seg_start", _PTR), ("seg_len", _PTR),
-        ("bit_offsets", _PTR), ("bits", _PTR), ("bits_head_stride", _I64),
-    ]  # fmt: skip
+        *_fields("q* q_sb q_st q_sh k* k_sb k_st k_sh v* v_sb v_st v_sh out* o_sb o_st o_sh"),
+        *_fields("lse* l_sb l_sh dout* do_sb do_st do_sh dlse* dl_sb dl_sh"),
+        *_fields("dq* dq_sb dq_st dq_sh dk* dk_sb dk_st dk_sh dv* dv_sb dv_st dv_sh"),
+        *_fields("batch group dim dim_v heads* n_heads unit_offsets* unit_heads* n_units"),
+        ("scale", ctypes.c_double),
+        *_fields("tiles max_keys rows* seg_offsets* seg_start* seg_len* bit_offsets* bits*"),
+        *_fields("bits_head_stride"),
+    ]
 
 
 def _cache_dir() -> Path:
@@ -102,8 +105,11 @@ def _library() -> ctypes.CDLL | None:
             continue
         if lib.headwise_tiles_lanes() != LANES:
             continue
-        lib.headwise_tiles_forward.argtypes = [ctypes.POINTER(_Problem), _I64, ctypes.c_int]
-        lib.headwise_tiles_forward_range.argtypes = [ctypes.POINTER(_Problem), _I64, _I64]
+        problem = ctypes.POINTER(_Problem)
+        for entry in (lib.headwise_tiles_forward, lib.headwise_tiles_backward):
+            entry.argtypes = [problem, ctypes.c_int]
+        for entry in (lib.headwise_tiles_forward_range, lib.headwise_tiles_backward_range):
+            entry.argtypes = [problem, _I64, _I64]
         return lib
     return None
 
@@ -180,57 +186,151 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel can take these inputs: float32 CPU tensors, and the kernel compiled."""
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)) and available()
-    )
+    return _float32_cpu(q, k, v) and available()
+
+
+def _float32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _view(t: torch.Tensor | None, dims: int = 3) -> list:
+    """A tensor as the pointer and leading strides of ``struct problem`` (0s for ``None``)."""
+    if t is None:
+        return [None] + [0] * dims
+    return [t.data_ptr(), *t.stride()[:dims]]
+
+
+class _Call:
+    """One kernel call: the heads it covers (``heads``: indices into the tensors' head dim) and
+    the pattern's plan, with the tensors bound to ``struct problem``."""
+
+    def __init__(self, pattern: Pattern, q, k, v, heads, scale: float):
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the native tile kernel is not available on this machine")
+        if not _float32_cpu(q, k, v):
+            raise ValueError(
+                "the native tile kernel takes float32 CPU tensors; got q, k, v as "
+                f"{[(t.dtype, t.device.type) for t in (q, k, v)]}"
+            )
+        self.lib = lib
+        self.batch, self.q_len, all_heads, self.dim = q.shape
+        self.kv_len, kv_heads = k.shape[1], k.shape[2]
+        self.group = all_heads // kv_heads
+        self.heads = torch.tensor(range(all_heads) if heads is None else heads, dtype=torch.int32)
+        self.empty = min(self.batch, self.q_len, self.kv_len, len(self.heads)) == 0
+        self.plan = None if self.empty else tile_plan(pattern, self.q_len, self.kv_len)
+        if self.plan is not None and self.plan.bits.shape[0] not in (1, len(self.heads)):
+            raise ValueError(
+                f"pattern has {self.plan.bits.shape[0]} heads; the call has {len(self.heads)}"
+            )
+        self.q, self.k, self.v = (_last_dim_contiguous(t) for t in (q, k, v))
+        self.scale = scale
+
+    def problem(self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None) -> _Problem:
+        plan = self.plan
+        kv = torch.unique(self.heads // self.group)
+        units = [torch.nonzero(self.heads // self.group == j).flatten() for j in kv]
+        self.unit_heads = torch.cat(units).to(torch.int32)
+        self.unit_offsets = torch.tensor([0, *[len(u) for u in units]]).cumsum(0)
+        return _Problem(
+            *_view(self.q), *_view(self.k), *_view(self.v), *_view(out), *_view(lse, 2),
+            *_view(dout), *_view(dlse, 2), *_view(dq), *_view(dk), *_view(dv),
+            self.batch, self.group, self.dim, self.v.shape[3],
+            self.heads.data_ptr(), len(self.heads),
+            self.unit_offsets.data_ptr(), self.unit_heads.data_ptr(), len(units),
+            self.scale,
+            len(plan.rows), plan.max_keys, plan.rows.data_ptr(), plan.seg_offsets.data_ptr(),
+            plan.seg_start.data_ptr(), plan.seg_len.data_ptr(), plan.bit_offsets.data_ptr(),
+            plan.bits.data_ptr(), plan.bits.shape[1] if plan.bits.shape[0] > 1 else 0,
+        )  # fmt: skip
+
+    def run(self, problem: _Problem, backward: bool) -> None:
+        lib = self.lib
+        items = self.batch * (
+            problem.n_units if backward else len(self.heads) * len(self.plan.rows)
+        )
+        threads = max(1, min(torch.get_num_threads(), items))
+        entry = lib.headwise_tiles_backward if backward else lib.headwise_tiles_forward
+        if lib.headwise_tiles_openmp() or threads == 1:
+            status = [entry(ctypes.byref(problem), threads)]
+        else:
+            ranged = (
+                lib.headwise_tiles_backward_range if backward else lib.headwise_tiles_forward_range
+            )
+            bounds = [items * i // threads for i in range(threads + 1)]
+            call = functools.partial(ranged, ctypes.byref(problem))
+            status = list(_pool(threads).map(call, bounds[:-1], bounds[1:]))
+        if any(status):
+            raise MemoryError("the native tile kernel could not allocate its scratch memory")
+
+
+def _check_out(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape or t.dtype != torch.float32 or (t.numel() and t.stride(-1) != 1):
+        raise ValueError(
+            f"{name} must be float32 {shape} with a contiguous last dim; got {t.dtype} "
+            f"{tuple(t.shape)}, strides {t.stride()}"
+        )
 
 
 def tiles_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    heads: list[int] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``pattern`` for float32 CPU ``(B, L, H, D)`` tensors (GQA allowed):
-    ``out`` ``(B, Lq, H, Dv)``, ``lse`` ``(B, H, Lq)``; rows that see no key give 0 and -inf."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native tile kernel is not available on this machine")
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)):
-        raise ValueError(
-            "the native tile kernel takes float32 CPU tensors; got q, k, v as "
-            f"{[(t.dtype, t.device.type) for t in (q, k, v)]}"
-        )
-    batch, q_len, heads, dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    out = q.new_zeros(batch, q_len, heads, v.shape[3])
-    lse = torch.full((batch, heads, q_len), float("-inf"))
-    if q_len == 0 or kv_len == 0 or batch == 0:
-        return out, lse
-    plan = tile_plan(pattern, q_len, kv_len)
-    if plan.bits.shape[0] not in (1, heads):
-        raise ValueError(f"pattern has {plan.bits.shape[0]} heads; q has {heads}")
-    q = q if q.stride(3) == 1 else q.contiguous()
-    v = v if v.stride(3) == 1 else v.contiguous()
-    k = k if k.stride(3) == 1 else k.contiguous()
-    problem = _Problem(
-        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
-        lse.data_ptr(), lse.stride(0), lse.stride(1),
-        heads, heads // kv_heads, dim, v.shape[3],
-        scale * _LOG2E,
-        len(plan.rows), plan.max_keys,
-        plan.rows.data_ptr(), plan.seg_offsets.data_ptr(), plan.seg_start.data_ptr(),
-        plan.seg_len.data_ptr(), plan.bit_offsets.data_ptr(), plan.bits.data_ptr(),
-        plan.bits.shape[1] if plan.bits.shape[0] > 1 else 0,
-    )  # fmt: skip
-    items = batch * heads * len(plan.rows)
-    threads = max(1, min(torch.get_num_threads(), items))
-    if lib.headwise_tiles_openmp() or threads == 1:
-        status = [lib.headwise_tiles_forward(ctypes.byref(problem), items, threads)]
-    else:
-        bounds = [items * i // threads for i in range(threads + 1)]
-        run = functools.partial(lib.headwise_tiles_forward_range, ctypes.byref(problem))
-        status = list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
-    if any(status):
-        raise MemoryError("the native tile kernel could not allocate its scratch memory")
-    return out, lse
+    ``out`` ``(B, Lq, H, Dv)``, ``lse`` ``(B, H, Lq)``; rows that see no key give 0 and -inf.
+
+    ``heads``: only these query heads (the pattern then has one head or ``len(heads)``); their
+    rows of ``out`` are written, the others left as they are. ``out``: ``(out, lse)`` tensors to
+    write into instead of new ones."""
+    call = _Call(pattern, q, k, v, heads, scale)
+    batch, q_len, n_heads = q.shape[:3]
+    if out is None:
+        out = (q.new_empty(batch, q_len, n_heads, v.shape[3]), q.new_empty(batch, n_heads, q_len))
+    result, lse = out
+    _check_out("out", result, (batch, q_len, n_heads, v.shape[3]))
+    _check_out("lse", lse, (batch, n_heads, q_len))
+    if call.empty:
+        result[:, :, call.heads.long()] = 0
+        lse[:, call.heads.long()] = float("-inf")
+        return result, lse
+    call.run(call.problem(result, lse), backward=False)
+    return result, lse
+
+
+def tiles_backward(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    heads: list[int] | None = None,
+) -> None:
+    """Gradients of :func:`tiles_forward` for ``heads`` (``None``: all): dQ written into
+    ``grads[0]``'s rows of those heads, dK and dV added into ``grads[1]``, ``grads[2]`` (float32,
+    shaped like q, k, v). ``grad_lse`` may be ``None``."""
+    call = _Call(pattern, q, k, v, heads, scale)
+    for name, grad, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        _check_out(name, grad, tuple(like.shape))
+    if call.empty:
+        grads[0][:, :, call.heads.long()] = 0
+        return
+    grad_out, out = (_last_dim_contiguous(t.float()) for t in (grad_out, out))
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    problem = call.problem(out, lse, grad_out, grad_lse, *grads)
+    call.run(problem, backward=True)
