@@ -29,6 +29,7 @@ def test_kernel_compiles_where_ci_runs():
 
 needs_kernel = pytest.mark.skipif(not available(), reason="native tile kernel not built")
 
+_SEEDED = torch.Generator().manual_seed(3)
 PLAN_PATTERNS = {
     "window": (P.sliding_window(20, 9), 203),
     "neighborhood_2d": (P.neighborhood((20, 24), 7), 480),
@@ -37,7 +38,7 @@ PLAN_PATTERNS = {
         240,
     ),
     "neighborhood_3d": (P.neighborhood((5, 6, 7), (3, 5, 3)), 210),
-    "block_sparse": (P.block_sparse(torch.rand(6, 6) > 0.5, 16), 96),
+    "block_sparse": (P.block_sparse(torch.rand(6, 6, generator=_SEEDED) > 0.5, 16), 96),
     "window_sinks": (P.sliding_window(12) | P.sinks(3), 100),
     "documents_with_empty": (P.documents([30, 0, 1, 33], causal=True), 64),
 }
@@ -85,7 +86,7 @@ NUMERIC_CASES = {
     ),
     "long_window_runs": (P.sliding_window(100), 1, 300, 2, 1, 8),
     "scattered_blocks": (
-        P.block_sparse(torch.rand(5, 5) > 0.5, 8) | P.sinks(2), 1, 40, 3, 3, 40
+        P.block_sparse(torch.rand(5, 5, generator=_SEEDED) > 0.5, 8) | P.sinks(2), 1, 40, 3, 3, 40
     ),
     "head_dim_256": (P.sliding_window(9), 1, 50, 2, 1, 256),
     "head_dim_100": (P.sliding_window(9, 9), 1, 50, 2, 2, 100),
@@ -172,3 +173,17 @@ def test_without_a_compiler_auto_falls_back_to_blockwise(tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["False", "blockwise"]
+
+
+def test_plans_stay_cached_within_their_budget(monkeypatch):
+    import headwise.ops.attention.tiles as tiles
+
+    monkeypatch.setattr(tiles, "_PLANS", tiles.collections.OrderedDict())
+    windows = [P.sliding_window(w) for w in range(1, 41)]  # 40 layers' worth of patterns
+    first = [tile_plan(p, 100, 100) for p in windows]
+    assert all(tile_plan(p, 100, 100) is f for p, f in zip(windows, first))
+    # past the entry budget the least recently used plans go first, the newest stays
+    monkeypatch.setattr(tiles, "PLAN_CACHE_ENTRIES", 1)
+    newest = tile_plan(P.sliding_window(50), 100, 100)
+    assert list(tiles._PLANS) == [(P.sliding_window(50), 100, 100)]
+    assert tile_plan(P.sliding_window(50), 100, 100) is newest

@@ -36,8 +36,9 @@ def attention(
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` applied to the scaled scores before
             ``bias`` (e.g. softcap). It must broadcast over index tensors (FlexAttention style).
         return_lse: also return the log-sum-exp ``(B, H, Lq)``.
-        backend: ``"auto"``, one of ``"sdpa"``, ``"flex"``, ``"blockwise"``, ``"reference"``,
-            or a tuple of names to restrict ``auto`` to. :func:`explain` tells what ``auto`` picks.
+        backend: ``"auto"``, one of ``"sdpa"``, ``"flex"``, ``"native"``, ``"blockwise"``,
+            ``"reference"``, or a tuple of names to restrict ``auto`` to. :func:`explain`
+            tells what ``auto`` picks.
 
     Returns:
         ``out`` ``(B, Lq, H, Dv)``, or ``(out, lse)`` when ``return_lse``.

@@ -28,7 +28,10 @@ What keeps the CPU path close to the FLOP bound (``bench/bench_sparse.py``):
 Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
 slopes) get their gradients too, by local autograd on each recomputed block.
 
-This is the CPU training path for sparse patterns (FlexAttention has no CPU backward).
+On CPU in float32 without bias or ``score_mod`` the ``native`` backend (:mod:`.tiles`, a C kernel
+for 16-query tiles, forward and backward) is faster and runs through this module's autograd
+Function (``native=True``); this path serves everything else: bfloat16, bias and ``score_mod``
+with their gradients, other devices, and machines without a C compiler.
 """
 
 from __future__ import annotations
@@ -370,21 +373,17 @@ class _Blockwise(torch.autograd.Function):
 
 
 def _native_forward(q, k, v, head_groups, scale):
-    """The tile kernel, one call per head group, all writing into one output."""
-    out = q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[0], q.shape[2], q.shape[1])
-    for pattern, heads in head_groups:
-        tiles_forward(q, k, v, pattern or full(), scale, heads, out=out)
-    return out
+    """The tile kernel, all head groups in one call."""
+    groups = [(pattern or full(), heads) for pattern, heads in head_groups]
+    return tiles_forward(q, k, v, groups, scale)
 
 
 def _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale):
     grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if grad_lse is not None and not grad_lse.any():
         grad_lse = None
-    for pattern, heads in head_groups:
-        tiles_backward(
-            grad_out, grad_lse, q, k, v, out, lse, pattern or full(), scale, grads, heads
-        )
+    groups = [(pattern or full(), heads) for pattern, heads in head_groups]
+    tiles_backward(grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads)
     return grads
 
 

@@ -40,6 +40,17 @@ typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 #define DIM_CHUNK 6
 #endif
 
+/* the tiles of one pattern (tiles.py: TilePlan) */
+struct plan {
+    int64_t tiles;
+    const int32_t *rows;        /* [tiles][LANES] query positions, -1: empty lane */
+    const int64_t *seg_offsets; /* [tiles + 1] into seg_start / seg_len */
+    const int32_t *seg_start, *seg_len;
+    const int64_t *bit_offsets; /* [tiles] into bits (key entries in segment order); -1: none */
+    const int32_t *bits;        /* lane bits per key entry, per head of the pattern */
+    int64_t bits_head_stride;   /* 0 when every head shares the pattern */
+};
+
 struct problem {
     const float *q; int64_t q_sb, q_st, q_sh;          /* [b, t, h, d], d contiguous */
     const float *k; int64_t k_sb, k_st, k_sh;          /* [b, t, kv, d] */
@@ -53,16 +64,13 @@ struct problem {
     float *dv; int64_t dv_sb, dv_st, dv_sh;            /* [b, t, kv, d] added to */
     int64_t batch, group, dim, dim_v;                  /* group: query heads per K/V head */
     const int32_t *heads; int64_t n_heads;             /* the query heads to process */
+    const int32_t *head_plan, *head_rank;              /* per head: its plan, its head there */
+    const int64_t *tile_offsets;                       /* [n_heads + 1]: forward items per b */
     const int64_t *unit_offsets; const int32_t *unit_heads; int64_t n_units;
     /* backward units: K/V head j of the call covers heads[unit_heads[unit_offsets[j]..]] */
     double scale;
-    int64_t tiles, max_keys;
-    const int32_t *rows;        /* [tiles][LANES] query positions, -1: empty lane */
-    const int64_t *seg_offsets; /* [tiles + 1] into seg_start / seg_len */
-    const int32_t *seg_start, *seg_len;
-    const int64_t *bit_offsets; /* [tiles] into bits (key entries in segment order); -1: none */
-    const int32_t *bits;        /* lane bits per key entry, per head of the pattern */
-    int64_t bits_head_stride;   /* 0 when every head shares the pattern */
+    int64_t max_keys;
+    const struct plan *plans;
 };
 
 #define LOG2E 1.4426950408889634f
@@ -259,9 +267,9 @@ static int64_t dot_keys(const vf *xt, const float *base, int64_t st, const int32
 }
 
 /* hidden keys -> -inf */
-static void apply_bits(const struct problem *p, int64_t hs, int64_t t, vf *s, int64_t keys) {
-    if (p->bit_offsets[t] < 0) return;
-    const int32_t *bits = p->bits + p->bit_offsets[t] + hs * p->bits_head_stride;
+static void apply_bits(const struct plan *plan, int64_t rank, int64_t t, vf *s, int64_t keys) {
+    if (plan->bit_offsets[t] < 0) return;
+    const int32_t *bits = plan->bits + plan->bit_offsets[t] + rank * plan->bits_head_stride;
     vi lane_bit;
     for (int lane = 0; lane < LANES; ++lane) lane_bit[lane] = 1 << lane;
     for (int64_t n = 0; n < keys; ++n) {
@@ -272,10 +280,11 @@ static void apply_bits(const struct problem *p, int64_t hs, int64_t t, vf *s, in
 
 static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                          struct scratch *w) {
-    const int32_t *rows = p->rows + t * LANES;
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    const int32_t *rows = plan->rows + t * LANES;
     const int64_t h = p->heads[hs], kv = h / p->group;
-    const int64_t seg0 = p->seg_offsets[t], segs = p->seg_offsets[t + 1] - seg0;
-    const int32_t *start = p->seg_start + seg0, *len = p->seg_len + seg0;
+    const int64_t seg0 = plan->seg_offsets[t], segs = plan->seg_offsets[t + 1] - seg0;
+    const int32_t *start = plan->seg_start + seg0, *len = plan->seg_len + seg0;
     const float *k = p->k + b * p->k_sb + kv * p->k_sh;
     const float *v = p->v + b * p->v_sb + kv * p->v_sh;
     vf *s = w->s;
@@ -283,7 +292,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     transpose_rows(w->xt, p->q + b * p->q_sb + h * p->q_sh, p->q_st, rows, p->dim,
                    (float)p->scale * LOG2E);
     const int64_t keys = dot_keys(w->xt, k, p->k_st, start, len, segs, p->dim, s);
-    apply_bits(p, hs, t, s, keys);
+    apply_bits(plan, p->head_rank[hs], t, s, keys);
 
     const vf neg_inf = splat(-INFINITY);
     vf m = neg_inf;
@@ -316,10 +325,11 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                           struct scratch *w) {
-    const int32_t *rows = p->rows + t * LANES;
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    const int32_t *rows = plan->rows + t * LANES;
     const int64_t h = p->heads[hs], kv = h / p->group;
-    const int64_t seg0 = p->seg_offsets[t], segs = p->seg_offsets[t + 1] - seg0;
-    const int32_t *start = p->seg_start + seg0, *len = p->seg_len + seg0;
+    const int64_t seg0 = plan->seg_offsets[t], segs = plan->seg_offsets[t + 1] - seg0;
+    const int32_t *start = plan->seg_start + seg0, *len = plan->seg_len + seg0;
     const float *k = p->k + b * p->k_sb + kv * p->k_sh;
     const float *v = p->v + b * p->v_sb + kv * p->v_sh;
     const float *q = p->q + b * p->q_sb + h * p->q_sh;
@@ -350,7 +360,7 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
     /* P and dS for every key */
     transpose_rows(w->xt, q, p->q_st, rows, p->dim, scale * LOG2E);
     const int64_t keys = dot_keys(w->xt, k, p->k_st, start, len, segs, p->dim, s);
-    apply_bits(p, hs, t, s, keys);
+    apply_bits(plan, p->head_rank[hs], t, s, keys);
     transpose_rows(w->xt, dout, p->do_st, rows, p->dim_v, 1.0f);
     dot_keys(w->xt, v, p->v_st, start, len, segs, p->dim_v, ds);
     for (int64_t n = 0; n < keys; ++n) {
@@ -390,10 +400,13 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
 static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
     struct scratch w;
     int failed = scratch_init(&w, p, 0);
+    const int64_t per_batch = p->tile_offsets[p->n_heads];
+    int64_t hs = 0;
     for (int64_t item = begin; !failed && item < end; ++item) {
-        const int64_t t = item % p->tiles;
-        const int64_t hs = (item / p->tiles) % p->n_heads;
-        tile_forward(p, item / (p->tiles * p->n_heads), hs, t, &w);
+        const int64_t b = item / per_batch, i = item % per_batch;
+        if (i < p->tile_offsets[hs]) hs = 0;
+        while (i >= p->tile_offsets[hs + 1]) ++hs;
+        tile_forward(p, b, hs, i - p->tile_offsets[hs], &w);
     }
     scratch_free(&w);
     return failed;
@@ -406,8 +419,11 @@ static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
     int failed = scratch_init(&w, p, 1);
     for (int64_t unit = begin; !failed && unit < end; ++unit) {
         const int64_t b = unit / p->n_units, j = unit % p->n_units;
-        for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i)
-            for (int64_t t = 0; t < p->tiles; ++t) tile_backward(p, b, p->unit_heads[i], t, &w);
+        for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i) {
+            const int64_t hs = p->unit_heads[i];
+            const int64_t tiles = p->plans[p->head_plan[hs]].tiles;
+            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w);
+        }
     }
     scratch_free(&w);
     return failed;
@@ -434,7 +450,7 @@ static int run(const struct problem *p, int backward, int64_t items, int threads
  * the *_range entries let tiles.py split the items among Python threads (ctypes releases the
  * GIL). Each returns 0, or -1 when scratch memory could not be allocated. */
 int headwise_tiles_forward(const struct problem *p, int threads) {
-    return run(p, 0, p->batch * p->n_heads * p->tiles, threads);
+    return run(p, 0, p->batch * p->tile_offsets[p->n_heads], threads);
 }
 
 int headwise_tiles_backward(const struct problem *p, int threads) {

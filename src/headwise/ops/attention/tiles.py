@@ -17,6 +17,7 @@ Plans (query tiles, key segments, per-key lane bits) are cached per pattern and 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import ctypes
 import functools
@@ -26,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,13 @@ def _fields(spec: str) -> list[tuple[str, type]]:
     return [(n.rstrip("*"), _PTR if n.endswith("*") else _I64) for n in spec.split()]
 
 
+class _Plan(ctypes.Structure):
+    """``struct plan`` of tiles.c, field for field."""
+
+    _fields_ = _fields("tiles rows* seg_offsets* seg_start* seg_len* bit_offsets* bits*")
+    _fields_ += _fields("bits_head_stride")
+
+
 class _Problem(ctypes.Structure):
     """``struct problem`` of tiles.c, field for field."""
 
@@ -51,10 +60,10 @@ class _Problem(ctypes.Structure):
         *_fields("q* q_sb q_st q_sh k* k_sb k_st k_sh v* v_sb v_st v_sh out* o_sb o_st o_sh"),
         *_fields("lse* l_sb l_sh dout* do_sb do_st do_sh dlse* dl_sb dl_sh"),
         *_fields("dq* dq_sb dq_st dq_sh dk* dk_sb dk_st dk_sh dv* dv_sb dv_st dv_sh"),
-        *_fields("batch group dim dim_v heads* n_heads unit_offsets* unit_heads* n_units"),
+        *_fields("batch group dim dim_v heads* n_heads head_plan* head_rank* tile_offsets*"),
+        *_fields("unit_offsets* unit_heads* n_units"),
         ("scale", ctypes.c_double),
-        *_fields("tiles max_keys rows* seg_offsets* seg_start* seg_len* bit_offsets* bits*"),
-        *_fields("bits_head_stride"),
+        *_fields("max_keys plans*"),
     ]
 
 
@@ -133,9 +142,43 @@ class TilePlan:
     bits: torch.Tensor  # int32 (H_p, entries)
     max_keys: int
 
+    def as_struct(self) -> _Plan:
+        pointers = (self.rows, self.seg_offsets, self.seg_start, self.seg_len, self.bit_offsets)
+        return _Plan(
+            len(self.rows),
+            *[t.data_ptr() for t in pointers],
+            self.bits.data_ptr(),
+            self.bits.shape[1] if self.bits.shape[0] > 1 else 0,
+        )
 
-@functools.lru_cache(maxsize=256)
+    @property
+    def entries(self) -> int:
+        return self.bits.numel() + 2 * self.seg_start.numel() + self.rows.numel()
+
+
+#: plans stay cached (least recently used dropped first) up to this many, and while they hold at
+#: most this many int32 entries (512 MiB) in all
+PLAN_CACHE_SIZE = 256
+PLAN_CACHE_ENTRIES = 1 << 27
+_PLANS: collections.OrderedDict[tuple, TilePlan] = collections.OrderedDict()
+
+
 def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
+    """The cached plan of ``pattern`` for these lengths."""
+    key = (pattern, q_len, kv_len)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    _PLANS[key] = plan = _build_plan(pattern, q_len, kv_len)
+    while len(_PLANS) > 1 and (
+        len(_PLANS) > PLAN_CACHE_SIZE
+        or sum(p.entries for p in _PLANS.values()) > PLAN_CACHE_ENTRIES
+    ):
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     rows_list, starts, lengths, seg_counts, bit_offsets, bits = [], [], [], [0], [], []
     entries, max_keys = 0, 1
     for panel_keys, groups in pattern.key_panels(q_len, kv_len, LANES):
@@ -204,11 +247,15 @@ def _view(t: torch.Tensor | None, dims: int = 3) -> list:
     return [t.data_ptr(), *t.stride()[:dims]]
 
 
-class _Call:
-    """One kernel call: the heads it covers (``heads``: indices into the tensors' head dim) and
-    the pattern's plan, with the tensors bound to ``struct problem``."""
+HeadGroups = Sequence[tuple[Pattern, Sequence[int] | None]]
 
-    def __init__(self, pattern: Pattern, q, k, v, heads, scale: float):
+
+class _Call:
+    """One kernel call over head groups ``((pattern, heads), ...)`` (``heads``: indices into the
+    tensors' head dim, ``None``: all), each head with its pattern's plan, the tensors bound to
+    ``struct problem``."""
+
+    def __init__(self, groups: Pattern | HeadGroups, q, k, v, scale: float):
         lib = _library()
         if lib is None:
             raise RuntimeError("the native tile kernel is not available on this machine")
@@ -217,43 +264,57 @@ class _Call:
                 "the native tile kernel takes float32 CPU tensors; got q, k, v as "
                 f"{[(t.dtype, t.device.type) for t in (q, k, v)]}"
             )
-        self.lib = lib
-        self.batch, self.q_len, all_heads, self.dim = q.shape
-        self.kv_len, kv_heads = k.shape[1], k.shape[2]
-        self.group = all_heads // kv_heads
-        self.heads = torch.tensor(range(all_heads) if heads is None else heads, dtype=torch.int32)
-        self.empty = min(self.batch, self.q_len, self.kv_len, len(self.heads)) == 0
-        self.plan = None if self.empty else tile_plan(pattern, self.q_len, self.kv_len)
-        if self.plan is not None and self.plan.bits.shape[0] not in (1, len(self.heads)):
-            raise ValueError(
-                f"pattern has {self.plan.bits.shape[0]} heads; the call has {len(self.heads)}"
-            )
+        self.lib, self.scale = lib, scale
         self.q, self.k, self.v = (_last_dim_contiguous(t) for t in (q, k, v))
-        self.scale = scale
-
-    def problem(self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None) -> _Problem:
-        plan = self.plan
-        kv = torch.unique(self.heads // self.group)
-        units = [torch.nonzero(self.heads // self.group == j).flatten() for j in kv]
+        self.batch, q_len, all_heads, self.dim = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        self.group = all_heads // kv_heads
+        if isinstance(groups, Pattern):
+            groups = ((groups, None),)
+        heads, head_plan, head_rank, self.plans = [], [], [], []
+        for index, (pattern, members) in enumerate(groups):
+            members = list(range(all_heads) if members is None else members)
+            heads += members
+            head_plan += [index] * len(members)
+            head_rank += range(len(members))
+            self.plans.append(None if q_len * kv_len == 0 else tile_plan(pattern, q_len, kv_len))
+            if self.plans[-1] is not None and self.plans[-1].bits.shape[0] not in (1, len(members)):
+                raise ValueError(
+                    f"pattern {pattern} has {self.plans[-1].bits.shape[0]} heads; its group "
+                    f"has {len(members)}"
+                )
+        if len(set(heads)) != len(heads) or not all(0 <= h < all_heads for h in heads):
+            raise ValueError(f"head groups must name distinct heads < {all_heads}; got {heads}")
+        self.heads = torch.tensor(heads, dtype=torch.int32)
+        self.empty = self.batch * q_len * kv_len * len(heads) == 0
+        if self.empty:
+            return
+        self.head_plan = torch.tensor(head_plan, dtype=torch.int32)
+        self.head_rank = torch.tensor(head_rank, dtype=torch.int32)
+        tiles = [len(self.plans[i].rows) for i in head_plan]
+        self.tile_offsets = torch.tensor([0, *tiles]).cumsum(0)
+        kv = self.heads // self.group
+        units = [torch.nonzero(kv == j).flatten() for j in torch.unique(kv)]
         self.unit_heads = torch.cat(units).to(torch.int32)
         self.unit_offsets = torch.tensor([0, *[len(u) for u in units]]).cumsum(0)
+        self.plan_structs = (_Plan * len(self.plans))(*[p.as_struct() for p in self.plans])
+
+    def problem(self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None) -> _Problem:
         return _Problem(
             *_view(self.q), *_view(self.k), *_view(self.v), *_view(out), *_view(lse, 2),
             *_view(dout), *_view(dlse, 2), *_view(dq), *_view(dk), *_view(dv),
             self.batch, self.group, self.dim, self.v.shape[3],
-            self.heads.data_ptr(), len(self.heads),
-            self.unit_offsets.data_ptr(), self.unit_heads.data_ptr(), len(units),
+            self.heads.data_ptr(), len(self.heads), self.head_plan.data_ptr(),
+            self.head_rank.data_ptr(), self.tile_offsets.data_ptr(),
+            self.unit_offsets.data_ptr(), self.unit_heads.data_ptr(), len(self.unit_offsets) - 1,
             self.scale,
-            len(plan.rows), plan.max_keys, plan.rows.data_ptr(), plan.seg_offsets.data_ptr(),
-            plan.seg_start.data_ptr(), plan.seg_len.data_ptr(), plan.bit_offsets.data_ptr(),
-            plan.bits.data_ptr(), plan.bits.shape[1] if plan.bits.shape[0] > 1 else 0,
+            max(plan.max_keys for plan in self.plans), ctypes.addressof(self.plan_structs),
         )  # fmt: skip
 
     def run(self, problem: _Problem, backward: bool) -> None:
         lib = self.lib
-        items = self.batch * (
-            problem.n_units if backward else len(self.heads) * len(self.plan.rows)
-        )
+        per_batch = problem.n_units if backward else int(self.tile_offsets[-1])
+        items = self.batch * per_batch
         threads = max(1, min(torch.get_num_threads(), items))
         entry = lib.headwise_tiles_backward if backward else lib.headwise_tiles_forward
         if lib.headwise_tiles_openmp() or threads == 1:
@@ -281,18 +342,17 @@ def tiles_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pattern: Pattern,
+    pattern: Pattern | HeadGroups,
     scale: float,
-    heads: list[int] | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``pattern`` for float32 CPU ``(B, L, H, D)`` tensors (GQA allowed):
     ``out`` ``(B, Lq, H, Dv)``, ``lse`` ``(B, H, Lq)``; rows that see no key give 0 and -inf.
 
-    ``heads``: only these query heads (the pattern then has one head or ``len(heads)``); their
-    rows of ``out`` are written, the others left as they are. ``out``: ``(out, lse)`` tensors to
-    write into instead of new ones."""
-    call = _Call(pattern, q, k, v, heads, scale)
+    ``pattern`` may be head groups ``((pattern, heads), ...)`` (``heads`` ``None``: all heads),
+    all run in one call; heads in no group are left as they are in ``out`` (``(out, lse)``
+    tensors to write into instead of new ones)."""
+    call = _Call(pattern, q, k, v, scale)
     batch, q_len, n_heads = q.shape[:3]
     if out is None:
         out = (q.new_empty(batch, q_len, n_heads, v.shape[3]), q.new_empty(batch, n_heads, q_len))
@@ -315,15 +375,14 @@ def tiles_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    pattern: Pattern,
+    pattern: Pattern | HeadGroups,
     scale: float,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    heads: list[int] | None = None,
 ) -> None:
-    """Gradients of :func:`tiles_forward` for ``heads`` (``None``: all): dQ written into
-    ``grads[0]``'s rows of those heads, dK and dV added into ``grads[1]``, ``grads[2]`` (float32,
-    shaped like q, k, v). ``grad_lse`` may be ``None``."""
-    call = _Call(pattern, q, k, v, heads, scale)
+    """Gradients of :func:`tiles_forward` (same ``pattern`` or head groups): dQ written into the
+    rows of their heads in ``grads[0]``, dK and dV added into ``grads[1]``, ``grads[2]``
+    (float32, shaped like q, k, v). ``grad_lse`` may be ``None``."""
+    call = _Call(pattern, q, k, v, scale)
     for name, grad, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
         _check_out(name, grad, tuple(like.shape))
     if call.empty:
@@ -332,5 +391,4 @@ def tiles_backward(
     grad_out, out = (_last_dim_contiguous(t.float()) for t in (grad_out, out))
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
-    problem = call.problem(out, lse, grad_out, grad_lse, *grads)
-    call.run(problem, backward=True)
+    call.run(call.problem(out, lse, grad_out, grad_lse, *grads), backward=True)
