@@ -121,7 +121,7 @@ def bench_packed(args, device, dtype, lines):
         fwd = time_call(make(False), device, repeats=args.repeats)
         step = time_call(make(True), device, repeats=args.repeats)
         base = base or step
-        choice = "sdpa" if mode.startswith("padded") else "auto (blockwise/flex)"
+        choice = "sdpa" if mode.startswith("padded") else "auto (native on CPU)"
         row = f"| {mode} | {choice} | {fwd * 1e3:.1f} | {step * 1e3:.1f} | {step / base:.2f} |"
         print(row, flush=True)
         lines.append(row)
@@ -170,7 +170,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", nargs="+", default=["sdpa", "flex", "blockwise", "reference"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["sdpa", "flex", "native", "blockwise", "reference"]
+    )
     parser.add_argument("--backward", action="store_true", help="time forward+backward")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-max", type=int, default=4096)
