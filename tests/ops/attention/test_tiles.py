@@ -6,8 +6,10 @@ compile."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from test_attention import check_against_oracle, make_inputs
 import headwise.patterns as P
 from headwise.ops.attention import attention
 from headwise.ops.attention.reference import reference_attention
-from headwise.ops.attention.tiles import LANES, available, tile_plan, tiles_forward
+from headwise.ops.attention.tiles import available, lanes, tile_plan, tiles_forward
 
 
 def test_kernel_compiles_where_ci_runs():
@@ -50,7 +52,7 @@ def test_plan_tiles_cover_every_query_once_and_bits_are_the_pattern(name):
     pattern, length = PLAN_PATTERNS[name]
     plan = tile_plan(pattern, length, length)
     rows = plan.rows[plan.rows >= 0]
-    assert plan.rows.shape[1] == LANES
+    assert plan.rows.shape[1] == lanes()
     assert torch.equal(rows.sort().values, torch.arange(length, dtype=torch.int32))
     mask = pattern.dense_mask(length, length)[0]
     seen = torch.zeros(length, length, dtype=torch.bool)
@@ -61,8 +63,7 @@ def test_plan_tiles_cover_every_query_once_and_bits_are_the_pattern(name):
              for g in segs] or [torch.zeros(0, dtype=torch.long)]
         )  # fmt: skip
         assert torch.all(keys.diff() > 0), "segments are increasing runs of distinct keys"
-        lanes = plan.rows[t]
-        for lane, row in enumerate(lanes.tolist()):
+        for lane, row in enumerate(plan.rows[t].tolist()):
             if row < 0:
                 continue
             if plan.bit_offsets[t] < 0:
@@ -187,3 +188,25 @@ def test_plans_stay_cached_within_their_budget(monkeypatch):
     newest = tile_plan(P.sliding_window(50), 100, 100)
     assert list(tiles._PLANS) == [(P.sliding_window(50), 100, 100)]
     assert tile_plan(P.sliding_window(50), 100, 100) is newest
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
+def test_eight_lane_build_matches_oracle(tmp_path):
+    # machines without AVX-512 get 8 lanes (4 x 2 tiles on a 2-D grid): same numerics
+    script = (
+        "import sys, torch\n"
+        f"sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[2])]!r}\n"
+        "from test_attention import check_against_oracle, make_inputs\n"
+        "import headwise.patterns as P\n"
+        "from headwise.ops.attention.tiles import lanes\n"
+        "assert lanes() == 8, lanes()\n"
+        "q, k, v = make_inputs(2, 120, 120, 4, 2, 20)\n"
+        "grid = P.neighborhood((10, 12), (5, 3), dilation=(1, 2))\n"
+        "check_against_oracle('native', q, k, v, grid)\n"
+        "check_against_oracle('native', q, k, v, P.sliding_window(9) | P.sinks(2))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "HEADWISE_NATIVE_FLAGS": "-mno-avx512f", "HEADWISE_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

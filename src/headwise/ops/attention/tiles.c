@@ -28,17 +28,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef int32_t vi __attribute__((vector_size(4 * LANES)));
-
+/* One vector register of floats per tile (32 registers of 16 with AVX-512; else 8 floats, one
+ * AVX2 register or two NEON ones): KEY_CHUNK + 1 and DIM_CHUNK + 1 vectors stay in registers. */
 #if defined(__AVX512F__)
-#define KEY_CHUNK 8
+#define LANES 16
 #define DIM_CHUNK 16
 #else
-#define KEY_CHUNK 4
-#define DIM_CHUNK 6
+#define LANES 8
+#define DIM_CHUNK 8
 #endif
+#define KEY_CHUNK 8
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
 /* the tiles of one pattern (tiles.py: TilePlan) */
 struct plan {
@@ -173,9 +174,7 @@ static inline vf exp2_vec(vf x) {
         }                                                                                    \
     }
 
-#define REPEAT_4(M) M(1) M(2) M(3) M(4)
-#define REPEAT_6(M) REPEAT_4(M) M(5) M(6)
-#define REPEAT_8(M) REPEAT_6(M) M(7) M(8)
+#define REPEAT_8(M) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8)
 #define REPEAT_16(M) REPEAT_8(M) M(9) M(10) M(11) M(12) M(13) M(14) M(15) M(16)
 #define DOT_ENTRY(N) dot_##N,
 #define MIX_ENTRY(W) mix_##W,
@@ -186,23 +185,16 @@ typedef void (*mix_fn)(const vf *, const float *, int64_t, const int32_t *, cons
                        int64_t, vf *);
 typedef void (*outer_fn)(const float *, int64_t, const vf *, float *, int64_t, int64_t, float);
 
-#if KEY_CHUNK == 8
 REPEAT_8(DEFINE_DOT)
 REPEAT_8(DEFINE_OUTER)
 static const dot_fn DOT[] = {0, REPEAT_8(DOT_ENTRY)};
 static const outer_fn OUTER[] = {0, REPEAT_8(OUTER_ENTRY)};
-#else
-REPEAT_4(DEFINE_DOT)
-REPEAT_4(DEFINE_OUTER)
-static const dot_fn DOT[] = {0, REPEAT_4(DOT_ENTRY)};
-static const outer_fn OUTER[] = {0, REPEAT_4(OUTER_ENTRY)};
-#endif
 #if DIM_CHUNK == 16
 REPEAT_16(DEFINE_MIX)
 static const mix_fn MIX[] = {0, REPEAT_16(MIX_ENTRY)};
 #else
-REPEAT_6(DEFINE_MIX)
-static const mix_fn MIX[] = {0, REPEAT_6(MIX_ENTRY)};
+REPEAT_8(DEFINE_MIX)
+static const mix_fn MIX[] = {0, REPEAT_8(MIX_ENTRY)};
 #endif
 
 /* per-thread scratch */

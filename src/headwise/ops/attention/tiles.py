@@ -1,16 +1,18 @@
-"""The native CPU kernel for sparse patterns: exact attention on tiles of 16 queries.
+"""The native CPU kernel for sparse patterns: exact attention on tiles of 16 (or 8) queries.
 
-``tiles.c`` is compiled on first use with the system C compiler (``-O3 -march=native -fopenmp``,
-cached under ``~/.cache/headwise`` or ``$HEADWISE_CACHE``) and loaded with :mod:`ctypes`; when no
-compiler works, or ``HEADWISE_NATIVE=0`` is set, :func:`available` is false and the ``auto``
-dispatch uses the blockwise path instead. The kernel puts a tile's queries in the lanes of one
-vector and, per key, computes every lane's score with one broadcast FMA per head dimension, so a
-query costs the keys of its tile's window union and no more: a 4 x 4 tile of a 2-D neighborhood
-(k = 16) reads 19 x 19 keys, 1.41x the 16 x 16 each query needs, where a 32-query group of
-PyTorch's fused kernel reads 1.71x, and no K block is packed per tile. The softmax of each lane is
-exact (two passes over the tile's scores); ``lse`` is in natural log like the other paths. The
-backward pass recomputes P from ``lse`` (FlashAttention-2 style) and splits work by K/V head, so
-no two threads add into the same dK, dV rows.
+``tiles.c`` is compiled on first use with the system C compiler (``$CC`` or ``cc``; ``-O3
+-march=native -fopenmp`` plus ``$HEADWISE_NATIVE_FLAGS``, cached under ``~/.cache/headwise`` or
+``$HEADWISE_CACHE``) and loaded with :mod:`ctypes`; when no compiler works, or
+``HEADWISE_NATIVE=0`` is set, :func:`available` is false and the ``auto`` dispatch uses the
+blockwise path instead. The kernel puts a tile's queries in the lanes of one
+vector register (16 floats with AVX-512, else 8) and, per key, computes every lane's score with
+one broadcast FMA per head dimension, so a query costs the keys of its tile's window union and
+no more: a 4 x 4 tile of a 2-D neighborhood (k = 16) reads 19 x 19 keys, 1.41x the 16 x 16 each
+query needs, where a 32-query group of PyTorch's fused kernel reads 1.71x, and no K block is
+packed per tile. The softmax of each lane is exact (two passes over the tile's scores); ``lse``
+is in natural log like the other paths. The backward pass recomputes P from ``lse``
+(FlashAttention-2 style) and splits work by K/V head, so no two threads add into the same dK, dV
+rows.
 
 Plans (query tiles, key segments, per-key lane bits) are cached per pattern and lengths.
 """
@@ -24,6 +26,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,8 +39,6 @@ import torch
 from headwise.patterns import Pattern
 
 _SOURCE = Path(__file__).with_name("tiles.c")
-#: queries per tile: the lanes of the kernel's vectors (``LANES`` in tiles.c)
-LANES = 16
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -99,7 +100,9 @@ def _library() -> ctypes.CDLL | None:
     # OpenMP first: PyTorch's own runtime (libgomp.so.1 is loaded already, so the kernel's
     # parallel region runs on its workers); then plain builds, parallel over Python threads.
     native = [*base, "-march=native"]
-    for flags in ([*native, "-fopenmp"], native, [*base, "-fopenmp"], base):
+    extra = shlex.split(os.environ.get("HEADWISE_NATIVE_FLAGS", ""))  # e.g. -mno-avx512f
+    variants = ([*native, "-fopenmp"], native, [*base, "-fopenmp"], base)
+    for flags in ([*variant, *extra] for variant in variants):
         digest = hashlib.sha256(source + repr((compiler, flags, _machine())).encode())
         path = _cache_dir() / f"tiles-{digest.hexdigest()[:16]}.so"
         if not path.exists():
@@ -111,8 +114,6 @@ def _library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(path))
         except OSError:
-            continue
-        if lib.headwise_tiles_lanes() != LANES:
             continue
         problem = ctypes.POINTER(_Problem)
         for entry in (lib.headwise_tiles_forward, lib.headwise_tiles_backward):
@@ -128,13 +129,22 @@ def available() -> bool:
     return _library() is not None
 
 
+def lanes() -> int:
+    """Queries per tile: the floats in one vector register of the machine the kernel was built
+    for (16 with AVX-512, else 8)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native tile kernel is not available on this machine")
+    return lib.headwise_tiles_lanes()
+
+
 @dataclass(frozen=True)
 class TilePlan:
-    """Query tiles of at most ``LANES`` rows (``rows``: -1 pads), each with its keys as runs of
+    """Query tiles of at most :func:`lanes` rows (``rows``: -1 pads), each with its keys as runs of
     consecutive positions and, when some of its queries may not see some of them, lane bits per
     key (bit ``i``: query ``i`` of the tile sees it) for each head of the pattern."""
 
-    rows: torch.Tensor  # int32 (tiles, LANES)
+    rows: torch.Tensor  # int32 (tiles, lanes)
     seg_offsets: torch.Tensor  # int64 (tiles + 1,)
     seg_start: torch.Tensor  # int32
     seg_len: torch.Tensor  # int32
@@ -181,11 +191,12 @@ def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
 def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     rows_list, starts, lengths, seg_counts, bit_offsets, bits = [], [], [], [0], [], []
     entries, max_keys = 0, 1
-    for panel_keys, groups in pattern.key_panels(q_len, kv_len, LANES):
+    width = lanes()
+    for panel_keys, groups in pattern.key_panels(q_len, kv_len, width):
         candidates = torch.arange(kv_len) if panel_keys is None else panel_keys
         for group in groups:
             positions = torch.arange(group.start, group.stop) if isinstance(group, slice) else group
-            for rows in positions.split(LANES):
+            for rows in positions.split(width):
                 visible = pattern.visible(rows, candidates, q_len, kv_len)
                 seen = visible.any(0).any(0)
                 keys, order = torch.sort(candidates[seen])
@@ -197,7 +208,7 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
                 starts.append(keys[edges[:-1]])
                 lengths.append(edges.diff())
                 seg_counts.append(len(edges) - 1)
-                padded = torch.full((LANES,), -1, dtype=torch.int32)
+                padded = torch.full((width,), -1, dtype=torch.int32)
                 padded[: len(rows)] = rows
                 rows_list.append(padded)
                 max_keys = max(max_keys, len(keys))
