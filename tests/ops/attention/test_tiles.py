@@ -210,3 +210,11 @@ def test_eight_lane_build_matches_oracle(tmp_path):
     env = {**os.environ, "HEADWISE_NATIVE_FLAGS": "-mno-avx512f", "HEADWISE_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@needs_kernel
+def test_long_key_lists_and_cross_attention():
+    # tiles that see thousands of keys (the scratch holds a score vector per key)
+    q, k, v = make_inputs(batch=1, q_len=21, kv_len=2100, heads=2, kv_heads=1, dim=16)
+    check_against_oracle("native", q, k, v, P.full())
+    check_against_oracle("native", q, k, v, P.causal() | P.sinks(3))

@@ -270,21 +270,43 @@ static void apply_bits(const struct plan *plan, int64_t rank, int64_t t, vf *s, 
     }
 }
 
+/* what one work item (batch b, head heads[hs], tile t) reads */
+struct item {
+    const int32_t *rows, *start, *len; /* the tile's queries; its key segments */
+    int64_t h, segs;
+    const float *q, *k, *v;            /* the head's rows at position 0 */
+};
+
+static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64_t t) {
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    const int64_t h = p->heads[hs], kv = h / p->group, seg0 = plan->seg_offsets[t];
+    return (struct item){
+        .rows = plan->rows + t * LANES,
+        .start = plan->seg_start + seg0,
+        .len = plan->seg_len + seg0,
+        .h = h,
+        .segs = plan->seg_offsets[t + 1] - seg0,
+        .q = p->q + b * p->q_sb + h * p->q_sh,
+        .k = p->k + b * p->k_sb + kv * p->k_sh,
+        .v = p->v + b * p->v_sb + kv * p->v_sh,
+    };
+}
+
+/* s[n] = scale log2(e) q . k_n for every key of the tile, hidden ones -inf; returns the count */
+static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
+                      vf *s, vf *xt) {
+    transpose_rows(xt, it->q, p->q_st, it->rows, p->dim, (float)p->scale * LOG2E);
+    const int64_t keys = dot_keys(xt, it->k, p->k_st, it->start, it->len, it->segs, p->dim, s);
+    apply_bits(p->plans + p->head_plan[hs], p->head_rank[hs], t, s, keys);
+    return keys;
+}
+
 static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                          struct scratch *w) {
-    const struct plan *plan = p->plans + p->head_plan[hs];
-    const int32_t *rows = plan->rows + t * LANES;
-    const int64_t h = p->heads[hs], kv = h / p->group;
-    const int64_t seg0 = plan->seg_offsets[t], segs = plan->seg_offsets[t + 1] - seg0;
-    const int32_t *start = plan->seg_start + seg0, *len = plan->seg_len + seg0;
-    const float *k = p->k + b * p->k_sb + kv * p->k_sh;
-    const float *v = p->v + b * p->v_sb + kv * p->v_sh;
+    const struct item it = item_at(p, b, hs, t);
+    const int64_t keys = scores(p, hs, t, &it, w->s, w->xt), h = it.h;
+    const int32_t *rows = it.rows;
     vf *s = w->s;
-
-    transpose_rows(w->xt, p->q + b * p->q_sb + h * p->q_sh, p->q_st, rows, p->dim,
-                   (float)p->scale * LOG2E);
-    const int64_t keys = dot_keys(w->xt, k, p->k_st, start, len, segs, p->dim, s);
-    apply_bits(plan, p->head_rank[hs], t, s, keys);
 
     const vf neg_inf = splat(-INFINITY);
     vf m = neg_inf;
@@ -301,7 +323,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     vf o[DIM_CHUNK];
     for (int64_t d0 = 0; d0 < p->dim_v; d0 += DIM_CHUNK) {
         const int cols = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
-        MIX[cols](s, v + d0, p->v_st, start, len, segs, o);
+        MIX[cols](s, it.v + d0, p->v_st, it.start, it.len, it.segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
             float *dst = p->out + b * p->o_sb + rows[lane] * p->o_st + h * p->o_sh + d0;
@@ -317,14 +339,10 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                           struct scratch *w) {
-    const struct plan *plan = p->plans + p->head_plan[hs];
-    const int32_t *rows = plan->rows + t * LANES;
-    const int64_t h = p->heads[hs], kv = h / p->group;
-    const int64_t seg0 = plan->seg_offsets[t], segs = plan->seg_offsets[t + 1] - seg0;
-    const int32_t *start = plan->seg_start + seg0, *len = plan->seg_len + seg0;
-    const float *k = p->k + b * p->k_sb + kv * p->k_sh;
-    const float *v = p->v + b * p->v_sb + kv * p->v_sh;
-    const float *q = p->q + b * p->q_sb + h * p->q_sh;
+    const struct item it = item_at(p, b, hs, t);
+    const int32_t *rows = it.rows, *start = it.start, *len = it.len;
+    const int64_t h = it.h, kv = h / p->group, segs = it.segs;
+    const float *k = it.k, *v = it.v, *q = it.q;
     const float *dout = p->dout + b * p->do_sb + h * p->do_sh;
     const float scale = (float)p->scale;
     vf *s = w->s, *ds = w->ds;
@@ -350,9 +368,7 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
     }
 
     /* P and dS for every key */
-    transpose_rows(w->xt, q, p->q_st, rows, p->dim, scale * LOG2E);
-    const int64_t keys = dot_keys(w->xt, k, p->k_st, start, len, segs, p->dim, s);
-    apply_bits(plan, p->head_rank[hs], t, s, keys);
+    const int64_t keys = scores(p, hs, t, &it, s, w->xt);
     transpose_rows(w->xt, dout, p->do_st, rows, p->dim_v, 1.0f);
     dot_keys(w->xt, v, p->v_st, start, len, segs, p->dim_v, ds);
     for (int64_t n = 0; n < keys; ++n) {
