@@ -28,10 +28,10 @@ What keeps the CPU path close to the FLOP bound (``bench/bench_sparse.py``):
 Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
 slopes) get their gradients too, by local autograd on each recomputed block.
 
-On CPU in float32 without bias or ``score_mod`` the ``native`` backend (:mod:`.tiles`, a C kernel
-for 16-query tiles, forward and backward) is faster and runs through this module's autograd
-Function (``native=True``); this path serves everything else: bfloat16, bias and ``score_mod``
-with their gradients, other devices, and machines without a C compiler.
+On CPU without bias or ``score_mod`` the ``native`` backend (:mod:`.tiles`, a C kernel for tiles
+of 16 or 8 queries, forward and backward, computing in float32) is faster and runs through this
+module's autograd Function (``native=True``); this path serves everything else: bias and
+``score_mod`` with their gradients, float64, other devices, machines without a C compiler.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Priority (first backend with no reasons against it wins):
 
 * CUDA: ``sdpa`` (dense / plain causal; FlashAttention-class kernels) -> ``flex`` (any pattern,
   compiled, block-sparse) -> ``blockwise`` -> ``reference``.
-* CPU and other devices: ``sdpa`` -> ``native`` (headwise's C tile kernel: float32 on CPU, any
-  pattern without bias or ``score_mod``, backward as blockwise) -> ``blockwise`` (any pattern,
-  any dtype, forward and backward, no compilation) -> ``reference``. ``flex`` runs on CPU only
+* CPU and other devices: ``sdpa`` -> ``native`` (headwise's C tile kernel on CPU, computing
+  in float32: any pattern without bias or ``score_mod``, forward and backward) ->
+  ``blockwise`` (any pattern, any dtype, forward and backward, no compilation) ->
+  ``reference``. ``flex`` runs on CPU only
   for inference without LSE and pays a compilation per shape, so it is used on CPU only when
   asked for by name.
 
