@@ -133,7 +133,7 @@ def explicit_rpb_bias(table, grid, k, d):
         ((5, 6), (3, 2), (1, 1), (True, False)),
     ],
 )
-@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+@pytest.mark.parametrize("backend", ["blockwise", "native", "reference"])
 def test_rpb_forward_and_gradient_against_explicit_bias(grid, k, d, causal, backend):
     heads, dim = 2, 8
     q, key, v = (torch.randn(1, *grid, heads, dim, requires_grad=True) for _ in range(3))

@@ -76,6 +76,17 @@ class Neighborhood(Pattern):
             coords.append((idx // inner) % length)
         return coords
 
+    def relative_index(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """Flat index into a ``(2k_1 - 1) x ...`` relative-position table (NAT's RPB) of the
+        offset ``(j - i) / d + k - 1`` per axis, ``q_idx`` broadcast against ``kv_idx``. Keys
+        outside the window are masked anyway; clamping keeps their lookups in range."""
+        flat = torch.zeros((), dtype=torch.long, device=q_idx.device)
+        for axis, (i, j) in enumerate(zip(self.coordinates(q_idx), self.coordinates(kv_idx))):
+            k = self.kernel_size[axis]
+            offset = torch.div(j - i, self.dilation[axis], rounding_mode="floor") + k - 1
+            flat = flat * (2 * k - 1) + offset.clamp(0, 2 * k - 2)
+        return flat
+
     def query_groups(self, q_len, size):
         """Spatial tiles of about ``size`` queries (in dilation-group order), whose windows
         overlap far more than those of consecutive row-major tokens."""

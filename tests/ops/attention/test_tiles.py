@@ -16,7 +16,7 @@ import torch
 from test_attention import check_against_oracle, make_inputs
 
 import headwise.patterns as P
-from headwise.ops.attention import attention
+from headwise.ops.attention import attention, explain
 from headwise.ops.attention.reference import reference_attention
 from headwise.ops.attention.tiles import available, lanes, tile_plan, tiles_forward
 
@@ -218,3 +218,27 @@ def test_long_key_lists_and_cross_attention():
     q, k, v = make_inputs(batch=1, q_len=21, kv_len=2100, heads=2, kv_heads=1, dim=16)
     check_against_oracle("native", q, k, v, P.full())
     check_against_oracle("native", q, k, v, P.causal() | P.sinks(3))
+
+
+@needs_kernel
+def test_relative_position_table_runs_natively_with_its_gradient():
+    # NAT's learnable RPB: the native kernel adds the table and returns its gradient (summed
+    # over batches that different threads handle); GQA, dilation, a 2-D grid, batch 3
+    from headwise import neighborhood_attention
+    from headwise.ops.attention.neighborhood import relative_position_bias
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 10, 12, 4, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(3, 10, 12, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
+    table = torch.randn(4, 9, 5, generator=gen, requires_grad=True)
+    pattern = P.neighborhood((10, 12), (5, 3), dilation=(1, 2))
+    flat = [t.flatten(1, 2) for t in (q, k, v)]
+    choice = explain(*flat, pattern, score_mod=relative_position_bias(pattern, table))
+    assert choice.backend == "native"
+    results = {}
+    for backend in ("native", "reference"):
+        out = neighborhood_attention(q, k, v, (5, 3), dilation=(1, 2), rpb=table, backend=backend)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, table))
+        results[backend] = (out, *grads)
+    for a, b in zip(results["native"], results["reference"]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

@@ -251,8 +251,11 @@ class NativeBackend(Backend):
                 f"the native tile kernel computes in float32: {problem.dtype} inputs would lose "
                 "precision"
             )
-        if problem.has_bias or problem.has_score_mod:
-            reasons.append("bias and score_mod are not supported by the native tile kernel")
+        if problem.has_bias or (problem.has_score_mod and not problem.relative_position):
+            reasons.append(
+                "bias and score_mod (but a neighborhood's relative-position table) are not "
+                "supported by the native tile kernel"
+            )
         if not reasons and not tiles_available():
             reasons.append(
                 "the native tile kernel did not compile (no C compiler?) or HEADWISE_NATIVE=0"
@@ -264,7 +267,9 @@ class NativeBackend(Backend):
         # the casts): more accurate than the inputs and, on CPU, faster than half-precision math
         dtype = q.dtype
         q, k, v = (t.float() for t in (q, k, v))
-        out, lse = blockwise_attention(q, k, v, pattern, scale=scale, native=True)
+        out, lse = blockwise_attention(
+            q, k, v, pattern, scale=scale, score_mod=score_mod, native=True
+        )
         return out.to(dtype), lse
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headwise.ops.attention.problem import ScoreMod, bias_4d
+from headwise.ops.attention.problem import ScoreMod, bias_4d, relative_position_of
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
 from headwise.ops.attention.tiles import available as tiles_available
 from headwise.ops.attention.tiles import supports as tiles_supported
@@ -292,9 +292,12 @@ class _Blockwise(torch.autograd.Function):
         ctx.fused = _use_fused(q, v, score_mod)
         ctx.native = native
         if native:
-            out, lse = _native_forward(q, k, v, head_groups, scale)
+            relative = relative_position_of(score_mod, head_groups[0][0])
+            out, lse = _native_forward(q, k, v, head_groups, scale, relative)
             ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
             ctx.params = (head_groups, scale, score_mod, block)
+            # which captured tensor (if any) is the relative-position table
+            ctx.table_at = [relative is not None and c is relative.table for c in captured]
             return out, lse
         parts = []
         for pattern, heads in head_groups:
@@ -323,8 +326,13 @@ class _Blockwise(torch.autograd.Function):
         bias = bias.detach() if bias is not None else None
         head_groups, scale, score_mod, block = ctx.params
         if ctx.native:
-            grads = _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale)
-            return *grads, None, None, None, None, None, None
+            relative = relative_position_of(score_mod, head_groups[0][0])
+            parts = (grad_out, grad_lse, q, k, v, out, lse)
+            *grads, d_table = _native_backward(*parts, head_groups, scale, relative)
+            d_captured = [
+                d_table.to(c.dtype) if at else None for c, at in zip(captured, ctx.table_at)
+            ]
+            return *grads, None, None, None, None, None, None, *d_captured
         # Backward in groups twice as large: the kernel's dK, dV per group overlap less.
         plans = [
             _plan(pattern, q.shape[1], k.shape[1], BACKWARD_BLOCK_FACTOR * block, str(q.device))
@@ -372,19 +380,20 @@ class _Blockwise(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
 
 
-def _native_forward(q, k, v, head_groups, scale):
+def _native_forward(q, k, v, head_groups, scale, relative):
     """The tile kernel, all head groups in one call."""
     groups = [(pattern or full(), heads) for pattern, heads in head_groups]
-    return tiles_forward(q, k, v, groups, scale)
+    return tiles_forward(q, k, v, groups, scale, relative=relative)
 
 
-def _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale):
+def _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale, relative):
+    """``(dq, dk, dv, d_table)``; ``d_table`` is ``None`` without a relative-position table."""
     grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if grad_lse is not None and not grad_lse.any():
         grad_lse = None
     groups = [(pattern or full(), heads) for pattern, heads in head_groups]
-    tiles_backward(grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads)
-    return grads
+    d_table = tiles_backward(grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads, relative)
+    return *grads, d_table
 
 
 def _head_views(q, k, v, bias, heads):
@@ -794,15 +803,16 @@ def blockwise_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
 
-    ``lse`` is float32 (float64 for float64 inputs). ``native=True`` runs the forward pass on
-    headwise's C tile kernel (:mod:`headwise.ops.attention.tiles`: float32 on CPU, no bias or
-    ``score_mod``); the backward pass is the same either way.
+    ``lse`` is float32 (float64 for float64 inputs). ``native=True`` runs both passes on
+    headwise's C tile kernel (:mod:`headwise.ops.attention.tiles`: float32 on CPU, no bias, no
+    ``score_mod`` but a relative-position table of the pattern).
     """
-    if native and not (bias is None and score_mod is None and tiles_supported(q, k, v)):
+    plain_mod = score_mod is None or relative_position_of(score_mod, pattern) is not None
+    if native and not (bias is None and plain_mod and tiles_supported(q, k, v)):
         raise ValueError(
-            "native=True needs float32 CPU tensors, no bias or score_mod, and the compiled tile "
-            f"kernel (available: {tiles_available()}); got {q.dtype} on {q.device}, "
-            f"bias={bias is not None}, score_mod={score_mod is not None}"
+            "native=True needs float32 CPU tensors, no bias, no score_mod but a relative-position "
+            f"table, and the compiled tile kernel (available: {tiles_available()}); got "
+            f"{q.dtype} on {q.device}, bias={bias is not None}, score_mod={score_mod is not None}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 
 from headwise.ops.attention.api import attention
-from headwise.ops.attention.problem import ScoreMod
+from headwise.ops.attention.problem import RelativePositionTable, ScoreMod
 from headwise.patterns.neighborhood import Neighborhood, neighborhood
 
 
 def relative_position_bias(pattern: Neighborhood, table: torch.Tensor) -> ScoreMod:
-    """A ``score_mod`` adding ``table[h, (j - i)/d + k - 1 per axis]`` to the scores."""
+    """A ``score_mod`` adding ``table[h, (j - i)/d + k - 1 per axis]`` to the scores; it carries
+    the table as ``score_mod.relative_position`` (:class:`RelativePositionTable`)."""
     expected = tuple(2 * k - 1 for k in pattern.kernel_size)
     if table.dim() != 1 + len(expected) or tuple(table.shape[1:]) != expected:
         raise ValueError(
@@ -31,14 +32,9 @@ def relative_position_bias(pattern: Neighborhood, table: torch.Tensor) -> ScoreM
         raise ValueError(f"rpb is defined for stride 1 only; got stride={pattern.stride}")
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        index = [h]
-        for axis, (i, j) in enumerate(zip(pattern.coordinates(q_idx), pattern.coordinates(kv_idx))):
-            k = pattern.kernel_size[axis]
-            # Keys outside the window are masked anyway; clamp keeps their lookups in range.
-            offset = torch.div(j - i, pattern.dilation[axis], rounding_mode="floor") + k - 1
-            index.append(offset.clamp(0, 2 * k - 2))
-        return score + table[tuple(index)].to(score.dtype)
+        return score + table.flatten(1)[h, pattern.relative_index(q_idx, kv_idx)].to(score.dtype)
 
+    score_mod.relative_position = RelativePositionTable(pattern, table)
     return score_mod
 
 

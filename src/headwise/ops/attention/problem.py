@@ -20,6 +20,25 @@ ScoreMod = Callable[
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@dataclass(frozen=True, eq=False)
+class RelativePositionTable:
+    """What a relative-position-bias ``score_mod`` adds (``score_mod.relative_position``), in a
+    form a kernel can take without calling it: ``table`` ``(H, 2k_1 - 1, ...)`` read at
+    ``pattern.relative_index(q_idx, kv_idx)`` (:func:`headwise.ops.attention.neighborhood.
+    relative_position_bias`; the ``native`` backend uses it)."""
+
+    pattern: Pattern
+    table: torch.Tensor
+
+
+def relative_position_of(score_mod: ScoreMod | None, pattern: Pattern | None):
+    """The :class:`RelativePositionTable` ``score_mod`` carries for ``pattern``, else ``None``."""
+    relative = getattr(score_mod, "relative_position", None)
+    if isinstance(relative, RelativePositionTable) and relative.pattern == pattern:
+        return relative
+    return None
+
+
 @dataclass(frozen=True)
 class AttentionProblem:
     """Sizes and flags of one validated ``attention`` call (layout ``(B, L, H, D)``)."""
@@ -37,6 +56,8 @@ class AttentionProblem:
     has_bias: bool
     bias_needs_grad: bool
     has_score_mod: bool
+    #: the score_mod is a relative-position table of the pattern (RelativePositionTable)
+    relative_position: bool
     return_lse: bool
     needs_grad: bool
 
@@ -127,6 +148,7 @@ def check_problem(
         has_bias=bias is not None,
         bias_needs_grad=bias is not None and bias.requires_grad,
         has_score_mod=score_mod is not None,
+        relative_position=relative_position_of(score_mod, pattern) is not None,
         return_lse=return_lse,
         needs_grad=needs_grad,
     )

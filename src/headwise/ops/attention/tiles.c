@@ -50,6 +50,8 @@ struct plan {
     const int64_t *bit_offsets; /* [tiles] into bits (key entries in segment order); -1: none */
     const int32_t *bits;        /* lane bits per key entry, per head of the pattern */
     int64_t bits_head_stride;   /* 0 when every head shares the pattern */
+    const int64_t *key_offsets; /* [tiles] the tile's first key entry */
+    const int32_t *rpb_index;   /* [entries][LANES] index into a head's bias table, or NULL */
 };
 
 struct problem {
@@ -72,6 +74,8 @@ struct problem {
     double scale;
     int64_t max_keys;
     const struct plan *plans;
+    const float *rpb; int64_t rpb_sh;  /* relative-position bias table per head, or NULL */
+    float *drpb; int64_t drpb_slot;    /* its gradient, one copy per thread slot, or NULL */
 };
 
 #define LOG2E 1.4426950408889634f
@@ -292,12 +296,21 @@ static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64
     };
 }
 
-/* s[n] = scale log2(e) q . k_n for every key of the tile, hidden ones -inf; returns the count */
+/* s[n] = log2(e) (scale q . k_n + rpb) for every key of the tile, hidden ones -inf; returns the
+ * count */
 static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
                       vf *s, vf *xt) {
+    const struct plan *plan = p->plans + p->head_plan[hs];
     transpose_rows(xt, it->q, p->q_st, it->rows, p->dim, (float)p->scale * LOG2E);
     const int64_t keys = dot_keys(xt, it->k, p->k_st, it->start, it->len, it->segs, p->dim, s);
-    apply_bits(p->plans + p->head_plan[hs], p->head_rank[hs], t, s, keys);
+    if (p->rpb && plan->rpb_index) {
+        const int32_t *index = plan->rpb_index + plan->key_offsets[t] * LANES;
+        const float *table = p->rpb + it->h * p->rpb_sh;
+        for (int64_t n = 0; n < keys; ++n)
+            for (int lane = 0; lane < LANES; ++lane)
+                s[n][lane] += table[index[n * LANES + lane]] * LOG2E;
+    }
+    apply_bits(plan, p->head_rank[hs], t, s, keys);
     return keys;
 }
 
@@ -338,7 +351,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
 }
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
-                          struct scratch *w) {
+                          struct scratch *w, int64_t slot) {
     const struct item it = item_at(p, b, hs, t);
     const int32_t *rows = it.rows, *start = it.start, *len = it.len;
     const int64_t h = it.h, kv = h / p->group, segs = it.segs;
@@ -375,6 +388,14 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
         s[n] = exp2_vec(s[n] - lse2);
         ds[n] = s[n] * (ds[n] - delta);
     }
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    if (p->drpb && plan->rpb_index) {
+        /* d rpb[index] += dS (hidden keys and empty lanes have dS = 0) */
+        const int32_t *index = plan->rpb_index + plan->key_offsets[t] * LANES;
+        float *grad = p->drpb + slot * p->drpb_slot + h * p->rpb_sh;
+        for (int64_t n = 0; n < keys; ++n)
+            for (int lane = 0; lane < LANES; ++lane) grad[index[n * LANES + lane]] += ds[n][lane];
+    }
 
     /* dQ = scale dS K (each query row belongs to one tile: written, not added) */
     vf o[DIM_CHUNK];
@@ -405,7 +426,8 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
 
 /* Forward: items (batch, head, tile), tile fastest, split evenly over the threads. Returns 0,
  * or -1 when scratch memory could not be allocated. */
-static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
+static int forward_range(const struct problem *p, int64_t begin, int64_t end, int64_t slot) {
+    (void)slot;
     struct scratch w;
     int failed = scratch_init(&w, p, 0);
     const int64_t per_batch = p->tile_offsets[p->n_heads];
@@ -422,7 +444,7 @@ static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
 
 /* Backward: units (batch, K/V head), each every tile of every query head sharing that K/V
  * head, so a unit's dK, dV rows are its own. */
-static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
+static int backward_range(const struct problem *p, int64_t begin, int64_t end, int64_t slot) {
     struct scratch w;
     int failed = scratch_init(&w, p, 1);
     for (int64_t unit = begin; !failed && unit < end; ++unit) {
@@ -430,7 +452,7 @@ static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
         for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i) {
             const int64_t hs = p->unit_heads[i];
             const int64_t tiles = p->plans[p->head_plan[hs]].tiles;
-            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w);
+            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w, slot);
         }
     }
     scratch_free(&w);
@@ -438,18 +460,18 @@ static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
 }
 
 static int run(const struct problem *p, int backward, int64_t items, int threads) {
-    int (*range)(const struct problem *, int64_t, int64_t) =
+    int (*range)(const struct problem *, int64_t, int64_t, int64_t) =
         backward ? backward_range : forward_range;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-        failed |= range(p, items * i / n, items * (i + 1) / n);
+        failed |= range(p, items * i / n, items * (i + 1) / n, i);
     }
 #else
     (void)threads;
-    failed = range(p, 0, items);
+    failed = range(p, 0, items, 0);
 #endif
     return failed;
 }
@@ -465,12 +487,14 @@ int headwise_tiles_backward(const struct problem *p, int threads) {
     return run(p, 1, p->batch * p->n_units, threads);
 }
 
-int headwise_tiles_forward_range(const struct problem *p, int64_t begin, int64_t end) {
-    return forward_range(p, begin, end);
+int headwise_tiles_forward_range(const struct problem *p, int64_t begin, int64_t end,
+                                 int64_t slot) {
+    return forward_range(p, begin, end, slot);
 }
 
-int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_t end) {
-    return backward_range(p, begin, end);
+int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_t end,
+                                  int64_t slot) {
+    return backward_range(p, begin, end, slot);
 }
 
 int headwise_tiles_openmp(void) {

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from headwise.ops.attention.problem import RelativePositionTable
 from headwise.patterns import Pattern
 
 _SOURCE = Path(__file__).with_name("tiles.c")
@@ -51,7 +52,7 @@ class _Plan(ctypes.Structure):
     """``struct plan`` of tiles.c, field for field."""
 
     _fields_ = _fields("tiles rows* seg_offsets* seg_start* seg_len* bit_offsets* bits*")
-    _fields_ += _fields("bits_head_stride")
+    _fields_ += _fields("bits_head_stride key_offsets* rpb_index*")
 
 
 class _Problem(ctypes.Structure):
@@ -64,7 +65,7 @@ class _Problem(ctypes.Structure):
         *_fields("batch group dim dim_v heads* n_heads head_plan* head_rank* tile_offsets*"),
         *_fields("unit_offsets* unit_heads* n_units"),
         ("scale", ctypes.c_double),
-        *_fields("max_keys plans*"),
+        *_fields("max_keys plans* rpb* rpb_sh drpb* drpb_slot"),
     ]
 
 
@@ -119,7 +120,7 @@ def _library() -> ctypes.CDLL | None:
         for entry in (lib.headwise_tiles_forward, lib.headwise_tiles_backward):
             entry.argtypes = [problem, ctypes.c_int]
         for entry in (lib.headwise_tiles_forward_range, lib.headwise_tiles_backward_range):
-            entry.argtypes = [problem, _I64, _I64]
+            entry.argtypes = [problem, _I64, _I64, _I64]
         return lib
     return None
 
@@ -151,15 +152,27 @@ class TilePlan:
     bit_offsets: torch.Tensor  # int64 (tiles,), -1: every key visible to every query
     bits: torch.Tensor  # int32 (H_p, entries)
     max_keys: int
+    key_offsets: torch.Tensor  # int64 (tiles,): each tile's first key entry
 
-    def as_struct(self) -> _Plan:
+    def as_struct(self, rpb_index: torch.Tensor | None = None) -> _Plan:
         pointers = (self.rows, self.seg_offsets, self.seg_start, self.seg_len, self.bit_offsets)
         return _Plan(
             len(self.rows),
             *[t.data_ptr() for t in pointers],
             self.bits.data_ptr(),
             self.bits.shape[1] if self.bits.shape[0] > 1 else 0,
+            self.key_offsets.data_ptr(),
+            None if rpb_index is None else rpb_index.data_ptr(),
         )
+
+    def key_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key entry in kernel order: its position and its tile."""
+        lengths = self.seg_len.long()
+        starts = torch.repeat_interleave(self.seg_start.long(), lengths)
+        first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        positions = starts + torch.arange(len(starts)) - first
+        per_tile = torch.diff(self.key_offsets, append=torch.tensor([len(positions)]))
+        return positions, torch.repeat_interleave(torch.arange(len(self.rows)), per_tile)
 
     @property
     def entries(self) -> int:
@@ -190,7 +203,7 @@ def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
 
 def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     rows_list, starts, lengths, seg_counts, bit_offsets, bits = [], [], [], [0], [], []
-    entries, max_keys = 0, 1
+    entries, max_keys, key_offsets, keys_so_far = 0, 1, [], 0
     width = lanes()
     for panel_keys, groups in pattern.key_panels(q_len, kv_len, width):
         candidates = torch.arange(kv_len) if panel_keys is None else panel_keys
@@ -212,6 +225,8 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
                 padded[: len(rows)] = rows
                 rows_list.append(padded)
                 max_keys = max(max_keys, len(keys))
+                key_offsets.append(keys_so_far)
+                keys_so_far += len(keys)
                 if bool(visible.all()):
                     bit_offsets.append(-1)
                     continue
@@ -230,7 +245,19 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
         if bits
         else torch.zeros(1, 1, dtype=torch.int32),
         max_keys=max_keys,
+        key_offsets=torch.tensor(key_offsets, dtype=torch.int64),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _rpb_index(pattern: Pattern, q_len: int, kv_len: int) -> torch.Tensor:
+    """``(entries, lanes)`` int32: per key entry of the plan and query lane, the flat index into
+    a head's relative-position table (``pattern.relative_index``; empty lanes read index 0, they
+    are never written)."""
+    plan = tile_plan(pattern, q_len, kv_len)
+    positions, tile = plan.key_entries()
+    rows = plan.rows[tile].long().clamp(min=0)
+    return pattern.relative_index(rows, positions[:, None]).to(torch.int32).contiguous()
 
 
 @functools.cache
@@ -266,7 +293,15 @@ class _Call:
     tensors' head dim, ``None``: all), each head with its pattern's plan, the tensors bound to
     ``struct problem``."""
 
-    def __init__(self, groups: Pattern | HeadGroups, q, k, v, scale: float):
+    def __init__(
+        self,
+        groups: Pattern | HeadGroups,
+        q,
+        k,
+        v,
+        scale: float,
+        relative: RelativePositionTable | None = None,
+    ):
         lib = _library()
         if lib is None:
             raise RuntimeError("the native tile kernel is not available on this machine")
@@ -308,9 +343,24 @@ class _Call:
         units = [torch.nonzero(kv == j).flatten() for j in torch.unique(kv)]
         self.unit_heads = torch.cat(units).to(torch.int32)
         self.unit_offsets = torch.tensor([0, *[len(u) for u in units]]).cumsum(0)
-        self.plan_structs = (_Plan * len(self.plans))(*[p.as_struct() for p in self.plans])
+        self.rpb = self.rpb_index = None
+        if relative is not None:
+            if len(self.plans) != 1 or groups[0][0] != relative.pattern:
+                raise ValueError("a relative-position table needs the call's one pattern")
+            if relative.table.shape[0] != all_heads:
+                raise ValueError(
+                    f"the relative-position table must have one table per head ({all_heads}); "
+                    f"got {tuple(relative.table.shape)}"
+                )
+            self.rpb = relative.table.detach().float().flatten(1).contiguous()
+            self.rpb_index = _rpb_index(relative.pattern, q_len, kv_len)
+        self.plan_structs = (_Plan * len(self.plans))(
+            *[p.as_struct(self.rpb_index) for p in self.plans]
+        )
 
-    def problem(self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None) -> _Problem:
+    def problem(
+        self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None, drpb=None
+    ) -> _Problem:
         return _Problem(
             *_view(self.q), *_view(self.k), *_view(self.v), *_view(out), *_view(lse, 2),
             *_view(dout), *_view(dlse, 2), *_view(dq), *_view(dk), *_view(dv),
@@ -320,13 +370,17 @@ class _Call:
             self.unit_offsets.data_ptr(), self.unit_heads.data_ptr(), len(self.unit_offsets) - 1,
             self.scale,
             max(plan.max_keys for plan in self.plans), ctypes.addressof(self.plan_structs),
+            *_view(self.rpb, 1), *_view(drpb, 1),
         )  # fmt: skip
+
+    def threads(self, backward: bool) -> int:
+        per_batch = len(self.unit_offsets) - 1 if backward else int(self.tile_offsets[-1])
+        return max(1, min(torch.get_num_threads(), self.batch * per_batch))
 
     def run(self, problem: _Problem, backward: bool) -> None:
         lib = self.lib
-        per_batch = problem.n_units if backward else int(self.tile_offsets[-1])
-        items = self.batch * per_batch
-        threads = max(1, min(torch.get_num_threads(), items))
+        items = self.batch * (problem.n_units if backward else int(self.tile_offsets[-1]))
+        threads = self.threads(backward)
         entry = lib.headwise_tiles_backward if backward else lib.headwise_tiles_forward
         if lib.headwise_tiles_openmp() or threads == 1:
             status = [entry(ctypes.byref(problem), threads)]
@@ -336,7 +390,7 @@ class _Call:
             )
             bounds = [items * i // threads for i in range(threads + 1)]
             call = functools.partial(ranged, ctypes.byref(problem))
-            status = list(_pool(threads).map(call, bounds[:-1], bounds[1:]))
+            status = list(_pool(threads).map(call, bounds[:-1], bounds[1:], range(threads)))
         if any(status):
             raise MemoryError("the native tile kernel could not allocate its scratch memory")
 
@@ -356,14 +410,16 @@ def tiles_forward(
     pattern: Pattern | HeadGroups,
     scale: float,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    relative: RelativePositionTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``pattern`` for float32 CPU ``(B, L, H, D)`` tensors (GQA allowed):
     ``out`` ``(B, Lq, H, Dv)``, ``lse`` ``(B, H, Lq)``; rows that see no key give 0 and -inf.
 
     ``pattern`` may be head groups ``((pattern, heads), ...)`` (``heads`` ``None``: all heads),
     all run in one call; heads in no group are left as they are in ``out`` (``(out, lse)``
-    tensors to write into instead of new ones)."""
-    call = _Call(pattern, q, k, v, scale)
+    tensors to write into instead of new ones). ``relative``: a relative-position table added to
+    the scores (one pattern only)."""
+    call = _Call(pattern, q, k, v, scale, relative)
     batch, q_len, n_heads = q.shape[:3]
     if out is None:
         out = (q.new_empty(batch, q_len, n_heads, v.shape[3]), q.new_empty(batch, n_heads, q_len))
@@ -389,17 +445,23 @@ def tiles_backward(
     pattern: Pattern | HeadGroups,
     scale: float,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> None:
+    relative: RelativePositionTable | None = None,
+) -> torch.Tensor | None:
     """Gradients of :func:`tiles_forward` (same ``pattern`` or head groups): dQ written into the
     rows of their heads in ``grads[0]``, dK and dV added into ``grads[1]``, ``grads[2]``
-    (float32, shaped like q, k, v). ``grad_lse`` may be ``None``."""
-    call = _Call(pattern, q, k, v, scale)
+    (float32, shaped like q, k, v). ``grad_lse`` may be ``None``. Returns the gradient of the
+    relative-position table when ``relative`` is given (float32, shaped like it)."""
+    call = _Call(pattern, q, k, v, scale, relative)
     for name, grad, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
         _check_out(name, grad, tuple(like.shape))
+    d_table = None if relative is None else torch.zeros(relative.table.shape)
     if call.empty:
         grads[0][:, :, call.heads.long()] = 0
-        return
+        return d_table
     grad_out, out = (_last_dim_contiguous(t.float()) for t in (grad_out, out))
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
-    call.run(call.problem(out, lse, grad_out, grad_lse, *grads), backward=True)
+    # one table gradient per thread slot (threads handle different batches of the same head)
+    slots = None if relative is None else torch.zeros(call.threads(True), *call.rpb.shape)
+    call.run(call.problem(out, lse, grad_out, grad_lse, *grads, slots), backward=True)
+    return None if relative is None else slots.sum(0).view(relative.table.shape)
