@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_attention import check_against_oracle, make_inputs
 
 import headwise.patterns as P
@@ -242,3 +244,38 @@ def test_relative_position_table_runs_natively_with_its_gradient():
         results[backend] = (out, *grads)
     for a, b in zip(results["native"], results["reference"]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------- hypothesis: any composition
+_leaves = st.one_of(
+    st.just(P.full()),
+    st.sampled_from(["bottom_right", "top_left"]).map(P.causal),
+    st.tuples(st.integers(0, 9), st.integers(0, 9)).map(lambda lr: P.sliding_window(*lr)),
+    st.integers(0, 4).map(P.sinks),
+    st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 5)).map(
+        lambda t: P.strided(t[0], t[1] % t[0], block=t[2])
+    ),
+)
+_trees = st.recursive(
+    _leaves,
+    lambda sub: st.tuples(sub, sub, st.booleans()).map(
+        lambda t: t[0] & t[1] if t[2] else t[0] | t[1]
+    ),
+    max_leaves=4,
+)
+_patterns = st.one_of(_trees, st.lists(_trees, min_size=4, max_size=4).map(P.per_head))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    _patterns,
+    st.integers(1, 45),
+    st.integers(1, 45),
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from([8, 12, 24]),
+)
+def test_any_composition_matches_oracle(pattern, q_len, kv_len, kv_heads, dim):
+    # tiles of odd sizes, rows without keys, scattered and partial key runs, per-head plans
+    q, k, v = make_inputs(2, q_len, kv_len, 4, kv_heads, dim)
+    check_against_oracle("native", q, k, v, pattern)
