@@ -123,6 +123,28 @@ def test_bias_and_its_gradient(backend, bias_shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias_shape", [(1, 4, 37, 37), (2, 1, 1, 37), (37, 37), (2, 4, 1, 37)])
+def test_native_takes_a_bias_without_gradient(bias_shape, dtype):
+    q, k, v = make_inputs(dtype=dtype)
+    bias = torch.randn(bias_shape).to(dtype)
+    bias[..., 3] = float("-inf")  # a key hidden by the bias
+    check_against_oracle("native", q, k, v, P.sliding_window(9) | P.sinks(2), bias=bias)
+
+
+def test_native_bias_rows_of_large_negatives_are_uniform_like_pytorch():
+    # transformers masks with finfo.min, not -inf: a row that is all finfo.min is a uniform
+    # softmax in PyTorch (and the reference); -inf everywhere is an empty row (zeros)
+    q, k, v = (t.detach() for t in make_inputs(batch=1))
+    bias = torch.zeros(1, 1, 37, 37)
+    bias[..., 5, :] = torch.finfo(torch.float32).min
+    bias[..., 6, :] = float("-inf")
+    out = attention(q, k, v, P.causal(), bias=bias, backend="native")
+    ref = attention(q, k, v, P.causal(), bias=bias, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[:, 6] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_score_mod_softcap(dtype):
     q, k, v = make_inputs(dtype=dtype)
     check_against_oracle("blockwise", q, k, v, P.causal(), score_mod=softcap)
@@ -286,8 +308,9 @@ def test_auto_picks_sdpa_for_dense_native_or_blockwise_for_sparse():
     assert "native" in str(choice)
     # what the native kernel does not take goes to blockwise, with the reason named
     bias = torch.randn(37, 37)
-    choice = explain(q, k, v, P.sliding_window(4), bias=bias)
-    assert choice.backend == "blockwise" and "bias" in choice.reasons["native"][0]
+    assert explain(q, k, v, P.sliding_window(4), bias=bias).backend == "native"
+    choice = explain(q, k, v, P.sliding_window(4), bias=bias.requires_grad_())
+    assert choice.backend == "blockwise" and "bias gradient" in choice.reasons["native"][0]
     double = [t.detach().double() for t in (q, k, v)]
     choice = explain(*double, P.sliding_window(4))
     assert choice.backend == "blockwise" and "float32" in choice.reasons["native"][0]

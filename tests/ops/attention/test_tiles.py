@@ -159,8 +159,11 @@ def test_bad_inputs_name_what_they_got():
     q, k, v = (t.detach() for t in make_inputs())
     with pytest.raises(ValueError, match="float32 CPU"):
         tiles_forward(q.double(), k, v, P.sliding_window(3), 0.25)
-    with pytest.raises(ValueError, match="bias"):
-        attention(q, k, v, P.sliding_window(3), bias=torch.zeros(37, 37), backend="native")
+    learnable = torch.zeros(37, 37, requires_grad=True)
+    with pytest.raises(ValueError, match="bias gradient"):
+        attention(q, k, v, P.sliding_window(3), bias=learnable, backend="native")
+    with pytest.raises(ValueError, match="score_mod"):
+        attention(q, k, v, P.sliding_window(3), score_mod=lambda s, b, h, i, j: s, backend="native")
 
 
 def test_without_a_compiler_auto_falls_back_to_blockwise(tmp_path):

@@ -251,10 +251,12 @@ class NativeBackend(Backend):
                 f"the native tile kernel computes in float32: {problem.dtype} inputs would lose "
                 "precision"
             )
-        if problem.has_bias or (problem.has_score_mod and not problem.relative_position):
+        if problem.bias_needs_grad:
+            reasons.append("the native tile kernel computes no bias gradient")
+        if problem.has_score_mod and not problem.relative_position:
             reasons.append(
-                "bias and score_mod (but a neighborhood's relative-position table) are not "
-                "supported by the native tile kernel"
+                "score_mod (but a neighborhood's relative-position table) is not supported by "
+                "the native tile kernel"
             )
         if not reasons and not tiles_available():
             reasons.append(
@@ -268,7 +270,7 @@ class NativeBackend(Backend):
         dtype = q.dtype
         q, k, v = (t.float() for t in (q, k, v))
         out, lse = blockwise_attention(
-            q, k, v, pattern, scale=scale, score_mod=score_mod, native=True
+            q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, native=True
         )
         return out.to(dtype), lse
 

@@ -293,7 +293,7 @@ class _Blockwise(torch.autograd.Function):
         ctx.native = native
         if native:
             relative = relative_position_of(score_mod, head_groups[0][0])
-            out, lse = _native_forward(q, k, v, head_groups, scale, relative)
+            out, lse = _native_forward(q, k, v, head_groups, scale, relative, bias)
             ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
             ctx.params = (head_groups, scale, score_mod, block)
             # which captured tensor (if any) is the relative-position table
@@ -328,7 +328,7 @@ class _Blockwise(torch.autograd.Function):
         if ctx.native:
             relative = relative_position_of(score_mod, head_groups[0][0])
             parts = (grad_out, grad_lse, q, k, v, out, lse)
-            *grads, d_table = _native_backward(*parts, head_groups, scale, relative)
+            *grads, d_table = _native_backward(*parts, head_groups, scale, relative, bias)
             d_captured = [
                 d_table.to(c.dtype) if at else None for c, at in zip(captured, ctx.table_at)
             ]
@@ -380,19 +380,21 @@ class _Blockwise(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
 
 
-def _native_forward(q, k, v, head_groups, scale, relative):
+def _native_forward(q, k, v, head_groups, scale, relative, bias):
     """The tile kernel, all head groups in one call."""
     groups = [(pattern or full(), heads) for pattern, heads in head_groups]
-    return tiles_forward(q, k, v, groups, scale, relative=relative)
+    return tiles_forward(q, k, v, groups, scale, relative=relative, bias=bias)
 
 
-def _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale, relative):
+def _native_backward(grad_out, grad_lse, q, k, v, out, lse, head_groups, scale, relative, bias):
     """``(dq, dk, dv, d_table)``; ``d_table`` is ``None`` without a relative-position table."""
     grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if grad_lse is not None and not grad_lse.any():
         grad_lse = None
     groups = [(pattern or full(), heads) for pattern, heads in head_groups]
-    d_table = tiles_backward(grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads, relative)
+    d_table = tiles_backward(
+        grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads, relative, bias
+    )
     return *grads, d_table
 
 
@@ -804,15 +806,17 @@ def blockwise_attention(
     """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
 
     ``lse`` is float32 (float64 for float64 inputs). ``native=True`` runs both passes on
-    headwise's C tile kernel (:mod:`headwise.ops.attention.tiles`: float32 on CPU, no bias, no
-    ``score_mod`` but a relative-position table of the pattern).
+    headwise's C tile kernel (:mod:`headwise.ops.attention.tiles`: float32 on CPU; a bias without
+    gradient; no ``score_mod`` but a relative-position table of the pattern).
     """
     plain_mod = score_mod is None or relative_position_of(score_mod, pattern) is not None
-    if native and not (bias is None and plain_mod and tiles_supported(q, k, v)):
+    fixed_bias = bias is None or not (bias.requires_grad and torch.is_grad_enabled())
+    if native and not (fixed_bias and plain_mod and tiles_supported(q, k, v)):
         raise ValueError(
-            "native=True needs float32 CPU tensors, no bias, no score_mod but a relative-position "
-            f"table, and the compiled tile kernel (available: {tiles_available()}); got "
-            f"{q.dtype} on {q.device}, bias={bias is not None}, score_mod={score_mod is not None}"
+            "native=True needs float32 CPU tensors, a bias without gradient, no score_mod but a "
+            f"relative-position table, and the compiled tile kernel (available: "
+            f"{tiles_available()}); got {q.dtype} on {q.device}, bias requires grad: "
+            f"{not fixed_bias}, score_mod={score_mod is not None}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()

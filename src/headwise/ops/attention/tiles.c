@@ -20,6 +20,7 @@
  * so it is the runtime already loaded): forward items are (batch, head, tile); backward units are
  * (batch, K/V head) so that no two threads add into the same dK, dV rows.
  */
+#include <float.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -76,6 +77,7 @@ struct problem {
     const struct plan *plans;
     const float *rpb; int64_t rpb_sh;  /* relative-position bias table per head, or NULL */
     float *drpb; int64_t drpb_slot;    /* its gradient, one copy per thread slot, or NULL */
+    const float *bias; int64_t bias_sb, bias_sh, bias_sq, bias_sk; /* additive, or NULL */
 };
 
 #define LOG2E 1.4426950408889634f
@@ -277,7 +279,7 @@ static void apply_bits(const struct plan *plan, int64_t rank, int64_t t, vf *s, 
 /* what one work item (batch b, head heads[hs], tile t) reads */
 struct item {
     const int32_t *rows, *start, *len; /* the tile's queries; its key segments */
-    int64_t h, segs;
+    int64_t b, h, segs;
     const float *q, *k, *v;            /* the head's rows at position 0 */
 };
 
@@ -288,6 +290,7 @@ static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64
         .rows = plan->rows + t * LANES,
         .start = plan->seg_start + seg0,
         .len = plan->seg_len + seg0,
+        .b = b,
         .h = h,
         .segs = plan->seg_offsets[t + 1] - seg0,
         .q = p->q + b * p->q_sb + h * p->q_sh,
@@ -296,7 +299,27 @@ static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64
     };
 }
 
-/* s[n] = log2(e) (scale q . k_n + rpb) for every key of the tile, hidden ones -inf; returns the
+/* s[n] += log2(e) bias[b, h, row, key]. A finite bias stays finite (clamped to -FLT_MAX: a row of
+ * large negative biases, like transformers' finfo.min masks, is a uniform softmax as in PyTorch);
+ * -inf stays -inf (hidden). */
+static void add_bias(const struct problem *p, const struct item *it, vf *s) {
+    int64_t row[LANES];
+    for (int lane = 0; lane < LANES; ++lane)
+        row[lane] = it->b * p->bias_sb + it->h * p->bias_sh +
+                    (it->rows[lane] < 0 ? 0 : it->rows[lane]) * p->bias_sq;
+    int64_t n = 0;
+    for (int64_t g = 0; g < it->segs; ++g) {
+        for (int32_t key = it->start[g]; key < it->start[g] + it->len[g]; ++key, ++n) {
+            const float *column = p->bias + key * p->bias_sk;
+            for (int lane = 0; lane < LANES; ++lane) {
+                const float value = column[row[lane]];
+                s[n][lane] += isinf(value) ? value : fmaxf(value * LOG2E, -FLT_MAX);
+            }
+        }
+    }
+}
+
+/* s[n] = log2(e) (scale q . k_n + rpb + bias) for every key of the tile, hidden ones -inf; returns the
  * count */
 static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
                       vf *s, vf *xt) {
@@ -310,6 +333,7 @@ static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const stru
             for (int lane = 0; lane < LANES; ++lane)
                 s[n][lane] += table[index[n * LANES + lane]] * LOG2E;
     }
+    if (p->bias) add_bias(p, it, s);
     apply_bits(plan, p->head_rank[hs], t, s, keys);
     return keys;
 }

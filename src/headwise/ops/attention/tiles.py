@@ -66,6 +66,7 @@ class _Problem(ctypes.Structure):
         *_fields("unit_offsets* unit_heads* n_units"),
         ("scale", ctypes.c_double),
         *_fields("max_keys plans* rpb* rpb_sh drpb* drpb_slot"),
+        *_fields("bias* bias_sb bias_sh bias_sq bias_sk"),
     ]
 
 
@@ -301,6 +302,7 @@ class _Call:
         v,
         scale: float,
         relative: RelativePositionTable | None = None,
+        bias: torch.Tensor | None = None,
     ):
         lib = _library()
         if lib is None:
@@ -354,6 +356,11 @@ class _Call:
                 )
             self.rpb = relative.table.detach().float().flatten(1).contiguous()
             self.rpb_index = _rpb_index(relative.pattern, q_len, kv_len)
+        # a broadcastable additive bias, seen as (B, H, Lq, Lk) with stride 0 where it broadcasts
+        self.bias = None
+        if bias is not None:
+            full = bias.detach().float().reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+            self.bias = full.expand(self.batch, all_heads, q_len, kv_len)
         self.plan_structs = (_Plan * len(self.plans))(
             *[p.as_struct(self.rpb_index) for p in self.plans]
         )
@@ -370,7 +377,7 @@ class _Call:
             self.unit_offsets.data_ptr(), self.unit_heads.data_ptr(), len(self.unit_offsets) - 1,
             self.scale,
             max(plan.max_keys for plan in self.plans), ctypes.addressof(self.plan_structs),
-            *_view(self.rpb, 1), *_view(drpb, 1),
+            *_view(self.rpb, 1), *_view(drpb, 1), *_view(self.bias, 4),
         )  # fmt: skip
 
     def threads(self, backward: bool) -> int:
@@ -411,6 +418,7 @@ def tiles_forward(
     scale: float,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     relative: RelativePositionTable | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``pattern`` for float32 CPU ``(B, L, H, D)`` tensors (GQA allowed):
     ``out`` ``(B, Lq, H, Dv)``, ``lse`` ``(B, H, Lq)``; rows that see no key give 0 and -inf.
@@ -418,8 +426,9 @@ def tiles_forward(
     ``pattern`` may be head groups ``((pattern, heads), ...)`` (``heads`` ``None``: all heads),
     all run in one call; heads in no group are left as they are in ``out`` (``(out, lse)``
     tensors to write into instead of new ones). ``relative``: a relative-position table added to
-    the scores (one pattern only)."""
-    call = _Call(pattern, q, k, v, scale, relative)
+    the scores (one pattern only); ``bias``: an additive bias broadcastable to ``(B, H, Lq, Lk)``
+    (no gradient)."""
+    call = _Call(pattern, q, k, v, scale, relative, bias)
     batch, q_len, n_heads = q.shape[:3]
     if out is None:
         out = (q.new_empty(batch, q_len, n_heads, v.shape[3]), q.new_empty(batch, n_heads, q_len))
@@ -446,12 +455,13 @@ def tiles_backward(
     scale: float,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     relative: RelativePositionTable | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Gradients of :func:`tiles_forward` (same ``pattern`` or head groups): dQ written into the
     rows of their heads in ``grads[0]``, dK and dV added into ``grads[1]``, ``grads[2]``
     (float32, shaped like q, k, v). ``grad_lse`` may be ``None``. Returns the gradient of the
     relative-position table when ``relative`` is given (float32, shaped like it)."""
-    call = _Call(pattern, q, k, v, scale, relative)
+    call = _Call(pattern, q, k, v, scale, relative, bias)
     for name, grad, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
         _check_out(name, grad, tuple(like.shape))
     d_table = None if relative is None else torch.zeros(relative.table.shape)
