@@ -4,15 +4,17 @@
 -march=native -fopenmp`` plus ``$HEADWISE_NATIVE_FLAGS``, cached under ``~/.cache/headwise`` or
 ``$HEADWISE_CACHE``) and loaded with :mod:`ctypes`; when no compiler works, or
 ``HEADWISE_NATIVE=0`` is set, :func:`available` is false and the ``auto`` dispatch uses the
-blockwise path instead. The kernel puts a tile's queries in the lanes of one
-vector register (16 floats with AVX-512, else 8) and, per key, computes every lane's score with
-one broadcast FMA per head dimension, so a query costs the keys of its tile's window union and
-no more: a 4 x 4 tile of a 2-D neighborhood (k = 16) reads 19 x 19 keys, 1.41x the 16 x 16 each
-query needs, where a 32-query group of PyTorch's fused kernel reads 1.71x, and no K block is
-packed per tile. The softmax of each lane is exact (two passes over the tile's scores); ``lse``
-is in natural log like the other paths. The backward pass recomputes P from ``lse``
-(FlashAttention-2 style) and splits work by K/V head, so no two threads add into the same dK, dV
-rows.
+blockwise path instead.
+
+The kernel puts a tile's queries in the lanes of one vector register (16 floats with AVX-512,
+else 8) and, per key, computes every lane's score with one broadcast FMA per head dimension, so a
+query costs the keys of its tile's window union and no more: a 4 x 4 tile of a 2-D neighborhood
+(k = 16) reads 19 x 19 keys, 1.41x the 16 x 16 each query needs, where a 32-query group of
+PyTorch's fused kernel reads 1.71x, and no K block is packed per tile. The softmax of each lane
+is exact (two passes over the tile's scores); ``lse`` is in natural log like the other paths. The
+backward pass recomputes P from ``lse`` (FlashAttention-2 style) and splits work by K/V head, so
+no two threads add into the same dK, dV rows. Scores may carry an additive bias (no gradient) and
+a neighborhood's relative-position table (with its gradient).
 
 Plans (query tiles, key segments, per-key lane bits) are cached per pattern and lengths.
 """
