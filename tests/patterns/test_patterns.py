@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import headwise.patterns as P
+from strategies import pattern_leaves
 
 
 def brute(rule, heads, q_len, kv_len):
@@ -98,15 +99,7 @@ def test_per_head_stacks():
 
 
 # ----------------------------------------------------------------- hypothesis: compositions
-leaves = st.one_of(
-    st.just(P.full()),
-    st.sampled_from(["bottom_right", "top_left"]).map(P.causal),
-    st.tuples(st.integers(0, 6), st.integers(0, 6)).map(lambda lr: P.sliding_window(*lr)),
-    st.integers(0, 4).map(P.sinks),
-    st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 3)).map(
-        lambda t: P.strided(t[0], t[1] % t[0], block=t[2])
-    ),
-)
+leaves = pattern_leaves()
 Q_LEN, KV_LEN = 23, 31
 # Each tree carries its expected mask, built from the leaves' masks while the tree is built, so
 # the check never relies on how the composed pattern stores its structure.

@@ -21,6 +21,7 @@ import headwise.patterns as P
 from headwise.ops.attention import attention, explain
 from headwise.ops.attention.reference import reference_attention
 from headwise.ops.attention.tiles import available, lanes, tile_plan, tiles_forward
+from strategies import pattern_leaves
 
 
 def test_kernel_compiles_where_ci_runs():
@@ -250,15 +251,7 @@ def test_relative_position_table_runs_natively_with_its_gradient():
 
 
 # ----------------------------------------------------------------- hypothesis: any composition
-_leaves = st.one_of(
-    st.just(P.full()),
-    st.sampled_from(["bottom_right", "top_left"]).map(P.causal),
-    st.tuples(st.integers(0, 9), st.integers(0, 9)).map(lambda lr: P.sliding_window(*lr)),
-    st.integers(0, 4).map(P.sinks),
-    st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 5)).map(
-        lambda t: P.strided(t[0], t[1] % t[0], block=t[2])
-    ),
-)
+_leaves = pattern_leaves(max_window=9, max_block=5)
 _trees = st.recursive(
     _leaves,
     lambda sub: st.tuples(sub, sub, st.booleans()).map(
