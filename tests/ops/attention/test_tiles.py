@@ -275,3 +275,35 @@ def test_any_composition_matches_oracle(pattern, q_len, kv_len, kv_heads, dim):
     # tiles of odd sizes, rows without keys, scattered and partial key runs, per-head plans
     q, k, v = make_inputs(2, q_len, kv_len, 4, kv_heads, dim)
     check_against_oracle("native", q, k, v, pattern)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["long_window_runs", "scattered_blocks", "neighborhood_2d_k7"])
+def test_grouped_long_tiles_match_oracle(monkeypatch, name):
+    # every tile through the grouped, chunked forward (online softmax over shared key chunks)
+    import headwise.ops.attention.tiles as tiles
+
+    monkeypatch.setattr(tiles, "LONG_TILE_KEYS", 1)
+    pattern, batch, length, heads, kv_heads, dim = NUMERIC_CASES[name]
+    q, k, v = make_inputs(batch, length, length, heads, kv_heads, dim)
+    check_against_oracle("native", q, k, v, pattern)
+    # keys beyond one chunk, rows without keys, a bias and the empty rows it makes
+    q, k, v = make_inputs(batch=2, q_len=40, kv_len=700, heads=4, kv_heads=2, dim=16)
+    bias = torch.randn(2, 1, 1, 700)
+    bias[..., 300:320] = float("-inf")
+    check_against_oracle("native", q, k, v, P.causal() | P.sinks(3), bias=bias)
+    check_against_oracle("native", q, k, v, P.documents([10, 0, 30], [300, 0, 400], causal=True))
+
+
+@needs_kernel
+def test_grouped_long_tiles_with_relative_position_table(monkeypatch):
+    import headwise.ops.attention.tiles as tiles
+    from headwise import neighborhood_attention
+
+    monkeypatch.setattr(tiles, "LONG_TILE_KEYS", 1)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 9, 11, 2, 8, generator=gen) for _ in range(3))
+    table = torch.randn(2, 9, 9, generator=gen)
+    out = neighborhood_attention(q, k, v, 5, rpb=table, backend="native")
+    ref = neighborhood_attention(q, k, v, 5, rpb=table, backend="reference")
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)

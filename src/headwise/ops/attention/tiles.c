@@ -78,6 +78,7 @@ struct problem {
     const float *rpb; int64_t rpb_sh;  /* relative-position bias table per head, or NULL */
     float *drpb; int64_t drpb_slot;    /* its gradient, one copy per thread slot, or NULL */
     const float *bias; int64_t bias_sb, bias_sh, bias_sq, bias_sk; /* additive, or NULL */
+    int64_t long_keys; /* forward: tiles seeing more keys go through forward_group (0: never) */
 };
 
 #define LOG2E 1.4426950408889634f
@@ -134,13 +135,13 @@ static inline vf exp2_vec(vf x) {
         _Pragma("GCC unroll 16") for (int c = 0; c < N; ++c) s[c] = acc[c];               \
     }
 
-/* o[c] = sum over the tile's keys n of p[n] * rows[n][c], for W columns (one vector per column,
- * lanes = the tile's queries) */
+/* o[c] += sum over the keys n of segments start/len of p[n] * rows[n][c], for W columns (one
+ * vector per column, lanes = the tile's queries) */
 #define DEFINE_MIX(W)                                                                         \
     static void mix_##W(const vf *p, const float *rows, int64_t st, const int32_t *start,    \
                         const int32_t *len, int64_t segs, vf *o) {                            \
         vf acc[W];                                                                            \
-        _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) acc[c] = splat(0.0f);            \
+        _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) acc[c] = o[c];                   \
         for (int64_t g = 0; g < segs; ++g) {                                                  \
             const float *row = rows + start[g] * st;                                          \
             for (int32_t n = 0; n < len[g]; ++n, ++p, row += st) {                            \
@@ -203,12 +204,20 @@ REPEAT_8(DEFINE_MIX)
 static const mix_fn MIX[] = {0, REPEAT_8(MIX_ENTRY)};
 #endif
 
+/* forward_group: tiles taken together, and keys per chunk they share */
+#define GROUP_TILES 8
+#define CHUNK_KEYS 256
+
 /* per-thread scratch */
 struct scratch {
     vf *xt;     /* a tile's q (then dO) transposed: [dim][lanes] */
     vf *s, *ds; /* per key: scores / probabilities, dP / dS */
     float *q_rows, *do_rows; /* [LANES][ld]: a tile's q and dO rows, zero padded */
     int64_t ld_q, ld_do;
+    /* forward_group: GROUP_TILES tiles' q (transposed) and output accumulators, one chunk's
+     * scores and key runs */
+    vf *group_xt, *group_o, *chunk_s;
+    int32_t *chunk_start, *chunk_len;
 };
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
@@ -221,6 +230,15 @@ static int scratch_init(struct scratch *w, const struct problem *p, int backward
     w->ld_do = padded(p->dim_v);
     w->xt = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)dim);
     w->s = aligned_alloc(sizeof(vf), sizeof(vf) * keys);
+    if (!backward && p->long_keys > 0) {
+        w->group_xt = aligned_alloc(sizeof(vf), sizeof(vf) * GROUP_TILES * (size_t)p->dim);
+        w->group_o = aligned_alloc(sizeof(vf), sizeof(vf) * GROUP_TILES * (size_t)p->dim_v);
+        w->chunk_s = aligned_alloc(sizeof(vf), sizeof(vf) * CHUNK_KEYS);
+        w->chunk_start = malloc(sizeof(int32_t) * CHUNK_KEYS);
+        w->chunk_len = malloc(sizeof(int32_t) * CHUNK_KEYS);
+        if (!w->group_xt || !w->group_o || !w->chunk_s || !w->chunk_start || !w->chunk_len)
+            return -1;
+    }
     if (backward) {
         w->ds = aligned_alloc(sizeof(vf), sizeof(vf) * keys);
         w->q_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_q);
@@ -236,6 +254,11 @@ static void scratch_free(struct scratch *w) {
     free(w->ds);
     free(w->q_rows);
     free(w->do_rows);
+    free(w->group_xt);
+    free(w->group_o);
+    free(w->chunk_s);
+    free(w->chunk_start);
+    free(w->chunk_len);
 }
 
 /* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes) */
@@ -265,9 +288,11 @@ static int64_t dot_keys(const vf *xt, const float *base, int64_t st, const int32
 }
 
 /* hidden keys -> -inf */
-static void apply_bits(const struct plan *plan, int64_t rank, int64_t t, vf *s, int64_t keys) {
+static void apply_bits(const struct plan *plan, int64_t rank, int64_t t, int64_t first, vf *s,
+                       int64_t keys) {
     if (plan->bit_offsets[t] < 0) return;
-    const int32_t *bits = plan->bits + plan->bit_offsets[t] + rank * plan->bits_head_stride;
+    const int32_t *bits =
+        plan->bits + plan->bit_offsets[t] + rank * plan->bits_head_stride + first;
     vi lane_bit;
     for (int lane = 0; lane < LANES; ++lane) lane_bit[lane] = 1 << lane;
     for (int64_t n = 0; n < keys; ++n) {
@@ -281,6 +306,7 @@ struct item {
     const int32_t *rows, *start, *len; /* the tile's queries; its key segments */
     int64_t b, h, segs;
     const float *q, *k, *v;            /* the head's rows at position 0 */
+    int64_t first;                     /* tile entry of start[0] (a chunk of the tile's keys) */
 };
 
 static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64_t t) {
@@ -321,21 +347,123 @@ static void add_bias(const struct problem *p, const struct item *it, vf *s) {
 
 /* s[n] = log2(e) (scale q . k_n + rpb + bias) for every key of the tile, hidden ones -inf; returns the
  * count */
-static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
-                      vf *s, vf *xt) {
+static int64_t scores_of(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
+                         const vf *xt, vf *s) {
     const struct plan *plan = p->plans + p->head_plan[hs];
-    transpose_rows(xt, it->q, p->q_st, it->rows, p->dim, (float)p->scale * LOG2E);
     const int64_t keys = dot_keys(xt, it->k, p->k_st, it->start, it->len, it->segs, p->dim, s);
     if (p->rpb && plan->rpb_index) {
-        const int32_t *index = plan->rpb_index + plan->key_offsets[t] * LANES;
+        const int32_t *index = plan->rpb_index + (plan->key_offsets[t] + it->first) * LANES;
         const float *table = p->rpb + it->h * p->rpb_sh;
         for (int64_t n = 0; n < keys; ++n)
             for (int lane = 0; lane < LANES; ++lane)
                 s[n][lane] += table[index[n * LANES + lane]] * LOG2E;
     }
     if (p->bias) add_bias(p, it, s);
-    apply_bits(plan, p->head_rank[hs], t, s, keys);
+    apply_bits(plan, p->head_rank[hs], t, it->first, s, keys);
     return keys;
+}
+
+static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
+                      vf *s, vf *xt) {
+    transpose_rows(xt, it->q, p->q_st, it->rows, p->dim, (float)p->scale * LOG2E);
+    return scores_of(p, hs, t, it, xt, s);
+}
+
+/* the tile's lse: ln 2 (m + log2 l), -inf for a query that sees no key */
+static void write_lse(const struct problem *p, const struct item *it, vf m_safe, vf l) {
+    for (int lane = 0; lane < LANES; ++lane) {
+        if (it->rows[lane] < 0) continue;
+        p->lse[it->b * p->l_sb + it->h * p->l_sh + it->rows[lane]] =
+            l[lane] > 0 ? (m_safe[lane] + log2f(l[lane])) * LN2 : -INFINITY;
+    }
+}
+
+/* Tiles t0..t1-1 of one (batch, head) that each see more than long_keys keys, FlashAttention
+ * style: the keys are taken in chunks of CHUNK_KEYS positions, every tile of the group scores
+ * its keys of the chunk while that chunk's K and V rows are in cache, and keeps a running max m,
+ * sum l and output O per lane, rescaled by 2^(m_old - m_new) when the max grows. A tile that
+ * sees every key of a long sequence would otherwise stream all of K and V per 16 queries. */
+static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_t t0, int64_t t1,
+                          struct scratch *w) {
+    struct item items[GROUP_TILES];
+    vf m[GROUP_TILES], l[GROUP_TILES];
+    int64_t seg[GROUP_TILES], entry[GROUP_TILES];
+    int32_t off[GROUP_TILES];
+    const int64_t tiles = t1 - t0, dim_v = p->dim_v;
+    const vf neg_inf = splat(-INFINITY);
+    for (int64_t j = 0; j < tiles; ++j) {
+        items[j] = item_at(p, b, hs, t0 + j);
+        transpose_rows(w->group_xt + j * p->dim, items[j].q, p->q_st, items[j].rows, p->dim,
+                       (float)p->scale * LOG2E);
+        memset(w->group_o + j * dim_v, 0, sizeof(vf) * (size_t)dim_v);
+        m[j] = neg_inf;
+        l[j] = splat(0.0f);
+        seg[j] = entry[j] = 0;
+        off[j] = 0;
+    }
+    for (;;) {
+        /* the next chunk starts at the lowest key position a tile has not taken yet */
+        int64_t c0 = INT64_MAX;
+        for (int64_t j = 0; j < tiles; ++j)
+            if (seg[j] < items[j].segs && items[j].start[seg[j]] + off[j] < c0)
+                c0 = items[j].start[seg[j]] + off[j];
+        if (c0 == INT64_MAX) break;
+        const int64_t c1 = c0 + CHUNK_KEYS;
+        for (int64_t j = 0; j < tiles; ++j) {
+            const struct item *it = items + j;
+            int64_t runs = 0, keys = 0;
+            while (seg[j] < it->segs && it->start[seg[j]] + off[j] < c1) {
+                const int64_t position = it->start[seg[j]] + off[j];
+                const int32_t left = it->len[seg[j]] - off[j];
+                const int32_t take = c1 - position < left ? (int32_t)(c1 - position) : left;
+                w->chunk_start[runs] = (int32_t)position;
+                w->chunk_len[runs++] = take;
+                keys += take;
+                off[j] += take;
+                if (off[j] == it->len[seg[j]]) {
+                    ++seg[j];
+                    off[j] = 0;
+                }
+            }
+            if (!keys) continue;
+            struct item chunk = *it;
+            chunk.start = w->chunk_start;
+            chunk.len = w->chunk_len;
+            chunk.segs = runs;
+            chunk.first = entry[j];
+            entry[j] += keys;
+            vf *s = w->chunk_s;
+            scores_of(p, hs, t0 + j, &chunk, w->group_xt + j * p->dim, s);
+            vf m_new = m[j];
+            for (int64_t n = 0; n < keys; ++n) m_new = select_bits(s[n] > m_new, s[n], m_new);
+            const vf m_safe = select_bits(m_new == neg_inf, splat(0.0f), m_new);
+            const vf alpha = exp2_vec(m[j] - m_safe); /* 0 while nothing was seen */
+            vf sum = splat(0.0f);
+            for (int64_t n = 0; n < keys; ++n) {
+                s[n] = exp2_vec(s[n] - m_safe);
+                sum += s[n];
+            }
+            l[j] = l[j] * alpha + sum;
+            m[j] = m_new;
+            vf *o = w->group_o + j * dim_v;
+            for (int64_t d = 0; d < dim_v; ++d) o[d] *= alpha;
+            for (int64_t d0 = 0; d0 < dim_v; d0 += DIM_CHUNK) {
+                const int cols = dim_v - d0 < DIM_CHUNK ? (int)(dim_v - d0) : DIM_CHUNK;
+                MIX[cols](s, it->v + d0, p->v_st, chunk.start, chunk.len, runs, o + d0);
+            }
+        }
+    }
+    for (int64_t j = 0; j < tiles; ++j) {
+        const struct item *it = items + j;
+        const vf *o = w->group_o + j * dim_v;
+        for (int lane = 0; lane < LANES; ++lane) {
+            if (it->rows[lane] < 0) continue;
+            const float inv_l = l[j][lane] > 0 ? 1.0f / l[j][lane] : 0.0f;
+            float *dst = p->out + b * p->o_sb + it->rows[lane] * p->o_st + it->h * p->o_sh;
+            for (int64_t d = 0; d < dim_v; ++d) dst[d] = o[d][lane] * inv_l;
+        }
+        write_lse(p, it, select_bits(m[j] == neg_inf, splat(0.0f), m[j]), l[j]);
+    }
 }
 
 static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
@@ -360,6 +488,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     vf o[DIM_CHUNK];
     for (int64_t d0 = 0; d0 < p->dim_v; d0 += DIM_CHUNK) {
         const int cols = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
+        for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
         MIX[cols](s, it.v + d0, p->v_st, it.start, it.len, it.segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
@@ -367,11 +496,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
             for (int c = 0; c < cols; ++c) dst[c] = o[c][lane] * inv_l[lane];
         }
     }
-    for (int lane = 0; lane < LANES; ++lane) {
-        if (rows[lane] < 0) continue;
-        p->lse[b * p->l_sb + h * p->l_sh + rows[lane]] =
-            l[lane] > 0 ? (m_safe[lane] + log2f(l[lane])) * LN2 : -INFINITY;
-    }
+    write_lse(p, &it, m_safe, l);
 }
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
@@ -425,6 +550,7 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
     vf o[DIM_CHUNK];
     for (int64_t d0 = 0; d0 < p->dim; d0 += DIM_CHUNK) {
         const int cols = p->dim - d0 < DIM_CHUNK ? (int)(p->dim - d0) : DIM_CHUNK;
+        for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
         MIX[cols](ds, k + d0, p->k_st, start, len, segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
@@ -448,6 +574,14 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
     }
 }
 
+static int64_t tile_keys(const struct problem *p, int64_t hs, int64_t t) {
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    int64_t keys = 0;
+    for (int64_t g = plan->seg_offsets[t]; g < plan->seg_offsets[t + 1]; ++g)
+        keys += plan->seg_len[g];
+    return keys;
+}
+
 /* Forward: items (batch, head, tile), tile fastest, split evenly over the threads. Returns 0,
  * or -1 when scratch memory could not be allocated. */
 static int forward_range(const struct problem *p, int64_t begin, int64_t end, int64_t slot) {
@@ -456,11 +590,24 @@ static int forward_range(const struct problem *p, int64_t begin, int64_t end, in
     int failed = scratch_init(&w, p, 0);
     const int64_t per_batch = p->tile_offsets[p->n_heads];
     int64_t hs = 0;
-    for (int64_t item = begin; !failed && item < end; ++item) {
+    for (int64_t item = begin; !failed && item < end;) {
         const int64_t b = item / per_batch, i = item % per_batch;
         if (i < p->tile_offsets[hs]) hs = 0;
         while (i >= p->tile_offsets[hs + 1]) ++hs;
-        tile_forward(p, b, hs, i - p->tile_offsets[hs], &w);
+        const int64_t t = i - p->tile_offsets[hs];
+        /* consecutive long tiles of this (batch, head) within the range go together */
+        int64_t t1 = t;
+        while (p->long_keys > 0 && t1 - t < GROUP_TILES && item + (t1 - t) < end &&
+               p->tile_offsets[hs] + t1 < p->tile_offsets[hs + 1] &&
+               tile_keys(p, hs, t1) > p->long_keys)
+            ++t1;
+        if (t1 > t) {
+            forward_group(p, b, hs, t, t1, &w);
+            item += t1 - t;
+        } else {
+            tile_forward(p, b, hs, t, &w);
+            ++item;
+        }
     }
     scratch_free(&w);
     return failed;

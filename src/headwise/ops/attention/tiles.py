@@ -43,6 +43,9 @@ from headwise.patterns import Pattern
 
 _SOURCE = Path(__file__).with_name("tiles.c")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+#: the forward pass takes tiles that see more keys than this in groups that share each chunk of
+#: K and V (online softmax), instead of one tile streaming all its keys (0: never)
+LONG_TILE_KEYS = 1024
 
 
 def _fields(spec: str) -> list[tuple[str, type]]:
@@ -68,7 +71,7 @@ class _Problem(ctypes.Structure):
         *_fields("unit_offsets* unit_heads* n_units"),
         ("scale", ctypes.c_double),
         *_fields("max_keys plans* rpb* rpb_sh drpb* drpb_slot"),
-        *_fields("bias* bias_sb bias_sh bias_sq bias_sk"),
+        *_fields("bias* bias_sb bias_sh bias_sq bias_sk long_keys"),
     ]
 
 
@@ -379,7 +382,7 @@ class _Call:
             self.unit_offsets.data_ptr(), self.unit_heads.data_ptr(), len(self.unit_offsets) - 1,
             self.scale,
             max(plan.max_keys for plan in self.plans), ctypes.addressof(self.plan_structs),
-            *_view(self.rpb, 1), *_view(drpb, 1), *_view(self.bias, 4),
+            *_view(self.rpb, 1), *_view(drpb, 1), *_view(self.bias, 4), LONG_TILE_KEYS,
         )  # fmt: skip
 
     def threads(self, backward: bool) -> int:
