@@ -197,23 +197,39 @@ def test_plans_stay_cached_within_their_budget(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
-def test_eight_lane_build_matches_oracle(tmp_path):
-    # machines without AVX-512 get 8 lanes (4 x 2 tiles on a 2-D grid): same numerics
+@pytest.mark.parametrize(
+    "flags,check",
+    [
+        # machines without AVX-512 get 8 lanes (4 x 2 tiles on a 2-D grid): same numerics
+        ("-mno-avx512f", "lanes() == 8"),
+        # compilers without OpenMP: the items are split among Python threads instead
+        ("-fno-openmp", "not _library().headwise_tiles_openmp()"),
+    ],
+)
+def test_other_builds_match_oracle(tmp_path, flags, check):
+    if flags == "-mno-avx512f" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 build flag")
     script = (
         "import sys, torch\n"
         f"sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[2])]!r}\n"
         "from test_attention import check_against_oracle, make_inputs\n"
         "import headwise.patterns as P\n"
-        "from headwise.ops.attention.tiles import lanes\n"
-        "assert lanes() == 8, lanes()\n"
+        "from headwise.ops.attention.tiles import _library, lanes\n"
+        f"assert {check}\n"
+        "torch.set_num_threads(2)\n"
         "q, k, v = make_inputs(2, 120, 120, 4, 2, 20)\n"
         "grid = P.neighborhood((10, 12), (5, 3), dilation=(1, 2))\n"
         "check_against_oracle('native', q, k, v, grid)\n"
         "check_against_oracle('native', q, k, v, P.sliding_window(9) | P.sinks(2))\n"
+        "from headwise import neighborhood_attention as na\n"
+        "grids = [t.detach().view(2, 10, 12, -1, 20) for t in (q, k, v)]\n"
+        "table = torch.randn(4, 9, 5, requires_grad=True)\n"
+        "grads = [torch.autograd.grad(na(*grids, (5, 3), dilation=(1, 2), rpb=table, "
+        "backend=b).square().sum(), table)[0] for b in ('native', 'reference')]\n"
+        "torch.testing.assert_close(*grads, atol=2e-5, rtol=2e-5)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "HEADWISE_NATIVE_FLAGS": "-mno-avx512f", "HEADWISE_CACHE": str(tmp_path)}
+    env = {**os.environ, "HEADWISE_NATIVE_FLAGS": flags, "HEADWISE_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
