@@ -23,7 +23,7 @@ import torch._dynamo
 
 import headwise.patterns as P
 from headwise import attention, attention_varlen, explain, pack
-from headwise.measure import environment, peak_memory, time_call
+from headwise.measure import environment, peak_memory, time_call, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -190,11 +190,8 @@ def main() -> None:
         bench_packed(args, device, dtype, lines)
     if "compile" not in args.skip:
         bench_recompiles(args, device, dtype, lines)
-    RESULTS.mkdir(exist_ok=True)
     suffix = "-backward" if args.backward else ""
-    path = RESULTS / f"attention-{device.type}{suffix}-{env['date'][:10]}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {path}")
+    write_results(RESULTS, f"attention-{device.type}{suffix}", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

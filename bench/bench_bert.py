@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from headwise.measure import environment, time_call
+from headwise.measure import environment, time_call, write_results
 from headwise.models import UnpaddedBert
 
 RESULTS = Path(__file__).parent / "results"
@@ -95,10 +95,7 @@ def main() -> None:
     lines.append(f"\nmax abs error on real tokens (packed vs HF): {error:.2e}\n")
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bert-{device.type}-{env['date'][:10]}.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    write_results(RESULTS, f"bert-{device.type}", env, text)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 import headwise
 from headwise import patterns as P
 from headwise.distributed import launch, ring_attention, shard_sequence
-from headwise.measure import environment, peak_memory, time_call
+from headwise.measure import environment, peak_memory, time_call, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -165,11 +165,8 @@ def main() -> None:
     measured(args, lines)
     paper(args, lines)
     lines.append(f"Total benchmark time {time.perf_counter() - start:.0f} s.")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"distributed-cpu-{env['date'][:10]}.md"
-    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {path}")
+    write_results(RESULTS, "distributed-cpu", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

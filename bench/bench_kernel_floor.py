@@ -22,7 +22,7 @@ import torch
 
 from bench_sparse import patterns_for
 from headwise import attention
-from headwise.measure import environment, time_interleaved
+from headwise.measure import environment, time_interleaved, write_results
 from headwise.ops.attention import blockwise as bw
 
 RESULTS = Path(__file__).parent / "results"
@@ -104,10 +104,7 @@ def main() -> None:
             )
             print(row, flush=True)
             lines.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"kernel-floor-cpu-{env['date'][:10]}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {path}")
+    write_results(RESULTS, "kernel-floor-cpu", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

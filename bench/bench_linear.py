@@ -16,13 +16,12 @@ Results go to ``bench/results/linear-<device>-<date>.md`` with device, versions 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from headwise.measure import environment, time_call
+from headwise.measure import environment, time_call, write_results
 from headwise.ops.linear import linear_attention, tnl_decay
 
 RESULTS = Path(__file__).parent / "results"
@@ -111,11 +110,8 @@ def main() -> None:
         None,
     )
     lines.append(f"Crossover (first length where chunked beats SDPA): {crossover}.")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"linear-{device.type}-{time.strftime('%Y-%m-%d')}.md"
-    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-2:]))
-    print(f"wrote {path}")
+    write_results(RESULTS, f"linear-{device.type}", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

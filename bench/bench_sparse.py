@@ -24,7 +24,7 @@ import torch
 
 import headwise.patterns as P
 from headwise import attention, explain
-from headwise.measure import environment, time_interleaved
+from headwise.measure import environment, time_interleaved, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -131,11 +131,8 @@ def main() -> None:
             )
             print(row, flush=True)
             lines.append(row)
-    RESULTS.mkdir(exist_ok=True)
     suffix = "-backward" if args.backward else ""
-    path = RESULTS / f"sparse-{device.type}{suffix}-{env['date'][:10]}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {path}")
+    write_results(RESULTS, f"sparse-{device.type}{suffix}", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from headwise.measure import environment
+from headwise.measure import environment, write_results
 from headwise.models import available_mixers, vision_backbone
 from headwise.ops.attention import backends
 
@@ -134,10 +134,7 @@ def main() -> None:
             for name, size, params, flops, rate, ratio in rows
         ),
     ]
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"vision-{device.type}-{env['date'][:10]}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    write_results(RESULTS, f"vision-{device.type}", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

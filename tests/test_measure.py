@@ -2,7 +2,7 @@
 
 import torch
 
-from headwise.measure import time_interleaved
+from headwise.measure import time_interleaved, write_results
 
 
 def test_time_interleaved_calls_each_function_in_turn_and_returns_medians():
@@ -12,3 +12,11 @@ def test_time_interleaved_calls_each_function_in_turn_and_returns_medians():
     # one warm-up call each, then three rounds of dense, sparse
     assert calls == ["dense", "sparse"] * 4
     assert set(times) == {"dense", "sparse"} and all(t >= 0 for t in times.values())
+
+
+def test_write_results_names_the_file_by_stem_and_recorded_date(tmp_path, capsys):
+    env = {"date": "2026-11-25 03:10 UTC"}
+    path = write_results(tmp_path / "results", "sparse-cpu-backward", env, "# x\n")
+    assert path == tmp_path / "results" / "sparse-cpu-backward-2026-11-25.md"
+    assert path.read_text() == "# x\n"
+    assert str(path) in capsys.readouterr().out

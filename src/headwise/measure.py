@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -142,3 +143,13 @@ def environment(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def write_results(directory: Path, stem: str, env: dict[str, str], text: str) -> Path:
+    """Write a benchmark's results to ``<directory>/<stem>-<date>.md`` (the date recorded in
+    ``env``, from :func:`environment`) and say where."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}-{env['date'][:10]}.md"
+    path.write_text(text)
+    print(f"wrote {path}")
+    return path
