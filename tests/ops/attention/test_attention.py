@@ -10,6 +10,7 @@ import torch
 import headwise.patterns as P
 from conftest import assert_fa3_close, naive_attention
 from headwise.ops.attention import REFERENCE_AUTO_LIMIT, attention, explain
+from headwise.ops.attention.plan_cache import PlanCache
 from headwise.ops.attention.reference import reference_attention
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -544,12 +545,13 @@ def test_heads_split_by_pattern_renumber_score_mod_heads():
 def test_plans_stay_cached_for_many_patterns_within_the_mask_budget(monkeypatch):
     import headwise.ops.attention.blockwise as blockwise
 
-    monkeypatch.setattr(blockwise, "_PLANS", blockwise.collections.OrderedDict())
+    cache = PlanCache(blockwise._PLANS.max_plans, blockwise._PLANS.max_size, blockwise._PLANS.size)
+    monkeypatch.setattr(blockwise, "_PLANS", cache)
     windows = [P.sliding_window(w) for w in range(1, 41)]  # 40 layers' worth of patterns
     first = [blockwise._plan(p, 100, 100, 32, "cpu") for p in windows]
     assert all(blockwise._plan(p, 100, 100, 32, "cpu") is f for p, f in zip(windows, first))
     # masks beyond the budget: the least recently used plans go first, the newest stays
-    monkeypatch.setattr(blockwise, "PLAN_CACHE_MASK_ELEMENTS", 1)
+    monkeypatch.setattr(cache, "max_size", 1)
     newest = blockwise._plan(P.sliding_window(50), 100, 100, 32, "cpu")
-    assert list(blockwise._PLANS) == [(P.sliding_window(50), 100, 100, 32, "cpu")]
+    assert list(cache) == [(P.sliding_window(50), 100, 100, 32, "cpu")]
     assert blockwise._plan(P.sliding_window(50), 100, 100, 32, "cpu") is newest

@@ -19,6 +19,7 @@ from test_attention import check_against_oracle, make_inputs
 
 import headwise.patterns as P
 from headwise.ops.attention import attention, explain
+from headwise.ops.attention.plan_cache import PlanCache
 from headwise.ops.attention.reference import reference_attention
 from headwise.ops.attention.tiles import available, lanes, tile_plan, tiles_forward
 from strategies import pattern_leaves
@@ -185,14 +186,15 @@ def test_without_a_compiler_auto_falls_back_to_blockwise(tmp_path):
 def test_plans_stay_cached_within_their_budget(monkeypatch):
     import headwise.ops.attention.tiles as tiles
 
-    monkeypatch.setattr(tiles, "_PLANS", tiles.collections.OrderedDict())
+    cache = PlanCache(tiles._PLANS.max_plans, tiles._PLANS.max_size, tiles._PLANS.size)
+    monkeypatch.setattr(tiles, "_PLANS", cache)
     windows = [P.sliding_window(w) for w in range(1, 41)]  # 40 layers' worth of patterns
     first = [tile_plan(p, 100, 100) for p in windows]
     assert all(tile_plan(p, 100, 100) is f for p, f in zip(windows, first))
     # past the entry budget the least recently used plans go first, the newest stays
-    monkeypatch.setattr(tiles, "PLAN_CACHE_ENTRIES", 1)
+    monkeypatch.setattr(cache, "max_size", 1)
     newest = tile_plan(P.sliding_window(50), 100, 100)
-    assert list(tiles._PLANS) == [(P.sliding_window(50), 100, 100)]
+    assert list(cache) == [(P.sliding_window(50), 100, 100)]
     assert tile_plan(P.sliding_window(50), 100, 100) is newest
 
 

@@ -36,7 +36,6 @@ module's autograd Function (``native=True``); this path serves everything else: 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import itertools
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headwise.ops.attention.plan_cache import PlanCache
 from headwise.ops.attention.problem import ScoreMod, bias_4d, relative_position_of
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
 from headwise.ops.attention.tiles import available as tiles_available
@@ -91,31 +91,20 @@ class _Panel:
     runs: tuple[_Run | _RowGroup, ...]
 
 
-#: plans stay cached (least recently used dropped first) up to this many ...
-PLAN_CACHE_SIZE = 256
-#: ... and while their cached masks hold at most this many float32 entries (1 GiB) in all
-PLAN_CACHE_MASK_ELEMENTS = 1 << 28
-_PLANS: collections.OrderedDict[tuple, tuple[tuple[_Panel, ...], int]] = collections.OrderedDict()
+#: plans stay cached up to this many, while their masks hold at most this many float32 entries
+#: (1 GiB) in all
+_PLANS: PlanCache[tuple[_Panel, ...]] = PlanCache(
+    max_plans=256,
+    max_size=1 << 28,
+    size=lambda plan: sum(row.mask.numel() for row in _groups(plan) if row.mask is not None),
+)
 
 
 def _plan(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int, device: str
 ) -> tuple[_Panel, ...]:
-    """The cached plan: a model with many layers and heads keeps each of its plans (a fixed
-    small LRU would rebuild them on every call), within a memory budget for their masks."""
     key = (pattern, q_len, kv_len, block, device)
-    if key in _PLANS:
-        _PLANS.move_to_end(key)
-        return _PLANS[key][0]
-    plan = _build_plan(pattern, q_len, kv_len, block, device)
-    masks = sum(row.mask.numel() for row in _groups(plan) if row.mask is not None)
-    _PLANS[key] = (plan, masks)
-    while len(_PLANS) > 1 and (
-        len(_PLANS) > PLAN_CACHE_SIZE
-        or sum(size for _, size in _PLANS.values()) > PLAN_CACHE_MASK_ELEMENTS
-    ):
-        _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.get(key, lambda: _build_plan(pattern, q_len, kv_len, block, device))
 
 
 def _build_plan(

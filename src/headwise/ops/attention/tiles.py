@@ -21,7 +21,6 @@ Plans (query tiles, key segments, per-key lane bits) are cached per pattern and 
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import ctypes
 import functools
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from headwise.ops.attention.plan_cache import PlanCache
 from headwise.ops.attention.problem import RelativePositionTable
 from headwise.patterns import Pattern
 
@@ -185,26 +185,15 @@ class TilePlan:
         return self.bits.numel() + 2 * self.seg_start.numel() + self.rows.numel()
 
 
-#: plans stay cached (least recently used dropped first) up to this many, and while they hold at
-#: most this many int32 entries (512 MiB) in all
-PLAN_CACHE_SIZE = 256
-PLAN_CACHE_ENTRIES = 1 << 27
-_PLANS: collections.OrderedDict[tuple, TilePlan] = collections.OrderedDict()
+#: plans stay cached up to this many, while they hold at most this many int32 entries (512 MiB)
+_PLANS: PlanCache[TilePlan] = PlanCache(
+    max_plans=256, max_size=1 << 27, size=lambda plan: plan.entries
+)
 
 
 def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     """The cached plan of ``pattern`` for these lengths."""
-    key = (pattern, q_len, kv_len)
-    if key in _PLANS:
-        _PLANS.move_to_end(key)
-        return _PLANS[key]
-    _PLANS[key] = plan = _build_plan(pattern, q_len, kv_len)
-    while len(_PLANS) > 1 and (
-        len(_PLANS) > PLAN_CACHE_SIZE
-        or sum(p.entries for p in _PLANS.values()) > PLAN_CACHE_ENTRIES
-    ):
-        _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.get((pattern, q_len, kv_len), lambda: _build_plan(pattern, q_len, kv_len))
 
 
 def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
