@@ -51,7 +51,7 @@ struct plan {
     const int64_t *bit_offsets; /* [tiles] into bits (key entries in segment order); -1: none */
     const int32_t *bits;        /* lane bits per key entry, per head of the pattern */
     int64_t bits_head_stride;   /* 0 when every head shares the pattern */
-    const int64_t *key_offsets; /* [tiles] the tile's first key entry */
+    const int64_t *key_offsets; /* [tiles + 1] the tile's first key entry, then the total */
     const int32_t *rpb_index;   /* [entries][LANES] index into a head's bias table, or NULL */
 };
 
@@ -576,10 +576,7 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
 
 static int64_t tile_keys(const struct problem *p, int64_t hs, int64_t t) {
     const struct plan *plan = p->plans + p->head_plan[hs];
-    int64_t keys = 0;
-    for (int64_t g = plan->seg_offsets[t]; g < plan->seg_offsets[t + 1]; ++g)
-        keys += plan->seg_len[g];
-    return keys;
+    return plan->key_offsets[t + 1] - plan->key_offsets[t];
 }
 
 /* Forward: items (batch, head, tile), tile fastest, split evenly over the threads. Returns 0,

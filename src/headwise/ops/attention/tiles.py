@@ -109,9 +109,10 @@ def _library() -> ctypes.CDLL | None:
     native = [*base, "-march=native"]
     extra = shlex.split(os.environ.get("HEADWISE_NATIVE_FLAGS", ""))  # e.g. -mno-avx512f
     variants = ([*native, "-fopenmp"], native, [*base, "-fopenmp"], base)
+    machine, cache = _machine(), _cache_dir()
     for flags in ([*variant, *extra] for variant in variants):
-        digest = hashlib.sha256(source + repr((compiler, flags, _machine())).encode())
-        path = _cache_dir() / f"tiles-{digest.hexdigest()[:16]}.so"
+        digest = hashlib.sha256(source + repr((compiler, flags, machine)).encode())
+        path = cache / f"tiles-{digest.hexdigest()[:16]}.so"
         if not path.exists():
             partial = path.with_suffix(f".{os.getpid()}.tmp")
             command = [compiler, *flags, str(_SOURCE), "-o", str(partial), "-lm"]
@@ -158,7 +159,7 @@ class TilePlan:
     bit_offsets: torch.Tensor  # int64 (tiles,), -1: every key visible to every query
     bits: torch.Tensor  # int32 (H_p, entries)
     max_keys: int
-    key_offsets: torch.Tensor  # int64 (tiles,): each tile's first key entry
+    key_offsets: torch.Tensor  # int64 (tiles + 1,): each tile's first key entry, then the total
 
     def as_struct(self, rpb_index: torch.Tensor | None = None) -> _Plan:
         pointers = (self.rows, self.seg_offsets, self.seg_start, self.seg_len, self.bit_offsets)
@@ -177,7 +178,7 @@ class TilePlan:
         starts = torch.repeat_interleave(self.seg_start.long(), lengths)
         first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
         positions = starts + torch.arange(len(starts)) - first
-        per_tile = torch.diff(self.key_offsets, append=torch.tensor([len(positions)]))
+        per_tile = self.key_offsets.diff()
         return positions, torch.repeat_interleave(torch.arange(len(self.rows)), per_tile)
 
     @property
@@ -198,7 +199,7 @@ def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
 
 def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     rows_list, starts, lengths, seg_counts, bit_offsets, bits = [], [], [], [0], [], []
-    entries, max_keys, key_offsets, keys_so_far = 0, 1, [], 0
+    entries, max_keys, key_counts = 0, 1, [0]
     width = lanes()
     for panel_keys, groups in pattern.key_panels(q_len, kv_len, width):
         candidates = torch.arange(kv_len) if panel_keys is None else panel_keys
@@ -220,8 +221,7 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
                 padded[: len(rows)] = rows
                 rows_list.append(padded)
                 max_keys = max(max_keys, len(keys))
-                key_offsets.append(keys_so_far)
-                keys_so_far += len(keys)
+                key_counts.append(len(keys))
                 if bool(visible.all()):
                     bit_offsets.append(-1)
                     continue
@@ -240,7 +240,7 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
         if bits
         else torch.zeros(1, 1, dtype=torch.int32),
         max_keys=max_keys,
-        key_offsets=torch.tensor(key_offsets, dtype=torch.int64),
+        key_offsets=torch.tensor(key_counts).cumsum(0),
     )
 
 
