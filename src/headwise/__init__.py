@@ -4,6 +4,7 @@ Layout everywhere: ``(B, L, H, D)`` (batch, length, heads, head dim); packed var
 """
 
 from headwise import layers, patterns
+from headwise._checks import ArgumentTypeError, Unsupported
 from headwise.layers import KVCache, MultiHeadAttention
 from headwise.ops.attention import (
     Explanation,
@@ -20,10 +21,12 @@ from headwise.ops.linear import alibi_slopes, linear_attention, linear_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "Explanation",
     "KVCache",
     "MultiHeadAttention",
     "Packed",
+    "Unsupported",
     "alibi_slopes",
     "attention",
     "attention_varlen",

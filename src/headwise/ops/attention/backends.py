@@ -74,7 +74,7 @@ class SdpaBackend(Backend):
         reasons = []
         kind = _sdpa_causal_kind(problem.pattern)
         if kind is None:
-            reasons.append(f"pattern {type(problem.pattern).__name__} is not full or plain causal")
+            reasons.append(f"pattern {problem.pattern!r} is not full or plain causal")
         elif (
             kind == "bottom_right"
             and problem.q_len > problem.kv_len
@@ -89,25 +89,24 @@ class SdpaBackend(Backend):
 
     def run(self, q, k, v, pattern, scale, bias, score_mod):
         q_len, kv_len = q.shape[1], k.shape[1]
+        head_dim, value_dim = q.shape[-1], v.shape[-1]
+        if scale is None:
+            scale = head_dim**-0.5
         kind = _sdpa_causal_kind(pattern)
         mask = None
         is_causal = False
         if kind != "none":
-            if kind == "top_left" or q_len == kv_len:
+            diagonal = 0 if kind == "top_left" else kv_len - q_len
+            # is_causal only where it is plain top-left causal and the scale positive: SDPA's CPU
+            # kernel scales its -inf causal fill, and -inf * scale is NaN or +inf for scale <= 0
+            if diagonal == 0 and bias is None and scale > 0:
                 is_causal = True
             else:
-                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(
-                    kv_len - q_len
-                )
+                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
+                mask = mask.tril(diagonal)
         if bias is not None:
             attn_bias = bias_4d(bias).to(q.dtype)
-            if is_causal:
-                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
-                is_causal = False
             mask = attn_bias if mask is None else attn_bias.masked_fill(~mask, float("-inf"))
-        head_dim, value_dim = q.shape[-1], v.shape[-1]
-        if scale is None:
-            scale = head_dim**-0.5
         if head_dim != value_dim:
             # SDPA's fused kernels need one head dim for q, k and v, and otherwise fall back to
             # the L x L math path; zero padding changes neither the scores nor the kept output.
@@ -260,7 +259,8 @@ class NativeBackend(Backend):
             )
         if not reasons and not tiles_available():
             reasons.append(
-                "the native tile kernel did not compile (no C compiler?) or HEADWISE_NATIVE=0"
+                "the native tile kernel is not available: HEADWISE_NATIVE=0, or no C compiler "
+                "($CC, cc, gcc, clang) could build tiles.c"
             )
         return reasons
 

@@ -32,6 +32,19 @@ On CPU without bias or ``score_mod`` the ``native`` backend (:mod:`.tiles`, a C 
 of 16 or 8 queries, forward and backward, computing in float32) is faster and runs through this
 module's autograd Function (``native=True``); this path serves everything else: bias and
 ``score_mod`` with their gradients, float64, other devices, machines without a C compiler.
+
+Both backward passes are hand-written and not differentiable: a backward pass that builds a graph
+(``create_graph=True``) raises :class:`headwise._checks.Unsupported` instead of returning second
+derivatives that treat the first ones as constants. The pattern hides scores with ``where``, not
+by adding ``-inf``, so a NaN or ``+inf`` bias entry at a hidden key stays hidden (non-finite Q, K,
+V are handled before any backend runs: :mod:`headwise.ops.attention.api`).
+
+Thread count (``torch.set_num_threads``): on the fused CPU path (float32/bfloat16 without
+``score_mod``; backward without bias or LSE gradient) out, lse, dQ, dK and dV are bitwise the
+same for any number of threads (the kernel splits work by batch, head and query block and sums
+each row in one order; groups are added in plan order). The step-by-step path (float64,
+``score_mod``, bias or LSE gradients) multiplies blocks with ``torch.matmul``, whose BLAS may
+split one product among threads in another order: there results agree to a few ulps only.
 """
 
 from __future__ import annotations
@@ -44,8 +57,15 @@ from dataclasses import dataclass
 import torch
 
 from headwise.ops.attention.plan_cache import PlanCache
-from headwise.ops.attention.problem import ScoreMod, bias_4d, relative_position_of
-from headwise.ops.attention.reference import compute_dtype, masked_softmax_av, score_indices
+from headwise.ops.attention.problem import (
+    ScoreMod,
+    apply_score_mod,
+    bias_4d,
+    refuse_double_backward,
+    relative_position_of,
+    score_indices,
+)
+from headwise.ops.attention.reference import compute_dtype, masked_softmax_av
 from headwise.ops.attention.tiles import available as tiles_available
 from headwise.ops.attention.tiles import supports as tiles_supported
 from headwise.ops.attention.tiles import tiles_backward, tiles_forward
@@ -311,6 +331,7 @@ class _Blockwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        refuse_double_backward("the 'native' backend" if ctx.native else "the 'blockwise' backend")
         q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
         head_groups, scale, score_mod, block = ctx.params
@@ -521,7 +542,8 @@ def _additive_mask(bias, pattern, row, q_len, kv_len, dtype, device):
         mask = _pattern_mask(pattern, row, q_len, kv_len, device).to(dtype)[None]
     if bias is not None:
         block = _bias_block(bias_4d(bias), row).to(dtype)
-        mask = block if mask is None else mask + block
+        # where, not +: a NaN or +inf bias entry at a hidden key must stay hidden
+        mask = block if mask is None else torch.where(torch.isneginf(mask), float("-inf"), block)
     return mask
 
 
@@ -733,11 +755,15 @@ def _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len):
     q_idx = _positions(row.rows, raw.device)
     kv_idx = _positions(row.keys, raw.device)
     if score_mod is not None:
-        scores = score_mod(scores, *score_indices(batch, heads, q_idx, kv_idx))
+        scores = apply_score_mod(
+            score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx)
+        )
     if bias is not None:
         scores = scores + _bias_block(bias_4d(bias), row).to(scores.dtype)
     if pattern is not None and row.needs_mask:
-        scores = scores + _pattern_mask(pattern, row, q_len, kv_len, raw.device).to(scores.dtype)
+        hidden = torch.isneginf(_pattern_mask(pattern, row, q_len, kv_len, raw.device))
+        # where, not +: a hidden NaN or +inf score (from the bias) must not survive the mask
+        scores = torch.where(hidden, float("-inf"), scores)
     return scores.reshape(batch, kv_heads, group, n_rows, n_keys)
 
 
@@ -837,7 +863,8 @@ def _select_heads(t: torch.Tensor, heads, dim: int) -> torch.Tensor:
 def _head_groups(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int
 ) -> list[tuple[Pattern, list[int]]] | None:
-    """Heads grouped by pattern when that saves at least a fifth of the block work."""
+    """Heads grouped by pattern when that saves at least a fifth of the block work (the cached
+    list is shared by every caller and thread: read it, never change it)."""
     per_head = pattern.head_patterns() if pattern is not None else None
     if per_head is None or len(set(per_head)) == 1:
         return None

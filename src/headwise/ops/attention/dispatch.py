@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from headwise._checks import ArgumentTypeError
 from headwise.ops.attention.backends import BACKENDS, REFERENCE_AUTO_LIMIT
 from headwise.ops.attention.problem import AttentionProblem
 
@@ -49,6 +50,13 @@ def priority(problem: AttentionProblem) -> tuple[str, ...]:
 
 def choose(problem: AttentionProblem, backend: str | tuple[str, ...] = "auto") -> Explanation:
     """Pick a backend for ``problem``; ``backend`` is ``"auto"``, a name, or a tuple of names."""
+    if not isinstance(backend, str | tuple) or (
+        isinstance(backend, tuple) and not all(isinstance(name, str) for name in backend)
+    ):
+        raise ArgumentTypeError(
+            f"backend must be 'auto', one of {sorted(BACKENDS)} or a tuple of them; got "
+            f"{backend!r}"
+        )
     if isinstance(backend, str) and backend != "auto":
         _check_names((backend,))
         why = BACKENDS[backend].reasons(problem)

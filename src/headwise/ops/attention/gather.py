@@ -8,13 +8,18 @@ positions it attends to (e.g. Sparsifiner's top-k connectivity mask), so the wor
 :mod:`headwise.patterns` object (batch-agnostic) cannot express. Queries are processed in chunks;
 the backward pass recomputes each chunk from the saved log-sum-exp, so memory stays
 ``O(chunk K D)`` beyond the inputs. Rows with no valid key give zeros and LSE = -inf.
+Non-finite Q, K, V follow :func:`headwise.ops.attention.attention`'s rule: a bad key or value
+sets to NaN exactly the rows that give it a positive weight. No double backward.
 """
 
 from __future__ import annotations
 
 import torch
 
+from headwise._checks import check_real
+from headwise.ops.attention.api import has_non_finite, run_poisoned
 from headwise.ops.attention.blockwise import heads_first
+from headwise.ops.attention.problem import refuse_double_backward
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av
 
 _CHUNK = 256
@@ -54,6 +59,7 @@ class _Gathered(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        refuse_double_backward("gathered_attention")
         q, k, v, index, valid, out, lse = ctx.saved_tensors
         dtype = out.dtype
         heads, kv_heads = q.shape[2], k.shape[2]
@@ -147,6 +153,16 @@ def gathered_attention(
             f"valid must be a bool tensor shaped like index {tuple(index.shape)}; got "
             f"{valid.dtype} {tuple(valid.shape)}"
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = _Gathered.apply(q, k, v, index.long(), valid, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else check_real("scale", scale)
+    index = index.long()
+
+    def run(q, k, v, *_):
+        return _Gathered.apply(q, k, v, index, valid, scale)
+
+    # each row sees only its own keys: attention's non-finite rule applies (a bad key or value
+    # poisons the rows that give it weight, no other)
+    if has_non_finite(q, k, v):
+        out, lse = run_poisoned(run, q, k, v, None, scale, None, None)
+    else:
+        out, lse = run(q, k, v)
     return (out, lse) if return_lse else out

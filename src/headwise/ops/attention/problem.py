@@ -1,7 +1,7 @@
 """Input validation for softmax attention: one place that turns tensors into a checked problem.
 
-Every error is a ``ValueError`` that names the argument and the shapes or values it got, raised
-before any kernel runs.
+Every error is a ``ValueError`` (an ``ArgumentTypeError``, also a ``TypeError``, for a wrong type)
+that names the argument and the shapes or values it got, raised before any kernel runs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from headwise._checks import ArgumentTypeError, Unsupported, check_bool, check_real
 from headwise.patterns import Pattern
+from headwise.patterns.library import Full
 
 ScoreMod = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
@@ -67,6 +69,12 @@ class AttentionProblem:
         return self.batch * self.heads * self.q_len * self.kv_len
 
 
+def check_scale(scale) -> float | None:
+    """``scale`` as a finite Python float (``None`` stays ``None``: ``1 / sqrt(D)``); zero and
+    negative scales are valid (every backend gives the same answer for them)."""
+    return None if scale is None else check_real("scale", scale)
+
+
 def check_problem(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,7 +86,7 @@ def check_problem(
 ) -> AttentionProblem:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, L, H, D); got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
@@ -113,7 +121,9 @@ def check_problem(
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if pattern is not None:
         if not isinstance(pattern, Pattern):
-            raise ValueError(f"pattern must be a headwise Pattern; got {type(pattern).__name__}")
+            raise ArgumentTypeError(
+                f"pattern must be a headwise Pattern; got {type(pattern).__name__}"
+            )
         if pattern.num_heads is not None and pattern.num_heads != heads:
             raise ValueError(
                 f"pattern is per-head for {pattern.num_heads} heads; q has {heads} heads"
@@ -121,7 +131,8 @@ def check_problem(
         pattern.check_lengths(q_len, kv_len)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise ValueError(f"bias must be a floating tensor; got {type(bias).__name__}")
+            got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ArgumentTypeError(f"bias must be a floating tensor; got {got}")
         target = (batch, heads, q_len, kv_len)
         if bias.dim() > 4 or any(s not in (1, t) for s, t in zip(bias.shape[::-1], target[::-1])):
             raise ValueError(
@@ -129,8 +140,9 @@ def check_problem(
             )
         if bias.device != q.device:
             raise ValueError(f"bias must be on q's device {q.device}; got {bias.device}")
-    if score_mod is not None and not callable(score_mod):
-        raise ValueError(f"score_mod must be callable; got {type(score_mod).__name__}")
+    if score_mod is not None:
+        _probe_score_mod(score_mod, batch, heads, q_len, kv_len, q.dtype, q.device)
+    check_bool("return_lse", return_lse)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )
@@ -152,6 +164,87 @@ def check_problem(
         return_lse=return_lse,
         needs_grad=needs_grad,
     )
+
+
+def hides_keys(pattern: Pattern | None, bias: torch.Tensor | None, score_mod) -> bool:
+    """Whether some row may be kept from seeing some key: a pattern other than full, a bias or a
+    ``score_mod`` (either can give ``-inf`` scores). Only then can a non-finite key or value be
+    hidden from a row, and only then is it looked for (:func:`headwise.ops.attention.attention`)."""
+    return (pattern is not None and not isinstance(pattern, Full)) or (
+        bias is not None or score_mod is not None
+    )
+
+
+def score_indices(
+    batch: int, heads: int, q_idx: torch.Tensor, kv_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors ``b, h, q, kv`` broadcastable to ``(B, H, len(q_idx), len(kv_idx))``."""
+    device = q_idx.device
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1, 1),
+        q_idx.view(1, 1, -1, 1),
+        kv_idx.view(1, 1, 1, -1),
+    )
+
+
+#: what torch says when Python control flow meets a tensor of several elements
+_CONTROL_FLOW = ("Boolean value of Tensor", "only one element tensors can be converted")
+
+
+def apply_score_mod(
+    score_mod: ScoreMod,
+    scores: torch.Tensor,
+    b: torch.Tensor,
+    h: torch.Tensor,
+    q_idx: torch.Tensor,
+    kv_idx: torch.Tensor,
+) -> torch.Tensor:
+    """``score_mod(scores, b, h, q_idx, kv_idx)`` on a block of scores ``(B, H, rows, keys)``,
+    checked: backends call it on whole blocks of different sizes, so it must return a tensor of
+    the block's own shape (a broadcast result would mean something else on each backend)."""
+    try:
+        result = score_mod(scores, b, h, q_idx, kv_idx)
+    except RuntimeError as err:
+        if not any(text in str(err) for text in _CONTROL_FLOW):
+            raise
+        raise ValueError(
+            "score_mod is called on whole blocks of scores and indices (tensors), so Python "
+            "control flow on them (if/and/or/float()) cannot work: write it with tensor "
+            "operations, e.g. torch.where(q_idx >= kv_idx, score, -inf); got: " + str(err)
+        ) from err
+    if not isinstance(result, torch.Tensor) or result.shape != scores.shape:
+        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+        raise ValueError(
+            f"score_mod must return a tensor shaped like its score argument "
+            f"{tuple(scores.shape)}; got {got}"
+        )
+    return result
+
+
+def _probe_score_mod(score_mod, batch, heads, q_len, kv_len, dtype, device) -> None:
+    """Call ``score_mod`` once on a small block (at most 2 x 2 scores per batch element and head),
+    so that a broken one fails here with a clear message on every backend, before any kernel."""
+    if not callable(score_mod):
+        raise ArgumentTypeError(f"score_mod must be callable; got {type(score_mod).__name__}")
+    rows, keys = min(q_len, 2), min(kv_len, 2)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the backends' scores
+    scores = torch.zeros(batch, heads, rows, keys, dtype=dtype, device=device)
+    q_idx, kv_idx = torch.arange(rows, device=device), torch.arange(keys, device=device)
+    with torch.no_grad():
+        apply_score_mod(score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx))
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise :class:`Unsupported` when called in a backward pass that builds a graph
+    (``create_graph=True``): ``what``'s hand-written backward is not itself differentiable, and
+    its gradients would be taken as constants, so second derivatives would come out wrong."""
+    if torch.is_grad_enabled():
+        raise Unsupported(
+            f"double backward (create_graph=True, second derivatives) is not supported by "
+            f"{what}: its backward pass is hand-written and not differentiable; use "
+            f"backend='reference' (or 'sdpa' where it serves the call) for second derivatives"
+        )
 
 
 def bias_4d(bias: torch.Tensor) -> torch.Tensor:

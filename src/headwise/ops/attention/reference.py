@@ -5,13 +5,25 @@
 
 A row with no visible key returns O_i = 0 and lse_i = -inf (never NaN). Gradients come from
 autograd. Every fast backend is tested against this function.
+
+Non-finite inputs, when some key can be hidden from some row (a pattern other than full, a bias or
+a ``score_mod``): the scores are computed with every non-finite entry of Q, K, V replaced by 0,
+then the rows that give a non-finite key or value a positive weight P_ij > 0, and the rows whose
+own query is non-finite, are set to NaN (out and lse). A key a row does not see never reaches it,
+forward or backward; :func:`headwise.ops.attention.attention` gives every backend this rule.
 """
 
 from __future__ import annotations
 
 import torch
 
-from headwise.ops.attention.problem import ScoreMod, bias_4d
+from headwise.ops.attention.problem import (
+    ScoreMod,
+    apply_score_mod,
+    bias_4d,
+    hides_keys,
+    score_indices,
+)
 from headwise.patterns import Pattern
 
 
@@ -40,19 +52,6 @@ def masked_softmax_av(
     return out, lse.squeeze(-1)
 
 
-def score_indices(
-    batch: int, heads: int, q_idx: torch.Tensor, kv_idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index tensors ``b, h, q, kv`` broadcastable to ``(B, H, len(q_idx), len(kv_idx))``."""
-    device = q_idx.device
-    return (
-        torch.arange(batch, device=device).view(-1, 1, 1, 1),
-        torch.arange(heads, device=device).view(1, -1, 1, 1),
-        q_idx.view(1, 1, -1, 1),
-        kv_idx.view(1, 1, 1, -1),
-    )
-
-
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,6 +71,14 @@ def reference_attention(
     scale = head_dim**-0.5 if scale is None else scale
     dtype = compute_dtype(q.dtype)
     group = heads // kv_heads
+    bad_q = bad_kv = None
+    if hides_keys(pattern, bias, score_mod):
+        bad_q = ~torch.isfinite(q).all(-1)  # (B, Lq, H)
+        bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Lk, H_kv)
+        if bad_q.any() or bad_kv.any():
+            q, k, v = (torch.where(torch.isfinite(t), t, 0) for t in (q, k, v))
+        else:
+            bad_q = bad_kv = None
     qh = q.transpose(1, 2).to(dtype)
     kh = k.transpose(1, 2).to(dtype).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).to(dtype).repeat_interleave(group, dim=1)
@@ -79,11 +86,19 @@ def reference_attention(
     if score_mod is not None:
         q_idx = torch.arange(q_len, device=q.device)
         kv_idx = torch.arange(kv_len, device=q.device)
-        scores = score_mod(scores, *score_indices(batch, heads, q_idx, kv_idx))
+        scores = apply_score_mod(
+            score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx)
+        )
     if bias is not None:
         scores = scores + bias_4d(bias).to(dtype)
     if pattern is not None:
         visible = pattern.dense_mask(q_len, kv_len, device=q.device)
         scores = scores.masked_fill(~visible[None], float("-inf"))
     out, lse = masked_softmax_av(scores, vh)
+    if bad_q is not None:
+        weights = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
+        bad_keys = bad_kv.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, H, Lk)
+        sees_bad = ((weights > 0) & bad_keys[:, :, None]).any(-1) | bad_q.transpose(1, 2)
+        out = out.masked_fill(sees_bad[..., None], float("nan"))
+        lse = lse.masked_fill(sees_bad, float("nan"))
     return out.transpose(1, 2).to(q.dtype), lse

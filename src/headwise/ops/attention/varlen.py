@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from headwise._checks import ArgumentTypeError
+
 
 @dataclass(frozen=True)
 class Packed:
@@ -27,15 +29,34 @@ class Packed:
 def pack(x: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
     """Drop padding: ``x`` ``(B, L, ...)`` with ``attention_mask`` ``(B, L)`` (True/1 = real token).
 
-    Real tokens keep their order inside each sequence; they need not be a prefix.
+    Real tokens keep their order inside each sequence; they need not be a prefix. The mask must
+    be bool or hold only integers 0 and 1: an additive float mask (0 = keep, -inf = hide, as
+    Hugging Face builds internally) would otherwise be read the other way round.
     """
-    if x.dim() < 2:
-        raise ValueError(f"x must be (B, L, ...); got shape {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ArgumentTypeError(f"x must be a (B, L, ...) tensor; got {got}")
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"attention_mask must be a (B, L) tensor; got {type(attention_mask).__name__}"
+        )
     if attention_mask.shape != x.shape[:2]:
         raise ValueError(
             f"attention_mask must be (B, L) = {tuple(x.shape[:2])}; "
             f"got {tuple(attention_mask.shape)}"
         )
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ArgumentTypeError(
+            f"attention_mask must be a bool or integer 0/1 mask (1 = real token); got a "
+            f"{attention_mask.dtype} tensor (an additive float mask would be read inverted)"
+        )
+    if attention_mask.dtype != torch.bool:
+        values = torch.unique(attention_mask)
+        if ((values != 0) & (values != 1)).any():
+            raise ValueError(
+                f"attention_mask must hold only 0/1 (1 = real token); got values "
+                f"{values.tolist()}"
+            )
     mask = attention_mask.to(device=x.device, dtype=torch.bool)
     seqlens = mask.sum(1, dtype=torch.int32)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
@@ -47,7 +68,13 @@ def pack(x: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
 
 def unpack(tokens: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Scatter packed ``tokens`` ``(T, ...)`` back to ``(B, L, ...)``, zeros at padding."""
-    if tokens.shape[0] != packed.indices.shape[0]:
+    if not isinstance(packed, Packed):
+        raise ArgumentTypeError(
+            f"packed must be a Packed (what pack() returns); got {type(packed).__name__}"
+        )
+    if not isinstance(tokens, torch.Tensor):
+        raise ArgumentTypeError(f"tokens must be a tensor; got {type(tokens).__name__}")
+    if tokens.dim() < 1 or tokens.shape[0] != packed.indices.shape[0]:
         raise ValueError(
             f"tokens must have T = {packed.indices.shape[0]} rows; got {tuple(tokens.shape)}"
         )
