@@ -144,6 +144,55 @@ def test_result_does_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(one, many))
 
 
+def _with_threads(counts, run):
+    """``run()`` under each thread count of ``counts``, the caller's count restored."""
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in counts:
+            torch.set_num_threads(count)
+            results[count] = run()
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_relative_position_gradient_does_not_depend_on_the_thread_count():
+    # the table's gradient sums over batches that different threads handle: one partial sum per
+    # batch, added in a fixed order, not one per thread
+    from headwise import neighborhood_attention
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(5, 12, 14, 4, 16, generator=gen, requires_grad=True) for _ in range(3))
+    table = torch.randn(4, 13, 9, generator=gen, requires_grad=True)
+
+    def run():
+        out = neighborhood_attention(q, k, v, (7, 5), rpb=table, backend="native")
+        return out, *torch.autograd.grad(out.square().sum(), (q, k, v, table))
+
+    results = _with_threads((1, 2, 3), run)
+    for count in (2, 3):
+        for name, a, b in zip(("out", "dq", "dk", "dv", "d_table"), results[1], results[count]):
+            assert torch.equal(a, b), f"{name} differs between 1 and {count} threads"
+
+
+@needs_kernel
+def test_grouped_long_tiles_do_not_depend_on_the_thread_count(monkeypatch):
+    # tiles grouped by the forward take their keys in chunks at fixed positions, so which tiles
+    # a thread's range puts together does not change any tile's sums
+    import headwise.ops.attention.tiles as tiles
+
+    monkeypatch.setattr(tiles, "LONG_TILE_KEYS", 1)
+    q, k, v = (t.detach() for t in make_inputs(1, 700, 700, 3, 3, 16))
+    pattern = P.sliding_window(300) | P.sinks(3)
+    results = _with_threads(
+        (1, 2, 3), lambda: attention(q, k, v, pattern, backend="native", return_lse=True)
+    )
+    for count in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(results[1], results[count])), count
+
+
 @needs_kernel
 def test_lse_gradient_flows_through_the_native_backward():
     q, k, v = make_inputs()

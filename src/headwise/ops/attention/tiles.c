@@ -76,7 +76,7 @@ struct problem {
     int64_t max_keys;
     const struct plan *plans;
     const float *rpb; int64_t rpb_sh;  /* relative-position bias table per head, or NULL */
-    float *drpb; int64_t drpb_slot;    /* its gradient, one copy per thread slot, or NULL */
+    float *drpb; int64_t drpb_sb;      /* its gradient, one copy per batch, or NULL */
     const float *bias; int64_t bias_sb, bias_sh, bias_sq, bias_sk; /* additive, or NULL */
     int64_t long_keys; /* forward: tiles seeing more keys go through forward_group (0: never) */
 };
@@ -382,7 +382,9 @@ static void write_lse(const struct problem *p, const struct item *it, vf m_safe,
  * style: the keys are taken in chunks of CHUNK_KEYS positions, every tile of the group scores
  * its keys of the chunk while that chunk's K and V rows are in cache, and keeps a running max m,
  * sum l and output O per lane, rescaled by 2^(m_old - m_new) when the max grows. A tile that
- * sees every key of a long sequence would otherwise stream all of K and V per 16 queries. */
+ * sees every key of a long sequence would otherwise stream all of K and V per 16 queries.
+ * Chunks start at multiples of CHUNK_KEYS, so a tile's sums are the same whichever tiles a
+ * thread's range groups it with (results do not depend on the thread count). */
 static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_t t0, int64_t t1,
                           struct scratch *w) {
     struct item items[GROUP_TILES];
@@ -408,6 +410,7 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
             if (seg[j] < items[j].segs && items[j].start[seg[j]] + off[j] < c0)
                 c0 = items[j].start[seg[j]] + off[j];
         if (c0 == INT64_MAX) break;
+        c0 -= c0 % CHUNK_KEYS;
         const int64_t c1 = c0 + CHUNK_KEYS;
         for (int64_t j = 0; j < tiles; ++j) {
             const struct item *it = items + j;
@@ -500,7 +503,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
 }
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
-                          struct scratch *w, int64_t slot) {
+                          struct scratch *w) {
     const struct item it = item_at(p, b, hs, t);
     const int32_t *rows = it.rows, *start = it.start, *len = it.len;
     const int64_t h = it.h, kv = h / p->group, segs = it.segs;
@@ -539,9 +542,10 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
     }
     const struct plan *plan = p->plans + p->head_plan[hs];
     if (p->drpb && plan->rpb_index) {
-        /* d rpb[index] += dS (hidden keys and empty lanes have dS = 0) */
+        /* d rpb[index] += dS (hidden keys and empty lanes have dS = 0), in batch b's own copy:
+         * one unit adds into it at a time, in tile order, whatever the thread count */
         const int32_t *index = plan->rpb_index + plan->key_offsets[t] * LANES;
-        float *grad = p->drpb + slot * p->drpb_slot + h * p->rpb_sh;
+        float *grad = p->drpb + b * p->drpb_sb + h * p->rpb_sh;
         for (int64_t n = 0; n < keys; ++n)
             for (int lane = 0; lane < LANES; ++lane) grad[index[n * LANES + lane]] += ds[n][lane];
     }
@@ -581,8 +585,7 @@ static int64_t tile_keys(const struct problem *p, int64_t hs, int64_t t) {
 
 /* Forward: items (batch, head, tile), tile fastest, split evenly over the threads. Returns 0,
  * or -1 when scratch memory could not be allocated. */
-static int forward_range(const struct problem *p, int64_t begin, int64_t end, int64_t slot) {
-    (void)slot;
+static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
     struct scratch w;
     int failed = scratch_init(&w, p, 0);
     const int64_t per_batch = p->tile_offsets[p->n_heads];
@@ -612,7 +615,7 @@ static int forward_range(const struct problem *p, int64_t begin, int64_t end, in
 
 /* Backward: units (batch, K/V head), each every tile of every query head sharing that K/V
  * head, so a unit's dK, dV rows are its own. */
-static int backward_range(const struct problem *p, int64_t begin, int64_t end, int64_t slot) {
+static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
     struct scratch w;
     int failed = scratch_init(&w, p, 1);
     for (int64_t unit = begin; !failed && unit < end; ++unit) {
@@ -620,7 +623,7 @@ static int backward_range(const struct problem *p, int64_t begin, int64_t end, i
         for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i) {
             const int64_t hs = p->unit_heads[i];
             const int64_t tiles = p->plans[p->head_plan[hs]].tiles;
-            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w, slot);
+            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w);
         }
     }
     scratch_free(&w);
@@ -628,18 +631,18 @@ static int backward_range(const struct problem *p, int64_t begin, int64_t end, i
 }
 
 static int run(const struct problem *p, int backward, int64_t items, int threads) {
-    int (*range)(const struct problem *, int64_t, int64_t, int64_t) =
+    int (*range)(const struct problem *, int64_t, int64_t) =
         backward ? backward_range : forward_range;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-        failed |= range(p, items * i / n, items * (i + 1) / n, i);
+        failed |= range(p, items * i / n, items * (i + 1) / n);
     }
 #else
     (void)threads;
-    failed = range(p, 0, items, 0);
+    failed = range(p, 0, items);
 #endif
     return failed;
 }
@@ -655,14 +658,12 @@ int headwise_tiles_backward(const struct problem *p, int threads) {
     return run(p, 1, p->batch * p->n_units, threads);
 }
 
-int headwise_tiles_forward_range(const struct problem *p, int64_t begin, int64_t end,
-                                 int64_t slot) {
-    return forward_range(p, begin, end, slot);
+int headwise_tiles_forward_range(const struct problem *p, int64_t begin, int64_t end) {
+    return forward_range(p, begin, end);
 }
 
-int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_t end,
-                                  int64_t slot) {
-    return backward_range(p, begin, end, slot);
+int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_t end) {
+    return backward_range(p, begin, end);
 }
 
 int headwise_tiles_openmp(void) {

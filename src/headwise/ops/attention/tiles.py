@@ -1,10 +1,18 @@
 """The native CPU kernel for sparse patterns: exact attention on tiles of 16 (or 8) queries.
 
 ``tiles.c`` is compiled on first use with the system C compiler (``$CC`` or ``cc``; ``-O3
--march=native -fopenmp`` plus ``$HEADWISE_NATIVE_FLAGS``, cached under ``~/.cache/headwise`` or
-``$HEADWISE_CACHE``) and loaded with :mod:`ctypes`; when no compiler works, or
-``HEADWISE_NATIVE=0`` is set, :func:`available` is false and the ``auto`` dispatch uses the
-blockwise path instead.
+-march=native -fopenmp`` plus ``$HEADWISE_NATIVE_FLAGS``) and loaded with :mod:`ctypes`; when no
+compiler works, or ``HEADWISE_NATIVE=0`` is set, :func:`available` is false and the ``auto``
+dispatch uses the blockwise path instead. The library is cached in ``$HEADWISE_CACHE/headwise``
+(else ``~/.cache/headwise``), a directory created ``0700`` and used only while no other user
+can write to it (loading a library runs its code); each file's name records the SHA-256 of its
+content, checked before loading, and a file is written under a temporary name and renamed, so a
+damaged or partial one is rebuilt, never loaded. A cache that cannot be used gives one warning
+and the build happens in a private temporary directory, removed once loaded.
+
+Every tensor handed to C is checked (dtype, device, shape, overlap) with an error naming it,
+and given to C with a contiguous last dim (copied where it is not, and copied back for outputs);
+results do not depend on the thread count.
 
 The kernel puts a tile's queries in the lanes of one vector register (16 floats with AVX-512,
 else 8) and, per key, computes every lane's score with one broadcast FMA per head dimension, so a
@@ -22,6 +30,7 @@ Plans (query tiles, key segments, per-key lane bits) are cached per pattern and 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,8 +38,11 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,19 +82,127 @@ class _Problem(ctypes.Structure):
         *_fields("batch group dim dim_v heads* n_heads head_plan* head_rank* tile_offsets*"),
         *_fields("unit_offsets* unit_heads* n_units"),
         ("scale", ctypes.c_double),
-        *_fields("max_keys plans* rpb* rpb_sh drpb* drpb_slot"),
+        *_fields("max_keys plans* rpb* rpb_sh drpb* drpb_sb"),
         *_fields("bias* bias_sb bias_sh bias_sq bias_sk long_keys"),
     ]
 
 
+#: what the wrapper calls: a library without all of them is not this kernel
+_ENTRY_POINTS = (
+    "headwise_tiles_forward",
+    "headwise_tiles_backward",
+    "headwise_tiles_forward_range",
+    "headwise_tiles_backward_range",
+    "headwise_tiles_openmp",
+    "headwise_tiles_lanes",
+)
+
+
 def _cache_dir() -> Path:
+    """``$HEADWISE_CACHE/headwise``, else ``$XDG_CACHE_HOME/headwise``, else
+    ``~/.cache/headwise``."""
     root = os.environ.get("HEADWISE_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    path = Path(root) / "headwise" if root else Path.home() / ".cache" / "headwise"
+    return Path(root) / "headwise" if root else Path.home() / ".cache" / "headwise"
+
+
+def _others_can_write(path: Path) -> str | None:
+    """Why another user could put a library into the directory ``path`` (``None``: none can).
+    Loading a library runs its code in this process, so only a directory of the current user
+    without group or other write bits is a cache, and each ancestor must belong to the user or
+    root and not be writable by everyone unless sticky (``/tmp``), so that no one else can
+    rename the cache away and put another in its place. (Group-writable ancestors pass: with
+    per-user groups, ``umask 002`` makes them common.)"""
+    uid = os.getuid()
+    status = os.lstat(path)
+    if not stat.S_ISDIR(status.st_mode):
+        return "it is not a directory"
+    if status.st_uid != uid:
+        return f"it belongs to user {status.st_uid}, not to user {uid}"
+    if status.st_mode & 0o022:
+        return f"group or others may write to it (mode {oct(status.st_mode & 0o7777)})"
+    for parent in path.parents:
+        status = os.stat(parent)
+        if status.st_uid not in (uid, 0):
+            return f"its parent {parent} belongs to user {status.st_uid}"
+        if status.st_mode & 0o002 and not status.st_mode & stat.S_ISVTX:
+            return f"anyone may rename entries of its parent {parent}"
+    return None
+
+
+def _private_cache() -> Path | None:
+    """The cache directory (created ``0700``) when only this user can write to it, else
+    ``None`` after a warning."""
+    path = _cache_dir()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    except OSError:
-        return Path(tempfile.gettempdir())
+        real = Path(os.path.realpath(path))
+        os.makedirs(real, mode=0o700, exist_ok=True)
+        reason = _others_can_write(real)
+    except OSError as error:
+        reason = f"it cannot be created: {error}"
+    if reason is None:
+        return real
+    _cache_unusable(path, reason)
+    return None
+
+
+def _cache_unusable(path: Path, reason: str) -> None:
+    warnings.warn(
+        f"headwise: the native kernel's cache {path} is not used ({reason}); the kernel is "
+        "compiled in a private temporary directory for this process instead. Set "
+        "HEADWISE_CACHE to a directory of your own to keep the build.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _store(directory: Path, key: str, data: bytes) -> Path:
+    """``data`` written to ``directory`` under a name that records its SHA-256: first under a
+    temporary name, then renamed (atomic), so no process sees a partial library."""
+    path = directory / f"tiles-{key}-{_digest(data)}.so"
+    handle, partial = tempfile.mkstemp(dir=directory, prefix=f".tiles-{key}-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    return path
+
+
+def _open(path: Path, digest: str) -> ctypes.CDLL | None:
+    """The library at ``path`` when its content has the SHA-256 ``digest`` (a truncated, empty
+    or garbled file has not) and it has the kernel's entry points; else ``None``."""
+    try:
+        if _digest(path.read_bytes()) != digest:
+            return None
+        lib = ctypes.CDLL(str(path))
+        entries = [getattr(lib, name) for name in _ENTRY_POINTS]
+    except (OSError, AttributeError):
+        return None
+    problem = ctypes.POINTER(_Problem)
+    for entry in entries[:2]:
+        entry.argtypes = [problem, ctypes.c_int]
+    for entry in entries[2:4]:
+        entry.argtypes = [problem, _I64, _I64]
+    return lib
+
+
+def _cached(cache: Path, key: str) -> ctypes.CDLL | None:
+    """The intact library built for ``key`` in the cache (its name ends with the SHA-256 of its
+    content); damaged ones are removed, to be built again."""
+    for path in sorted(cache.glob(f"tiles-{key}-*.so")):
+        lib = _open(path, path.stem.rsplit("-", 1)[1])
+        if lib is not None:
+            return lib
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return None
 
 
 def _machine() -> str:
@@ -94,8 +214,17 @@ def _machine() -> str:
         return platform.processor() + platform.machine()
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()
+
+
 def _library() -> ctypes.CDLL | None:
+    """The kernel, built once per process (threads that ask at once wait for one build)."""
+    with _BUILD_LOCK:
+        return _build_library()
+
+
+@functools.cache
+def _build_library() -> ctypes.CDLL | None:
     if os.environ.get("HEADWISE_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -109,26 +238,36 @@ def _library() -> ctypes.CDLL | None:
     native = [*base, "-march=native"]
     extra = shlex.split(os.environ.get("HEADWISE_NATIVE_FLAGS", ""))  # e.g. -mno-avx512f
     variants = ([*native, "-fopenmp"], native, [*base, "-fopenmp"], base)
-    machine, cache = _machine(), _cache_dir()
-    for flags in ([*variant, *extra] for variant in variants):
-        digest = hashlib.sha256(source + repr((compiler, flags, machine)).encode())
-        path = cache / f"tiles-{digest.hexdigest()[:16]}.so"
-        if not path.exists():
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            command = [compiler, *flags, str(_SOURCE), "-o", str(partial), "-lm"]
+    machine, cache = _machine(), _private_cache()
+    with contextlib.ExitStack() as stack:
+        build = None
+        for flags in ([*variant, *extra] for variant in variants):
+            key = hashlib.sha256(source + repr((compiler, flags, machine)).encode())
+            key = key.hexdigest()[:16]
+            lib = None if cache is None else _cached(cache, key)
+            if lib is not None:
+                return lib
+            if build is None:  # a directory of this process (mkdtemp: 0700), removed on return
+                try:
+                    build = stack.enter_context(tempfile.TemporaryDirectory(prefix="headwise-"))
+                except OSError:
+                    return None
+            built = Path(build) / f"{key}.so"
+            command = [compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"]
             if subprocess.run(command, capture_output=True).returncode != 0:
                 continue
-            partial.replace(path)
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
-            continue
-        problem = ctypes.POINTER(_Problem)
-        for entry in (lib.headwise_tiles_forward, lib.headwise_tiles_backward):
-            entry.argtypes = [problem, ctypes.c_int]
-        for entry in (lib.headwise_tiles_forward_range, lib.headwise_tiles_backward_range):
-            entry.argtypes = [problem, _I64, _I64, _I64]
-        return lib
+            data, path = built.read_bytes(), built
+            if cache is not None:
+                try:
+                    path = _store(cache, key, data)
+                except OSError as error:
+                    _cache_unusable(_cache_dir(), f"it cannot be written: {error}")
+                    cache = None
+            lib = _open(path, _digest(data))
+            if lib is not None:
+                return lib
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # this variant does not load here: the next one may
     return None
 
 
@@ -198,6 +337,18 @@ def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
 
 
 def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
+    pattern.check_lengths(q_len, kv_len)
+    plan = _tiles_of(pattern, q_len, kv_len)
+    # the kernel indexes q and k, v rows with these: each must be in range
+    rows, ends = plan.rows, plan.seg_start + plan.seg_len
+    if rows.numel() and (rows.max() >= q_len or (len(ends) and ends.max() > kv_len)):
+        raise ValueError(
+            f"pattern {pattern} names positions beyond q_len={q_len}, kv_len={kv_len}"
+        )
+    return plan
+
+
+def _tiles_of(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     rows_list, starts, lengths, seg_counts, bit_offsets, bits = [], [], [], [0], [], []
     entries, max_keys, key_counts = 0, 1, [0]
     width = lanes()
@@ -245,14 +396,15 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
 
 
 @functools.lru_cache(maxsize=16)
-def _rpb_index(pattern: Pattern, q_len: int, kv_len: int) -> torch.Tensor:
+def _rpb_index(pattern: Pattern, q_len: int, kv_len: int) -> tuple[torch.Tensor, int]:
     """``(entries, lanes)`` int32: per key entry of the plan and query lane, the flat index into
     a head's relative-position table (``pattern.relative_index``; empty lanes read index 0, they
-    are never written)."""
+    are never written); and the entries a head's table must have for every index to be in it."""
     plan = tile_plan(pattern, q_len, kv_len)
     positions, tile = plan.key_entries()
     rows = plan.rows[tile].long().clamp(min=0)
-    return pattern.relative_index(rows, positions[:, None]).to(torch.int32).contiguous()
+    index = pattern.relative_index(rows, positions[:, None]).to(torch.int32).contiguous()
+    return index, int(index.max()) + 1 if index.numel() else 0
 
 
 @functools.cache
@@ -262,15 +414,63 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel can take these inputs: float32 CPU tensors, and the kernel compiled."""
-    return _float32_cpu(q, k, v) and available()
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)) and (
+        available()
+    )
 
 
-def _float32_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+# Every tensor handed to C goes through _operand (read by C) or _target (written by C): the
+# kernel assumes float32 on the CPU, the shape of its ``struct problem`` comment and a last dim
+# of stride 1 (the other strides are passed along). Shapes use None for any size.
+
+
+def _check(name: str, t, spec: str, shape: tuple[int | None, ...], float32: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+    if float32 and (t.device.type != "cpu" or t.dtype != torch.float32):
+        raise ValueError(f"{name} must be a float32 CPU tensor; got {t.dtype} on {t.device}")
+    if t.device.type != "cpu" or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point CPU tensor; got {t.dtype} on {t.device}")
+    if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+        sizes = ", ".join("*" if n is None else str(n) for n in shape)
+        raise ValueError(f"{name} must be {spec} = ({sizes}); got {tuple(t.shape)}")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _operand(name: str, t, spec: str, shape: tuple[int | None, ...], float32: bool = True):
+    """``t`` as the kernel reads it: float32 (a copy when ``float32`` is false and it is another
+    floating dtype), its last dim contiguous (a copy when not)."""
+    _check(name, t, spec, shape, float32)
+    return _last_dim_contiguous(t.detach().float())
+
+
+def _target(name: str, t, spec: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """Where the kernel writes what belongs in ``t``: ``t`` itself, or a contiguous copy of it
+    when its last dim is strided or its elements might share memory (:func:`_write_back` puts
+    it into ``t``). An expanded ``t`` (a stride 0) cannot hold a result."""
+    _check(name, t, spec, shape, float32=True)
+    if any(n > 1 and stride == 0 for n, stride in zip(t.shape, t.stride())):
+        raise ValueError(
+            f"{name} must not overlap itself (an expanded tensor: elements share memory); got "
+            f"shape {tuple(t.shape)}, strides {t.stride()}"
+        )
+    # elements are distinct when each dim steps past everything the smaller strides reach
+    reach = 0
+    for stride, n in sorted((stride, n) for n, stride in zip(t.shape, t.stride()) if n > 1):
+        if stride <= reach:
+            return t.contiguous()
+        reach += stride * (n - 1)
+    return _last_dim_contiguous(t)
+
+
+def _write_back(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """``(t, buffer)`` of :func:`_target`: the buffer's values into ``t`` where they differ."""
+    for t, buffer in pairs:
+        if buffer is not t:
+            t.copy_(buffer)
 
 
 def _view(t: torch.Tensor | None, dims: int = 3) -> list:
@@ -301,15 +501,16 @@ class _Call:
         lib = _library()
         if lib is None:
             raise RuntimeError("the native tile kernel is not available on this machine")
-        if not _float32_cpu(q, k, v):
-            raise ValueError(
-                "the native tile kernel takes float32 CPU tensors; got q, k, v as "
-                f"{[(t.dtype, t.device.type) for t in (q, k, v)]}"
-            )
         self.lib, self.scale = lib, scale
-        self.q, self.k, self.v = (_last_dim_contiguous(t) for t in (q, k, v))
-        self.batch, q_len, all_heads, self.dim = q.shape
-        kv_len, kv_heads = k.shape[1], k.shape[2]
+        self.q = _operand("q", q, "(B, Lq, H, D)", (None,) * 4)
+        self.batch, q_len, all_heads, self.dim = self.q.shape
+        self.k = _operand("k", k, "(B, Lk, Hkv, D)", (self.batch, None, None, self.dim))
+        kv_len, kv_heads = self.k.shape[1:3]
+        self.v = _operand("v", v, "(B, Lk, Hkv, Dv)", (self.batch, kv_len, kv_heads, None))
+        if kv_heads == 0 or all_heads % kv_heads:
+            raise ValueError(
+                f"the heads of q ({all_heads}) must be a multiple of the heads of k ({kv_heads})"
+            )
         self.group = all_heads // kv_heads
         if isinstance(groups, Pattern):
             groups = ((groups, None),)
@@ -343,18 +544,26 @@ class _Call:
         if relative is not None:
             if len(self.plans) != 1 or groups[0][0] != relative.pattern:
                 raise ValueError("a relative-position table needs the call's one pattern")
-            if relative.table.shape[0] != all_heads:
+            self.rpb_index, entries = _rpb_index(relative.pattern, q_len, kv_len)
+            table = relative.table
+            _check("the relative-position table", table, "", tuple(table.shape), float32=False)
+            if table.dim() < 2 or table.shape[0] != all_heads or table[0].numel() < entries:
                 raise ValueError(
-                    f"the relative-position table must have one table per head ({all_heads}); "
-                    f"got {tuple(relative.table.shape)}"
+                    f"the relative-position table must be (H, ...) = ({all_heads}, ...) with at "
+                    f"least {entries} entries per head; got {tuple(table.shape)}"
                 )
-            self.rpb = relative.table.detach().float().flatten(1).contiguous()
-            self.rpb_index = _rpb_index(relative.pattern, q_len, kv_len)
+            self.rpb = table.detach().float().flatten(1).contiguous()
         # a broadcastable additive bias, seen as (B, H, Lq, Lk) with stride 0 where it broadcasts
+        # (C reads it through all four strides)
         self.bias = None
         if bias is not None:
+            shape = (self.batch, all_heads, q_len, kv_len)
+            _check("bias", bias, "a tensor", tuple(bias.shape), float32=False)
+            sizes = zip(bias.shape[::-1], shape[::-1])
+            if bias.dim() > 4 or any(n not in (1, m) for n, m in sizes):
+                raise ValueError(f"bias must broadcast to {shape}; got {tuple(bias.shape)}")
             full = bias.detach().float().reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-            self.bias = full.expand(self.batch, all_heads, q_len, kv_len)
+            self.bias = full.expand(shape)
         self.plan_structs = (_Plan * len(self.plans))(
             *[p.as_struct(self.rpb_index) for p in self.plans]
         )
@@ -391,17 +600,19 @@ class _Call:
             )
             bounds = [items * i // threads for i in range(threads + 1)]
             call = functools.partial(ranged, ctypes.byref(problem))
-            status = list(_pool(threads).map(call, bounds[:-1], bounds[1:], range(threads)))
+            status = list(_pool(threads).map(call, bounds[:-1], bounds[1:]))
         if any(status):
             raise MemoryError("the native tile kernel could not allocate its scratch memory")
 
 
-def _check_out(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape or t.dtype != torch.float32 or (t.numel() and t.stride(-1) != 1):
-        raise ValueError(
-            f"{name} must be float32 {shape} with a contiguous last dim; got {t.dtype} "
-            f"{tuple(t.shape)}, strides {t.stride()}"
-        )
+def _pairwise_sum(parts: torch.Tensor) -> torch.Tensor:
+    """``parts.sum(0)`` as elementwise adds of halves: the order depends only on ``len(parts)``
+    (a reduction kernel may split the sum among threads)."""
+    while len(parts) > 1:
+        half = len(parts) // 2
+        folded = parts[:half] + parts[half : 2 * half]
+        parts = torch.cat([folded, parts[2 * half :]]) if len(parts) % 2 else folded
+    return parts[0]
 
 
 def tiles_forward(
@@ -423,17 +634,23 @@ def tiles_forward(
     the scores (one pattern only); ``bias``: an additive bias broadcastable to ``(B, H, Lq, Lk)``
     (no gradient)."""
     call = _Call(pattern, q, k, v, scale, relative, bias)
-    batch, q_len, n_heads = q.shape[:3]
+    batch, q_len, n_heads = call.q.shape[:3]
+    shape = (batch, q_len, n_heads, call.v.shape[3])
     if out is None:
-        out = (q.new_empty(batch, q_len, n_heads, v.shape[3]), q.new_empty(batch, n_heads, q_len))
+        out = (call.q.new_empty(shape), call.q.new_empty(batch, n_heads, q_len))
     result, lse = out
-    _check_out("out", result, (batch, q_len, n_heads, v.shape[3]))
-    _check_out("lse", lse, (batch, n_heads, q_len))
     if call.empty:
+        _check("out", result, "(B, Lq, H, Dv)", shape, float32=True)
+        _check("lse", lse, "(B, H, Lq)", (batch, n_heads, q_len), float32=True)
         result[:, :, call.heads.long()] = 0
         lse[:, call.heads.long()] = float("-inf")
         return result, lse
-    call.run(call.problem(result, lse), backward=False)
+    targets = (
+        _target("out", result, "(B, Lq, H, Dv)", shape),
+        _target("lse", lse, "(B, H, Lq)", (batch, n_heads, q_len)),
+    )
+    call.run(call.problem(*targets), backward=False)
+    _write_back(*zip(out, targets))
     return result, lse
 
 
@@ -456,16 +673,30 @@ def tiles_backward(
     (float32, shaped like q, k, v). ``grad_lse`` may be ``None``. Returns the gradient of the
     relative-position table when ``relative`` is given (float32, shaped like it)."""
     call = _Call(pattern, q, k, v, scale, relative, bias)
-    for name, grad, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
-        _check_out(name, grad, tuple(like.shape))
+    specs = ("(B, Lq, H, D)", "(B, Lk, Hkv, D)", "(B, Lk, Hkv, Dv)")
+    batch, q_len, n_heads = call.q.shape[:3]
+    rows = (batch, q_len, n_heads, call.v.shape[3])
     d_table = None if relative is None else torch.zeros(relative.table.shape)
     if call.empty:
+        for name, grad, spec, like in zip(("dq", "dk", "dv"), grads, specs, (q, k, v)):
+            _check(name, grad, spec, tuple(like.shape), float32=True)
         grads[0][:, :, call.heads.long()] = 0
         return d_table
-    grad_out, out = (_last_dim_contiguous(t.float()) for t in (grad_out, out))
-    if grad_lse is not None:
-        grad_lse = grad_lse.float().contiguous()
-    # one table gradient per thread slot (threads handle different batches of the same head)
-    slots = None if relative is None else torch.zeros(call.threads(True), *call.rpb.shape)
-    call.run(call.problem(out, lse, grad_out, grad_lse, *grads, slots), backward=True)
-    return None if relative is None else slots.sum(0).view(relative.table.shape)
+    targets = [
+        _target(name, grad, spec, tuple(like.shape))
+        for name, grad, spec, like in zip(("dq", "dk", "dv"), grads, specs, (q, k, v))
+    ]
+    read = (
+        _operand("out", out, "(B, Lq, H, Dv)", rows, float32=False),
+        _operand("lse", lse, "(B, H, Lq)", (batch, n_heads, q_len), float32=False),
+        _operand("grad_out", grad_out, "(B, Lq, H, Dv)", rows, float32=False),
+        None
+        if grad_lse is None
+        else _operand("grad_lse", grad_lse, "(B, H, Lq)", (batch, n_heads, q_len), False),
+    )
+    # one table gradient per batch (threads handle different batches of the same head), added
+    # in an order fixed by the batch size alone: the same sum whatever the thread count
+    per_batch = None if relative is None else torch.zeros(call.batch, *call.rpb.shape)
+    call.run(call.problem(*read, *targets, per_batch), backward=True)
+    _write_back(*zip(grads, targets))
+    return None if relative is None else _pairwise_sum(per_batch).view(relative.table.shape)
