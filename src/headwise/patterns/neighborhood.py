@@ -16,16 +16,24 @@ length ``L`` with kernel ``k``, dilation ``d``, stride ``s`` and a causal flag (
 * a grid axis shorter than its window (``L_g < k``; NATTEN raises) lets every query see its
   whole dilation group along that axis.
 
+Arguments are Python integers of any size (and bools for ``causal``). Before any tensor arithmetic
+each axis clamps ``k`` to ``L + 1``, ``d`` to ``L`` and ``s`` to ``2L``: every larger value gives
+the same window (the whole group; one token per group; leader = last position), so huge values
+stay exact instead of overflowing int64.
+
 The N-D neighbourhood is the Cartesian product of the per-axis windows.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from headwise._checks import check_bool, check_int
 from headwise.patterns.base import Pattern
 
 
@@ -41,25 +49,53 @@ class Neighborhood(Pattern):
         rank = len(self.grid)
         if rank not in (1, 2, 3):
             raise ValueError(f"grid must have 1, 2 or 3 axes; got {self.grid}")
-        for name in ("kernel_size", "dilation", "stride", "causal"):
-            if len(getattr(self, name)) != rank:
-                raise ValueError(
-                    f"{name} must have one entry per grid axis ({rank}); got {getattr(self, name)}"
-                )
-        for name in ("grid", "kernel_size", "dilation", "stride"):
-            if any(not isinstance(n, int) or n < 1 for n in getattr(self, name)):
-                raise ValueError(
-                    f"{name} entries must be positive integers; got {getattr(self, name)}"
-                )
+        for name in ("grid", "kernel_size", "dilation", "stride", "causal"):
+            values = getattr(self, name)
+            if len(values) != rank:
+                raise ValueError(f"{name} must have one entry per grid axis ({rank}); got {values}")
+            names = [name] if rank == 1 else [f"{name}[{i}]" for i in range(rank)]
+            if name == "causal":
+                checked = tuple(check_bool(n, v) for n, v in zip(names, values))
+            else:
+                checked = tuple(check_int(n, v) for n, v in zip(names, values))
+                if min(checked) < 1:
+                    raise ValueError(f"{name} entries must be positive integers; got {values}")
+            object.__setattr__(self, name, checked)
         if any(s > k for s, k in zip(self.stride, self.kernel_size)):
             raise ValueError(
                 f"stride must not exceed kernel_size; got stride={self.stride}, "
                 f"kernel_size={self.kernel_size}"
             )
 
+    def __repr__(self) -> str:
+        def one(values: tuple) -> Any:
+            return values[0] if len(set(values)) == 1 else values
+
+        grid = self.grid[0] if len(self.grid) == 1 else self.grid
+        text = f"neighborhood({grid!r}, {one(self.kernel_size)!r}"
+        for name, default in (("dilation", 1), ("causal", False), ("stride", 1)):
+            value = one(getattr(self, name))
+            if value != default:
+                text += f", {name}={value!r}"
+        return text + ")"
+
     @property
     def size(self) -> int:
         return math.prod(self.grid)
+
+    def axis_parameters(self, axis: int) -> tuple[int, int, int, int]:
+        """``(L, k, d, s)`` of ``axis``, clamped so that they fit any index arithmetic.
+
+        ``k > L`` already shows the whole dilation group, ``d >= L`` already puts every position
+        in a group of its own and ``s >= 2L`` already makes the leader the last position, so
+        ``min(k, L + 1)``, ``min(d, L)`` and ``min(s, 2L)`` give the same windows exactly."""
+        length = self.grid[axis]
+        return (
+            length,
+            min(self.kernel_size[axis], length + 1),
+            min(self.dilation[axis], length),
+            min(self.stride[axis], 2 * length),
+        )
 
     def check_lengths(self, q_len, kv_len):
         if q_len != self.size or kv_len != self.size:
@@ -82,8 +118,8 @@ class Neighborhood(Pattern):
         outside the window are masked anyway; clamping keeps their lookups in range."""
         flat = torch.zeros((), dtype=torch.long, device=q_idx.device)
         for axis, (i, j) in enumerate(zip(self.coordinates(q_idx), self.coordinates(kv_idx))):
-            k = self.kernel_size[axis]
-            offset = torch.div(j - i, self.dilation[axis], rounding_mode="floor") + k - 1
+            k, d = self.kernel_size[axis], self.axis_parameters(axis)[2]
+            offset = torch.div(j - i, d, rounding_mode="floor") + k - 1
             flat = flat * (2 * k - 1) + offset.clamp(0, 2 * k - 2)
         return flat
 
@@ -119,7 +155,7 @@ class Neighborhood(Pattern):
 
     def _dilation_order(self, axis: int) -> torch.Tensor:
         """Positions along ``axis`` sorted by (dilation group, index within the group)."""
-        length, d = self.grid[axis], self.dilation[axis]
+        length, _, d, _ = self.axis_parameters(axis)
         return torch.tensor(sorted(range(length), key=lambda i: (i % d, i // d)))
 
     def _tile_bands(self, size: int) -> list[list[torch.Tensor]]:
@@ -144,8 +180,7 @@ class Neighborhood(Pattern):
         self, axis: int, i: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dilation group and inclusive in-group key range ``[lo, hi]`` of coordinate ``i``."""
-        length, k = self.grid[axis], self.kernel_size[axis]
-        d, s = self.dilation[axis], self.stride[axis]
+        length, k, d, s = self.axis_parameters(axis)
         group = i % d
         inner = i // d
         group_len = length // d + (group < length % d).to(i.dtype)
@@ -172,9 +207,10 @@ class Neighborhood(Pattern):
         positions = torch.arange(self.grid[axis], device=device)
         group, lo, hi = self.axis_window(axis, positions)
         keys = positions[None, :]
-        inner = keys // self.dilation[axis]
+        d = self.axis_parameters(axis)[2]
+        inner = keys // d
         return (
-            (keys % self.dilation[axis] == group[:, None])
+            (keys % d == group[:, None])
             & (inner >= lo[:, None])
             & (inner <= hi[:, None])
         )
@@ -183,8 +219,9 @@ class Neighborhood(Pattern):
         allowed = torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
         for axis, (i, j) in enumerate(zip(self.coordinates(q_idx), self.coordinates(kv_idx))):
             group, lo, hi = self.axis_window(axis, i)
-            inner = j // self.dilation[axis]
-            allowed = allowed & (j % self.dilation[axis] == group) & (inner >= lo) & (inner <= hi)
+            d = self.axis_parameters(axis)[2]
+            inner = j // d
+            allowed = allowed & (j % d == group) & (inner >= lo) & (inner <= hi)
         return allowed
 
 
@@ -198,14 +235,13 @@ def _tile_edges(size: int, rank: int) -> tuple[int, ...]:
     return tuple(1 << (bits // rank + (axis < bits % rank)) for axis in range(rank))
 
 
-def _per_axis(name: str, value, rank: int, kind=int) -> tuple:
-    values = (value,) * rank if isinstance(value, (int, bool)) else tuple(value)
+def _per_axis(name: str, value: Any, rank: int) -> tuple:
+    """One value for every axis, or one per axis (each is checked by :class:`Neighborhood`)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return (value,) * rank
+    values = tuple(value)
     if len(values) != rank:
         raise ValueError(f"{name} must be one value or {rank} values; got {value!r}")
-    if kind is bool:
-        return tuple(bool(v) for v in values)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise ValueError(f"{name} must hold integers; got {value!r}")
     return values
 
 
@@ -222,12 +258,13 @@ def neighborhood(
     ``grid`` is ``X``, ``(X, Y)`` or ``(X, Y, Z)``; ``kernel_size``, ``dilation``, ``stride`` and
     ``causal`` are one value for every axis or one per axis.
     """
-    grid = (grid,) if isinstance(grid, int) else tuple(grid)
+    grid = (grid,) if isinstance(grid, (str, bytes)) or not isinstance(grid, Iterable) else grid
+    grid = tuple(grid)
     rank = len(grid)
     return Neighborhood(
         grid=grid,
         kernel_size=_per_axis("kernel_size", kernel_size, rank),
         dilation=_per_axis("dilation", dilation, rank),
         stride=_per_axis("stride", stride, rank),
-        causal=_per_axis("causal", causal, rank, bool),
+        causal=_per_axis("causal", causal, rank),
     )

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from headwise._checks import check_bool, check_choice, check_int, check_real
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.ops.linear import naive
 from headwise.ops.linear.chunk import DecayedLinearAttention, chunk_forward, compute_dtype
@@ -77,7 +78,9 @@ def linear_attention(
             callable applied to q and k, or an object with ``query``/``key`` methods.
         causal: causal recurrence, or every query sees every key of its sequence.
         decay: ``lam`` in ``(0, 1]``: a float or a tensor of shape ``(H,)`` (or ``()``); it
-            receives a gradient when it requires one. TransNormerLLM's schedule: :func:`tnl_decay`.
+            receives a gradient when it requires one. A Python float is taken at the compute
+            precision (float64 for float64 inputs, else float32), a tensor as it is given.
+            TransNormerLLM's schedule: :func:`tnl_decay`.
         normalize: divide by the decayed key sum as above (``eps`` is Based's 1e-12).
         chunk_size: tokens per chunk for ``chunk``/``triton`` (default 64).
         initial_state: ``(B, H, D', E)`` (``E + 1`` with normalize; ``B`` = number of sequences
@@ -96,12 +99,13 @@ def linear_attention(
     varlen = cu_seqlens is not None
     _check_qkv(q, k, v, varlen)
     heads = q.shape[-2]
-    lam = _check_decay(decay, heads, q.device)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    lam = _check_decay(decay, heads, q.device, compute_dtype(q.dtype))
+    causal = check_bool("causal", causal)
+    normalize = check_bool("normalize", normalize)
+    return_state = check_bool("return_state", return_state)
+    eps = check_real("eps", eps, minimum=0.0)
+    check_choice("backend", backend, BACKENDS)
+    if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     if not causal and (initial_state is not None or return_state):
         raise ValueError(
@@ -170,8 +174,10 @@ def linear_attention_step(
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be (B, H, {'E' if name == 'v' else 'D'}); got {got}")
     _check_qkv(q[:, None], k[:, None], v[:, None], varlen=False)
-    lam = _check_decay(decay, q.shape[1], q.device)
     dtype = compute_dtype(q.dtype)
+    lam = _check_decay(decay, q.shape[1], q.device, dtype)
+    normalize = check_bool("normalize", normalize)
+    eps = check_real("eps", eps, minimum=0.0)
     qf = fmap.query(q[:, None])[:, 0].to(dtype)
     kf = fmap.key(k[:, None])[:, 0].to(dtype)
     vv = v.to(dtype)
@@ -190,36 +196,37 @@ def linear_attention_step(
     return o.to(v.dtype), state
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """ALiBi slopes ``s_h = 2^(-8h/H)``, ``h = 1..H`` (Press et al., 2022), float32 ``(H,)``.
+def alibi_slopes(num_heads: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ALiBi slopes ``s_h = 2^(-8h/H)``, ``h = 1..H`` (Press et al., 2022), ``(H,)`` of ``dtype``.
 
     For ``H`` not a power of two, the ALiBi fallback: the slopes of the closest smaller power of
     two ``n``, then every other slope of ``2n`` heads.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+    num_heads = check_int("num_heads", num_heads, minimum=1)
 
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
 
     n = 2 ** math.floor(math.log2(num_heads))
     slopes = power_of_two(n) + power_of_two(2 * n)[0::2][: num_heads - n]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=dtype)
 
 
-def tnl_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> torch.Tensor:
+def tnl_decay(
+    num_heads: int, layer_idx: int = 0, num_layers: int = 1, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """TransNormerLLM per-head decay ``lam_h = exp(-s_h (1 - l / (N_layers - 1) + 1e-5))``.
 
     ``s_h`` are :func:`alibi_slopes`; ``l`` is the 0-based layer index. The first layer decays
     fastest, the last almost not at all (TNL HF modeling code; arXiv 2307.14995). With a single
-    layer the factor is ``1 + 1e-5``. Returns float32 ``(H,)`` in ``(0, 1)``.
+    layer the factor is ``1 + 1e-5``. Returns ``(H,)`` in ``(0, 1)``, computed in float64 and
+    rounded once to ``dtype`` (pass ``torch.float64`` for a float64 model).
     """
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int; got {num_layers!r}")
-    if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
-        raise ValueError(f"layer_idx must be an int in [0, {num_layers}); got {layer_idx!r}")
+    num_layers = check_int("num_layers", num_layers, minimum=1)
+    layer_idx = check_int("layer_idx", layer_idx, minimum=0, maximum=num_layers - 1)
     depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
-    return torch.exp(-alibi_slopes(num_heads) * (1.0 - depth + 1e-5))
+    slopes = alibi_slopes(num_heads, dtype=torch.float64)
+    return torch.exp(-slopes * (1.0 - depth + 1e-5)).to(dtype)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -384,14 +391,17 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool) 
 
 
 def _check_decay(
-    decay: torch.Tensor | float | None, heads: int, device: torch.device
+    decay: torch.Tensor | float | None, heads: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
-    """Return ``lam`` as a tensor of shape ``(H,)`` or ``(1,)`` (keeps the autograd graph)."""
+    """Return ``lam`` as a tensor of shape ``(H,)`` or ``(1,)`` (keeps the autograd graph).
+
+    A Python number becomes a tensor of the compute ``dtype``: building it in torch's default
+    float32 would round a float64 call's decay (0.9 -> 0.899999976) and with it every output."""
     if decay is None:
         return None
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-        lam = torch.tensor([float(decay)], device=device)
-    elif isinstance(decay, torch.Tensor):
+    if not isinstance(decay, torch.Tensor):
+        lam = torch.tensor([check_real("decay", decay)], dtype=dtype, device=device)
+    else:
         if decay.shape not in ((), (heads,)):
             raise ValueError(f"decay must have shape ({heads},) or (); got {_shape(decay)}")
         if not decay.is_floating_point():
@@ -399,8 +409,6 @@ def _check_decay(
         if decay.device != device:
             raise ValueError(f"decay must be on {device}; got {decay.device}")
         lam = decay.reshape(-1)
-    else:
-        raise TypeError(f"decay must be a float, a tensor or None; got {type(decay).__name__}")
     bad = ~((lam > 0) & (lam <= 1))
     if bool(bad.any()):
         raise ValueError(f"decay values must lie in (0, 1]; got {lam.detach().cpu().tolist()}")

@@ -25,6 +25,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from headwise._checks import check_real
+
 
 @runtime_checkable
 class FeatureMap(Protocol):
@@ -98,9 +100,7 @@ class InLineFeatureMap:
         self.kernel = get_feature_map(kernel)
         if not getattr(self.kernel, "tokenwise", False):
             raise ValueError(f"kernel must be a token-wise feature map; got {kernel!r}")
-        if scale is not None and scale <= 0:
-            raise ValueError(f"scale must be positive; got {scale}")
-        self.scale = scale
+        self.scale = None if scale is None else check_real("scale", scale, positive=True)
 
     def _scale(self, x: torch.Tensor) -> float:
         return x.shape[-1] ** -0.5 if self.scale is None else self.scale
