@@ -58,7 +58,7 @@ def test_window_branch_keeps_w_plus_one_keys():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="window_size must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"window_size must be an integer >= 0; got -1"):
         BasedAttention(12, 3, window_size=-1)
     with pytest.raises(ValueError, match="divisible"):
         BasedAttention(10, 3)

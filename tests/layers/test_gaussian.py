@@ -76,3 +76,45 @@ def test_errors():
         m(torch.randn(1, 5, 3))
     with pytest.raises(ValueError, match=r"x must have an axis 1; got \(5,\)"):
         m(torch.randn(5))
+
+
+def _official_multihead(x, layer):
+    """gioannides/Gaussian-Adaptive-Attention ``MultiHeadGaussianAdaptiveAttention.forward``
+    (``GaussianBlock.py``), rewritten on this layer's parameters."""
+    axis, heads = layer.axis, layer.num_heads
+    chunk_size = x.shape[axis] // heads
+    outputs = []
+    for i in range(heads):
+        start = i * chunk_size
+        end = start + chunk_size if i < heads - 1 else x.shape[axis]
+        chunk = x.narrow(axis, start, end - start)
+        mask = chunk != layer.padding_value
+        masked = torch.where(mask, chunk, torch.zeros_like(chunk))
+        mean = masked.mean(dim=axis, keepdim=True)
+        var = masked.var(dim=axis, keepdim=True) + layer.eps
+        mixture = 1
+        for delta, c in zip(layer.mean_offsets[i], layer.scales[i]):
+            y_norm = (chunk - (mean + delta)) / torch.sqrt(var)
+            mixture = mixture * torch.exp(-(y_norm**2) / (2.0 * c**2)) / torch.sqrt(
+                2 * torch.pi * c**2
+            )
+        mixture = mixture / mixture.sum(dim=axis, keepdim=True).clamp(min=layer.eps)
+        outputs.append(torch.where(mask, chunk * mixture, chunk))
+    return torch.cat(outputs, dim=axis)
+
+
+@pytest.mark.parametrize("padding_value", [0.0, 0.5, -1e9])
+def test_padding_matches_the_official_code(padding_value):
+    """Issue 13: with padding_value set, the Gaussians must be evaluated on the raw x (official)
+    with statistics from the zeroed x; headwise evaluated them on the zeroed x, which changed
+    the normaliser of the real positions."""
+    torch.manual_seed(2)
+    m = GaussianAdaptiveAttention(num_heads=2, num_gaussians=2, padding_value=padding_value)
+    with torch.no_grad():
+        m.mean_offsets.normal_(0, 0.3)
+    m = m.double()
+    x = torch.randn(3, 10, 4, dtype=torch.float64)
+    x[0, 3:5] = padding_value
+    x[1, 8:] = padding_value
+    x[2, 0, 1] = padding_value
+    torch.testing.assert_close(m(x), _official_multihead(x, m))

@@ -60,7 +60,7 @@ def test_decay_schedule_and_srms_norm():
 def test_bad_input():
     with pytest.raises(ValueError, match="divisible"):
         LightningAttention(10, 4)
-    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+    with pytest.raises(ValueError, match=r"num_heads must be an integer >= 1; got 0"):
         LightningAttention(16, 0)
     layer = _layer()
     with pytest.raises(ValueError, match=r"x must be \(B, L, 16\); got \(2, 5, 8\)"):

@@ -206,10 +206,41 @@ def test_influence_is_the_first_order_formula():
             row = sum(a[b, 0, i, n] * g[b, 0, i, n] for n in range(5))
             for j in range(i + 1):
                 aij, gij = a[b, 0, i, j], g[b, 0, i, j]
-                e = aij * gij if i == 0 else -aij * (gij - row) / (1 - aij)
+                delta = torch.finfo(torch.float64).eps
+                e = -aij * gij if i == 0 else -aij * (gij - row) / (1 - aij + delta)
                 expected[i, j] += e / 2
     pad = nn.functional.pad(expected, (0, 1, 0, 1))
     torch.testing.assert_close(tiles[0], pad.view(3, 2, 3, 2).sum((1, 3)).detach())
+
+
+def _official_effect(mat_a, grad_a, block, delta):
+    """thu-nics/MoA ``LlamaModel_get_attention_matrix_log`` (``modify_llama_profile.py``) for
+    one layer, take_abs=False, rewritten: ``(B, H, n, n)`` summed block tiles. ``delta`` is the
+    machine epsilon of the model's dtype (the official ``torch.finfo(grad_A.dtype).eps``)."""
+    multiply = grad_a * mat_a
+    effect = mat_a * (grad_a - multiply.sum(-1, keepdim=True)) / (delta + 1 - mat_a)
+    effect[..., 0, :] = multiply[..., 0, :]
+    effect = -effect
+    length = effect.shape[-1]
+    effect = effect * torch.ones(length, length, dtype=torch.bool).tril()
+    return nn.functional.avg_pool2d(effect.double(), block) * block * block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_signed_influence_matches_the_official_profiler(dtype):
+    """Issue 13: with absolute=False the A = 1 entries (first causal row) had the sign flipped
+    and the denominator had no eps; both now follow the official profiler."""
+    torch.manual_seed(7)
+    causal = torch.ones(8, 8).tril().bool()
+    scores = torch.randn(3, 2, 8, 8, dtype=dtype) * 3
+    a = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1).requires_grad_()
+    ((a * torch.randn(3, 2, 8, 8, dtype=dtype)).sum() + (a**2).sum()).backward()
+    # The official math in float64 (headwise computes in float64), delta of the input dtype.
+    delta = torch.finfo(dtype).eps
+    expected = _official_effect(a.detach().double(), a.grad.double(), 2, delta).mean(0)
+    got = attention_influence(a, a.grad, block=2, absolute=False)
+    torch.testing.assert_close(got, expected)
+    assert (got[:, 0, 0] != 0).all()  # the first row's own tile is the sign-sensitive one
 
 
 def test_profile_influence_records_each_layer():

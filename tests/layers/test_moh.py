@@ -129,7 +129,9 @@ def test_packed_fast_path_vs_reference_and_backward(router):
 def test_all_shared_and_errors():
     moh = MoHAttention(E, H, num_shared=H, top_k=0)
     out = moh(torch.randn(1, 3, E))
-    assert (out.gates == 1).all() and out.load_balance_loss == 0
+    # Every head shared: gates h_s * softmax(W_s x) (official code), summing to H per token.
+    torch.testing.assert_close(out.gates.sum(-1), torch.full((1, 3), float(H)))
+    assert out.load_balance_loss == 0
     with pytest.raises(ValueError, match=r"top_k must be in \[1, num_heads - num_shared = 4\]"):
         MoHAttention(E, H, num_shared=2, top_k=5)
     with pytest.raises(ValueError, match="num_shared must be in"):
@@ -140,3 +142,62 @@ def test_all_shared_and_errors():
         moh(torch.randn(3, E))
     with pytest.raises(ValueError, match="MoH is self-attention"):
         MoHAttention.from_mha(MultiHeadAttention(E, H, kv_dim=5), num_shared=2, top_k=4)
+
+
+def _official_dit(moh, x):
+    """SkyworkAI/MoH ``MoH-DiT/models.py`` ``MoHAttention.forward`` (non-fused path), rewritten
+    on this layer's weights: ``routed_head`` there is our ``top_k`` (0 = every head shared)."""
+    b, n, c = x.shape
+    heads, d, shared_head = moh.num_heads, moh.head_dim, moh.num_shared
+    routed_head = moh.top_k
+    flat = x.reshape(b * n, c)
+    if routed_head > 0:
+        gates = torch.softmax(flat @ moh.routed_router.weight.T, dim=1)
+        indices = gates.topk(routed_head, dim=1).indices
+        mask = torch.nn.functional.one_hot(indices, gates.shape[1]).sum(1)
+        routed_gates = gates * mask
+        denom = routed_gates.sum(1, keepdim=True).clamp(min=torch.finfo(x.dtype).eps)
+        routed_gates = (routed_gates / denom).reshape(b, n, -1) * routed_head
+    q, k, v = (
+        p(x).reshape(b, n, heads, d).transpose(1, 2) for p in (moh.q_proj, moh.k_proj, moh.v_proj)
+    )
+    out = torch.softmax((q * d**-0.5) @ k.transpose(-2, -1), -1) @ v
+    out = out.transpose(1, 2)
+    if routed_head > 0:
+        shared_gates = torch.softmax(flat @ moh.shared_router.weight.T, 1).reshape(b, n, -1)
+        weight_0 = torch.softmax(flat @ moh.group_router.weight.T, 1).reshape(b, n, 2) * 2
+        shared_gates = weight_0[:, :, :1] * shared_gates * shared_head
+        routed_gates = weight_0[:, :, 1:] * routed_gates
+        gate = torch.cat([shared_gates, routed_gates], 2)
+    else:
+        gate = torch.softmax(flat @ moh.shared_router.weight.T, 1).reshape(b, n, -1) * shared_head
+    return moh.out_proj((gate[..., None] * out).reshape(b, n, heads * d)), gate
+
+
+@pytest.mark.parametrize("num_shared, top_k", [(H, 0), (2, 2)])
+def test_learned_gates_match_the_official_dit_code(num_shared, top_k):
+    """Issue 13: with every head shared (h_s = H) the official code gates the heads with
+    ``h_s * softmax(W_s x)``; headwise used gates of 1 (plain MHA) and left W_s unused."""
+    torch.manual_seed(3)
+    moh = MoHAttention(E, H, num_shared=num_shared, top_k=top_k).double()
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    expected, gate = _official_dit(moh, x)
+    out = moh(x)
+    torch.testing.assert_close(out.gates, gate)
+    torch.testing.assert_close(out.output, expected)
+    assert not torch.allclose(out.gates, torch.ones_like(out.gates))
+
+
+@pytest.mark.parametrize(
+    "num_shared, top_k, router",
+    [(H, 0, "learned"), (2, 2, "learned"), (1, 2, "learned"), (0, 3, "learned"),
+     (2, 2, "query_norm"), (H, 0, "query_norm")],
+)  # fmt: skip
+def test_every_parameter_gets_a_gradient(num_shared, top_k, router):
+    """No parameter is built and left unused (DDP would need find_unused_parameters)."""
+    torch.manual_seed(4)
+    moh = MoHAttention(E, H, num_shared=num_shared, top_k=top_k, router=router, causal=True)
+    out = moh(torch.randn(2, 5, E))
+    (out.output.square().sum() + out.load_balance_loss).backward()
+    for name, p in moh.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -266,9 +266,9 @@ BAD_INPUTS = [
         lambda: MultiHeadAttention(16, 3),
         r"num_heads must divide embed_dim.*embed_dim=16, num_heads=3",
     ),
-    (lambda: MultiHeadAttention(16, 0), r"num_heads must be a positive integer; got 0"),
+    (lambda: MultiHeadAttention(16, 0), r"num_heads must be an integer >= 1; got 0"),
     (lambda: _layer(num_kv_heads=3), r"num_kv_heads must divide num_heads.*=4.*=3"),
-    (lambda: _layer(qk_norm="batch"), r"qk_norm must be None or one of .*'batch'"),
+    (lambda: _layer(qk_norm="batch"), r"qk_norm must be one of \(None, 'rms', .*got 'batch'"),
     (lambda: _layer(rotary=True, head_dim=5), r"rotary needs an even head_dim; got head_dim=5"),
     (lambda: _layer(pattern="causal"), r"pattern must be a headwise Pattern; got str"),
     (lambda: _layer(pattern=per_head([sliding_window(1)] * 2)), r"per-head for 2 heads.*=4"),
@@ -296,7 +296,7 @@ BAD_INPUTS = [
         _call(torch.randn(2, 5, E), cache=KVCache(2, 8, H, 4, dtype=torch.float64)),
         r"k must match the cache's torch.float64",
     ),
-    (lambda: KVCache(0, 8, H, 4), r"batch must be a positive integer; got 0"),
+    (lambda: KVCache(0, 8, H, 4), r"batch must be an integer >= 1; got 0"),
 ]
 
 

@@ -58,9 +58,8 @@ def test_predictor_is_the_low_rank_formula():
     coeff = torch.softmax(q_r @ k_r.transpose(-1, -2) @ layer.token_proj / math.sqrt(3), -1)
     assert coeff.shape[-1] == 4  # N // token_reduction bases
     expected = coeff @ layer.basis.t()
-    got = layer.approximate_attention(q, k)
+    got = layer.approximate_attention(q, k, sparse=False)
     torch.testing.assert_close(got[..., 1:, :], expected[..., 1:, :])
-    layer.eval()
     top = coeff.topk(4, -1)  # basis_top_k = 8 > 4 bases: all kept
     basis = layer.basis.t().abs()
     sparse = torch.zeros_like(coeff).scatter(-1, top.indices, top.values) @ (basis * (basis > 0.02))
@@ -117,3 +116,52 @@ def test_bad_input():
         SparsifinerAttention(24, 3, 13, channel_reduction=3)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         SparsifinerAttention(24, 5, 13)
+
+
+def _official_sparse_forward(layer, x):
+    """lim142857/Sparsifiner ``src/models/sparsifiner.py`` (mask predictor and attention) when
+    the reconstruction loss is off, written on this layer's weights: returns the mask
+    ``(B, H, N, N)`` and the output."""
+    b, n, c = x.shape
+    heads = layer.num_heads
+    q, k, v = layer.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q_r, k_r = layer.q_reduce(q), layer.k_reduce(k)
+    k_r = k_r.permute(0, 1, 3, 2) @ layer.token_proj
+    threshold = torch.nn.Threshold(layer.basis_threshold, 0.0)
+    basis = threshold(layer.basis.permute(1, 0).abs())
+    cheap = ((q_r @ k_r) * heads**-0.5)[..., 1:, :]
+    coef = cheap.softmax(dim=-1)
+    top, top_idx = coef.topk(layer.basis_top_k, sorted=False)
+    coef = torch.zeros_like(coef).scatter_(-1, top_idx, top)
+    approx = coef @ basis
+    keep = torch.zeros_like(approx).scatter_(-1, approx.topk(layer.budget, sorted=False)[1], 1.0)
+    keep = torch.cat([torch.ones(b, heads, 1, n, dtype=keep.dtype), keep], dim=2).bool()
+    attn = (q @ k.transpose(-2, -1)) * (c // heads) ** -0.5
+    attn = attn.masked_fill(~keep, float("-inf")).softmax(dim=-1).nan_to_num()
+    return keep, layer.out_proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_training_forward_sparsifies_the_predictor_as_the_official_code():
+    """Issue 13: in training (reconstruction off) headwise used the dense predictor for the mask
+    and sparsified it only in eval; the official code sparsifies whenever the reconstruction
+    loss is off, so train and eval must choose the same keys."""
+    torch.manual_seed(5)
+    layer = SparsifinerAttention(
+        24, 3, 13, keep_rate=0.3, token_reduction=1, basis_top_k=4, basis_threshold=0.02
+    ).double()
+    with torch.no_grad():
+        layer.token_proj.normal_(0, 1.0)
+        layer.basis.normal_(0, 0.05)
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    keep, expected = _official_sparse_forward(layer, x)
+    q, k, _ = _qkv(layer, x)
+    layer.train()
+    torch.testing.assert_close(layer(x), expected)
+    _, approx = layer(x, return_approx=True)
+    assert torch.equal(layer.connectivity_mask(approx), keep)
+    # The dense Ahat is the reconstruction stage's (training with dense=True) only.
+    _, dense_approx = layer(x, dense=True, return_approx=True)
+    torch.testing.assert_close(dense_approx, layer.approximate_attention(q, k, sparse=False))
+    assert not torch.equal(layer.connectivity_mask(dense_approx), keep)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected)

@@ -9,6 +9,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from headwise._checks import check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
+
 
 class MBAOutput(NamedTuple):
     """``bag`` ``(B, C)``; ``branches`` ``(B, M, C)``; ``attention`` ``(B, M, N)`` (each row sums
@@ -58,22 +61,22 @@ class MultiBranchAttentionPooling(nn.Module):
         mask_ratio: float = 0.6,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_dim", in_dim),
-            ("hidden_dim", hidden_dim),
-            ("num_branches", num_branches),
-            ("top_k", top_k),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        in_dim = check_int("in_dim", in_dim, minimum=1)
+        hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1)
+        num_branches = check_int("num_branches", num_branches, minimum=1)
+        top_k = check_int("top_k", top_k, minimum=1)
         # r = 1 would hide every real instance of a small bag and leave nothing to attend to.
-        if not 0.0 <= mask_ratio < 1.0:
+        if not 0.0 <= check_real("mask_ratio", mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio!r}")
         self.in_dim, self.num_branches = in_dim, num_branches
         self.top_k, self.mask_ratio = top_k, mask_ratio
         self.attention_v = nn.Linear(in_dim, hidden_dim)
         self.attention_u = nn.Linear(in_dim, hidden_dim)
         self.attention_w = nn.Linear(hidden_dim, num_branches)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the gated attention network (PyTorch's ``nn.Linear`` default)."""
+        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return (
@@ -97,6 +100,7 @@ class MultiBranchAttentionPooling(nn.Module):
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[-1] != self.in_dim:
             got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(f"h must be (B, N, C={self.in_dim}); got {got}")
+        check_input("h", h, self)
         if mask is not None and (
             not isinstance(mask, torch.Tensor)
             or mask.dtype != torch.bool

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_bool, check_int, check_ints
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import attention
 
 
@@ -36,10 +38,10 @@ def agent_attention(
     return attention(q, agents, agent_values, bias=query_bias, scale=scale)
 
 
-def _check_common(dim: int, num_heads: int, agent_num: int) -> None:
+def _check_common(dim: int, num_heads: int, agent_num: int, qkv_bias: bool) -> None:
     for name, value in (("dim", dim), ("num_heads", num_heads), ("agent_num", agent_num)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
+        check_int(name, value, minimum=1)
+    check_bool("qkv_bias", qkv_bias)
     if dim % num_heads:
         raise ValueError(f"dim must be divisible by num_heads; got {dim} and {num_heads}")
 
@@ -78,14 +80,15 @@ class AgentAttention2d(nn.Module):
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        _check_common(dim, num_heads, agent_num)
+        _check_common(dim, num_heads, agent_num, qkv_bias)
         pool = math.isqrt(agent_num)
         if pool * pool != agent_num:
             raise ValueError(f"agent_num must be a perfect square; got {agent_num}")
-        if len(resolution) != 2 or min(resolution) < 1:
+        resolution = check_ints("resolution", resolution, minimum=1)
+        if len(resolution) != 2:
             raise ValueError(f"resolution must be (H, W) with positive sides; got {resolution}")
         self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
-        self.resolution, self.pool = (int(resolution[0]), int(resolution[1])), pool
+        self.resolution, self.pool = resolution, pool
         height, width = self.resolution
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -97,6 +100,9 @@ class AgentAttention2d(nn.Module):
         self.aw_bias = nn.Parameter(torch.empty(1, h, n, 1, width))
         self.ha_bias = nn.Parameter(torch.empty(1, h, height, 1, n))
         self.wa_bias = nn.Parameter(torch.empty(1, h, 1, width, n))
+        self._reset_biases()
+
+    def _reset_biases(self) -> None:
         for p in (
             self.an_bias,
             self.na_bias,
@@ -106,6 +112,12 @@ class AgentAttention2d(nn.Module):
             self.wa_bias,
         ):
             nn.init.trunc_normal_(p, std=0.02)
+
+    def reset_parameters(self) -> None:
+        """Projections and convolution with PyTorch's defaults, agent biases trunc-normal
+        (std 0.02), as the official code."""
+        reset_submodules(self)
+        self._reset_biases()
 
     def biases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``B_1: (h, n, N)`` (agent -> key) and ``B_2: (h, N, n)`` (query -> agent)."""
@@ -125,6 +137,7 @@ class AgentAttention2d(nn.Module):
                 f"x must be (B, {height}*{width}, {self.dim}) for resolution {self.resolution}; "
                 f"got {tuple(x.shape)}"
             )
+        check_input("x", x, self)
         batch, tokens, channels = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         image = q.transpose(1, 2).reshape(batch, channels, height, width)
@@ -160,15 +173,24 @@ class AgentAttention(nn.Module):
         self, dim: int, num_heads: int, *, agent_num: int = 16, qkv_bias: bool = True
     ) -> None:
         super().__init__()
-        _check_common(dim, num_heads, agent_num)
+        _check_common(dim, num_heads, agent_num, qkv_bias)
         self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.dwc = nn.Conv1d(dim, dim, 3, padding=1, groups=dim)
         self.an_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7))
         self.na_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7))
+        self._reset_biases()
+
+    def _reset_biases(self) -> None:
         nn.init.trunc_normal_(self.an_bias, std=0.02)
         nn.init.trunc_normal_(self.na_bias, std=0.02)
+
+    def reset_parameters(self) -> None:
+        """Projections and convolution with PyTorch's defaults, agent biases trunc-normal
+        (std 0.02)."""
+        reset_submodules(self)
+        self._reset_biases()
 
     def biases(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``B_1: (h, n, N)`` and ``B_2: (h, N, n)`` for a sequence of ``tokens``."""
@@ -179,6 +201,7 @@ class AgentAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] < 1:
             raise ValueError(f"x must be (B, N >= 1, {self.dim}); got {tuple(x.shape)}")
+        check_input("x", x, self)
         batch, tokens, channels = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         agents = F.adaptive_avg_pool1d(q.transpose(1, 2), self.agent_num).transpose(1, 2)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_int
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import attention
 from headwise.ops.linear import linear_attention
 
@@ -58,10 +60,10 @@ class BasedAttention(nn.Module):
             ("num_heads", num_heads),
             ("feature_dim", feature_dim),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
-            raise ValueError(f"window_size must be a non-negative int; got {window_size!r}")
+            check_int(name, value, minimum=1)
+        check_int("window_size", window_size, minimum=0)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, minimum=1)
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}"
@@ -76,9 +78,14 @@ class BasedAttention(nn.Module):
         self.window_qkv = nn.Linear(embed_dim, 3 * embed_dim, **factory) if window_size else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, **factory)
 
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections (PyTorch's ``nn.Linear`` default, as zoology)."""
+        reset_submodules(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, L, {self.embed_dim}); got {tuple(x.shape)}")
+        check_input("x", x, self)
         batch, length, _ = x.shape
         features = (batch, length, self.num_heads, self.feature_dim)
         heads = (batch, length, self.num_heads, self.head_dim)

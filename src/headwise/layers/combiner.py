@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_bool, check_choice, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import Backend, attention
 
 Variant = Literal["fixed", "axial"]
@@ -87,10 +89,10 @@ class CombinerAttention(nn.Module):
             ("num_heads", num_heads),
             ("segment_len", segment_len),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if variant not in ("fixed", "axial"):
-            raise ValueError(f"variant must be 'fixed' or 'axial'; got {variant!r}")
+            check_int(name, value, minimum=1)
+        check_choice("variant", variant, ("fixed", "axial"))
+        causal, bias = check_bool("causal", causal), check_bool("bias", bias)
+        scale = None if scale is None else check_real("scale", scale)
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(
@@ -98,6 +100,7 @@ class CombinerAttention(nn.Module):
                     f"embed_dim={embed_dim}, num_heads={num_heads}"
                 )
             head_dim = embed_dim // num_heads
+        head_dim = check_int("head_dim", head_dim, minimum=1)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.segment_len, self.variant, self.causal = segment_len, variant, causal
         self.scale, self.backend = scale, backend
@@ -109,6 +112,11 @@ class CombinerAttention(nn.Module):
         if variant == "axial":
             self.summary_proj = nn.Linear(inner, embed_dim, bias=bias)
             self.summary_norm = nn.LayerNorm(embed_dim)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections (and the axial summary's projection and LayerNorm)
+        with PyTorch's defaults."""
+        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return (
@@ -126,6 +134,7 @@ class CombinerAttention(nn.Module):
                 f"x's length must be a multiple of segment_len={self.segment_len}; got "
                 f"{tuple(x.shape)}"
             )
+        check_input("x", x, self)
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
         q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.variant == "fixed":

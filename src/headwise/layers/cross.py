@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_int, check_real
+from headwise.layers._init import check_input
 from headwise.layers.multihead import KVCache, MultiHeadAttention
 
 
@@ -120,13 +122,25 @@ class ParameterFreeCrossAttention(nn.Module):
         num_visual_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= drop_ratio < 1.0:
+        embed_dim = check_int("embed_dim", embed_dim, minimum=1)
+        if not 0.0 <= check_real("drop_ratio", drop_ratio) < 1.0:
             raise ValueError(f"drop_ratio must be in [0, 1); got {drop_ratio!r}")
+        scale = check_real("scale", scale)
         self.embed_dim, self.drop_ratio, self.scale = embed_dim, drop_ratio, scale
         self.key_offset = self.value_offset = None
         if num_visual_tokens is not None:
-            self.key_offset = nn.Parameter(torch.randn(num_visual_tokens, embed_dim) * 0.02)
-            self.value_offset = nn.Parameter(torch.zeros(num_visual_tokens, embed_dim))
+            tokens = check_int("num_visual_tokens", num_visual_tokens, minimum=1)
+            self.key_offset = nn.Parameter(torch.empty(tokens, embed_dim))
+            self.value_offset = nn.Parameter(torch.empty(tokens, embed_dim))
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``e_k ~ N(0, 0.02^2)``, ``e_v = 0`` (the official ``adapter_emb1/2``); no-op without
+        offsets."""
+        if self.key_offset is not None:
+            with torch.no_grad():
+                self.key_offset.normal_(0.0, 0.02)
+                self.value_offset.zero_()
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, drop_ratio={self.drop_ratio}, scale={self.scale}"
@@ -135,6 +149,8 @@ class ParameterFreeCrossAttention(nn.Module):
         """The fusion weights ``A ⊙ M`` ``(B, Lt, Nv)``; dropped pairs are exactly 0."""
         _check_tokens("x", x, None, self.embed_dim)
         _check_tokens("visual", visual, x.shape[0], self.embed_dim)
+        check_input("x", x, self)
+        check_input("visual", visual, x)
         if self.key_offset is not None and visual.shape[1] != self.key_offset.shape[0]:
             raise ValueError(
                 f"visual must have Nv={self.key_offset.shape[0]} tokens (num_visual_tokens); "
@@ -198,7 +214,7 @@ class GlobalLocalCrossAttention(MultiHeadAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, *, top_ratio: float = 0.1, **kwargs) -> None:
         super().__init__(embed_dim, num_heads, **kwargs)
-        if not 0.0 < top_ratio <= 1.0:
+        if not 0.0 < check_real("top_ratio", top_ratio) <= 1.0:
             raise ValueError(f"top_ratio must be in (0, 1]; got {top_ratio!r}")
         if self.rotary:
             raise ValueError("GLCA queries and keys are different token sets; got rotary=True")
@@ -239,6 +255,7 @@ class PairwiseCrossAttention(MultiHeadAttention):
         if distractor is None or not self.training:
             return super().forward(x)
         _check_tokens("distractor", distractor, x.shape[0], self.embed_dim)
+        check_input("distractor", distractor, self)
         return super().forward(x, torch.cat((x, distractor), 1))
 
 
@@ -271,17 +288,18 @@ class ConditionalCrossAttention(nn.Module):
         **kwargs,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_conditions", num_conditions),
-            ("queries_per_condition", queries_per_condition),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        self.num_conditions, self.queries = num_conditions, queries_per_condition
-        self.condition_queries = nn.Parameter(
-            torch.randn(num_conditions, queries_per_condition, embed_dim) * 0.02
-        )
+        num_conditions = check_int("num_conditions", num_conditions, minimum=1)
+        queries = check_int("queries_per_condition", queries_per_condition, minimum=1)
+        self.num_conditions, self.queries = num_conditions, queries
+        self.condition_queries = nn.Parameter(torch.empty(num_conditions, queries, embed_dim))
+        nn.init.normal_(self.condition_queries, std=0.02)
         self.attn = CrossAttention(embed_dim, num_heads, kv_dim=kv_dim, **kwargs)
+
+    def reset_parameters(self) -> None:
+        """Condition queries ``N(0, 0.02^2)``, then the attention as
+        :meth:`MultiHeadAttention.reset_parameters`."""
+        nn.init.normal_(self.condition_queries, std=0.02)
+        self.attn.reset_parameters()
 
     def forward(
         self,
@@ -292,6 +310,7 @@ class ConditionalCrossAttention(nn.Module):
     ) -> torch.Tensor:
         """``image`` ``(B, L, kv_dim)``, ``condition`` ``(B,)`` integer ids → ``(B, M, E)``."""
         _check_tokens("image", image, None, self.attn.kv_dim)
+        check_input("image", image, self)
         if (
             not isinstance(condition, torch.Tensor)
             or condition.shape != (image.shape[0],)

@@ -6,9 +6,13 @@ official code gioannides/Gaussian-Adaptive-Attention).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
+
+from headwise._checks import ArgumentTypeError, check_int, check_real
+from headwise.layers._init import check_input
 
 
 class GaussianAdaptiveAttention(nn.Module):
@@ -33,9 +37,11 @@ class GaussianAdaptiveAttention(nn.Module):
         num_gaussians: ``G`` per head.
         axis: the axis weighted and normalised (default 1: the sequence axis of ``(B, L, E)``).
         eps: variance floor and normaliser floor (official 1e-8).
-        padding_value: positions of ``x`` equal to it are zeroed for the statistics (still
-            counted in the mean/variance denominators, as the official code) and pass through
-            unchanged.
+        padding_value: positions of ``x`` equal to it are zeroed for the statistics ``mu`` and
+            ``var`` (still counted in their denominators) and pass through unchanged. As in the
+            official code the Gaussians are evaluated on the raw ``x``, padding included, so
+            padding positions still count in the normaliser ``sum(w)`` (with a padding value far
+            from the data, e.g. -1e9, their weight is 0).
 
     Parameters: ``mean_offsets`` ``(H, G)`` (init 0), ``scales`` ``(H, G)`` (init ``exp(N(0,1))``).
     Input of any rank > ``axis``; output has the same shape.
@@ -51,13 +57,29 @@ class GaussianAdaptiveAttention(nn.Module):
         padding_value: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("num_gaussians", num_gaussians)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        num_heads = check_int("num_heads", num_heads, minimum=1)
+        num_gaussians = check_int("num_gaussians", num_gaussians, minimum=1)
+        axis = check_int("axis", axis)
+        eps = check_real("eps", eps, positive=True)
+        if padding_value is not None and (
+            isinstance(padding_value, bool) or not isinstance(padding_value, numbers.Real)
+        ):
+            raise ArgumentTypeError(
+                f"padding_value must be a number or None; got {padding_value!r}"
+            )
+        if padding_value is not None and math.isnan(padding_value):
+            raise ValueError("padding_value must not be NaN (NaN equals nothing); got nan")
         self.num_heads, self.num_gaussians = num_heads, num_gaussians
         self.axis, self.eps, self.padding_value = axis, eps, padding_value
         self.mean_offsets = nn.Parameter(torch.zeros(num_heads, num_gaussians))
-        self.scales = nn.Parameter(torch.randn(num_heads, num_gaussians).exp())
+        self.scales = nn.Parameter(torch.empty(num_heads, num_gaussians))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``delta = 0``, ``c = exp(N(0, 1))`` (official init)."""
+        with torch.no_grad():
+            self.mean_offsets.zero_()
+            self.scales.normal_().exp_()
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, num_gaussians={self.num_gaussians}, axis={self.axis}"
@@ -75,12 +97,15 @@ class GaussianAdaptiveAttention(nn.Module):
                 f"every head needs >= 2 positions along axis {self.axis} (unbiased variance); "
                 f"got {size} positions for num_heads={self.num_heads}: chunks {sizes}"
             )
-        real = None if self.padding_value is None else x != self.padding_value
-        stats_x = x if real is None else x * real
+        check_input("x", x, self)
+        stats_x = x
+        if self.padding_value is not None:
+            stats_x = torch.where(x == self.padding_value, torch.zeros_like(x), x)
         out = []
-        for head, part in enumerate(stats_x.split(sizes, self.axis)):
-            mean = part.mean(self.axis, keepdim=True)
-            std = (part.var(self.axis, keepdim=True) + self.eps).sqrt()
+        parts = zip(x.split(sizes, self.axis), stats_x.split(sizes, self.axis))
+        for head, (part, stats) in enumerate(parts):
+            mean = stats.mean(self.axis, keepdim=True)
+            std = (stats.var(self.axis, keepdim=True) + self.eps).sqrt()
             w = torch.ones_like(part)
             for delta, c in zip(self.mean_offsets[head], self.scales[head]):
                 y = (part - mean - delta) / std

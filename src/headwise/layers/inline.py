@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_bool, check_int
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.linear import InLineFeatureMap, linear_attention
 
 
@@ -47,8 +49,8 @@ class InLineAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            check_int(name, value, minimum=1)
+        check_bool("qkv_bias", qkv_bias)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads; got {dim} and {num_heads}")
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
@@ -57,6 +59,10 @@ class InLineAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.kernel_hidden = nn.Conv1d(dim, dim, 1, groups=num_heads)
         self.kernel_out = nn.Conv1d(dim, 9 * dim, 1, groups=num_heads)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections and the kernel generator (PyTorch's defaults)."""
+        reset_submodules(self)
 
     def local_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample depthwise 3x3 kernels ``(B*C, 1, 3, 3)`` from the mean token of ``x``."""
@@ -69,6 +75,7 @@ class InLineAttention(nn.Module):
             raise ValueError(
                 f"x must be (B, H*W, {self.dim}) with (H, W) = {tuple(size)}; got {tuple(x.shape)}"
             )
+        check_input("x", x, self)
         batch, tokens, channels = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         heads = (batch, tokens, self.num_heads, channels // self.num_heads)

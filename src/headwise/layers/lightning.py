@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_bool, check_int
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.linear import linear_attention, linear_attention_step, tnl_decay
 
 
@@ -61,8 +63,11 @@ class LightningAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            check_int(name, value, minimum=1)
+        num_layers = check_int("num_layers", num_layers, minimum=1)
+        layer_idx = check_int("layer_idx", layer_idx, minimum=0)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, minimum=1)
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}"
@@ -75,6 +80,12 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False, **factory)
         self._schedule = (num_heads, layer_idx, num_layers)
         self.register_buffer("decay", tnl_decay(*self._schedule).to(device), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections (PyTorch's ``nn.Linear`` default) and recompute the
+        decay buffer."""
+        reset_submodules(self)
+        self.decay = tnl_decay(*self._schedule).to(self.decay.device)
 
     def _apply(self, fn, recurse=True):
         # Late layers decay by ~1 - 1e-5, which half precision rounds to exactly 1: keep the
@@ -100,6 +111,8 @@ class LightningAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, L, {self.embed_dim}); got {tuple(x.shape)}")
+        check_input("x", x, self)
+        return_state = check_bool("return_state", return_state)
         q, k, v, u = self._project(x)
         out = linear_attention(
             q,
@@ -121,6 +134,7 @@ class LightningAttention(nn.Module):
         """One decoding step: ``x: (B, d)`` and the state from earlier tokens -> ``(y, state)``."""
         if x.dim() != 2 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, {self.embed_dim}); got {tuple(x.shape)}")
+        check_input("x", x, self)
         q, k, v, u = self._project(x)
         o, state = linear_attention_step(q, k, v, state, decay=self.decay)
         return self._finish(o, u), state

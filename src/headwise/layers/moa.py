@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -26,8 +27,10 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
 from headwise.layers import multihead
-from headwise.layers.multihead import MultiHeadAttention, apply_rotary
+from headwise.layers._init import check_input
+from headwise.layers.multihead import MultiHeadAttention, _shape, apply_rotary
 from headwise.ops.attention import attention
 from headwise.patterns import Pattern
 from headwise.patterns.library import _query_positions
@@ -36,21 +39,18 @@ from headwise.patterns.library import _query_positions
 BLOCK, SINK_SIZE, MIN_CACHE, MAX_NEW_TOKENS = 64, 64, 128, 1024
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
-
-
 def _check_rule(block: int, sink_size: int, min_cache: int) -> None:
-    _check_int("block", block, 1)
-    _check_int("sink_size", sink_size, 0)
-    _check_int("min_cache", min_cache, 1)
+    check_int("block", block, minimum=1)
+    check_int("sink_size", sink_size, minimum=0)
+    check_int("min_cache", min_cache, minimum=1)
     if sink_size % block:
         raise ValueError(f"sink_size must be a multiple of block={block}; got {sink_size}")
 
 
 def _check_alpha_beta(alpha: float, beta: float) -> None:
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ArgumentTypeError(f"{name} must be a real number; got {value!r}")
     if math.isnan(alpha) or alpha == -math.inf:
         raise ValueError(f"alpha must be finite or +inf; got {alpha!r}")
     if not (0 <= beta < math.inf):
@@ -74,7 +74,7 @@ def moa_cache_size(
     ``cache >= N`` (dense). ``N`` is the whole generation, prompt plus new tokens.
     """
     _check_alpha_beta(alpha, beta)
-    _check_int("length", length, 0)
+    check_int("length", length, minimum=0)
     cache = int(min(alpha + beta * length, length))
     cache = max(cache, min_cache)
     cache = -(-cache // block) * block
@@ -106,9 +106,9 @@ class MoASpan(Pattern):
     def __post_init__(self) -> None:
         _check_alpha_beta(self.alpha, self.beta)
         _check_rule(self.block, self.sink_size, self.min_cache)
-        _check_int("extra_tokens", self.extra_tokens, 0)
+        check_int("extra_tokens", self.extra_tokens, minimum=0)
         if self.length is not None:
-            _check_int("length", self.length, 0)
+            check_int("length", self.length, minimum=0)
 
     def cache_size(self, total: int) -> tuple[int, int]:
         """``(sink, local)`` of this head for total length ``N = total``."""
@@ -153,6 +153,9 @@ class MoAPlan:
     max_new_tokens: int = MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
+        for layer_a, layer_b in zip(self.alphas, self.betas):
+            for a, b in zip(layer_a, layer_b):
+                _check_alpha_beta(a, b)
         alphas = tuple(tuple(float(a) for a in layer) for layer in self.alphas)
         betas = tuple(tuple(float(b) for b in layer) for layer in self.betas)
         object.__setattr__(self, "alphas", alphas)
@@ -163,11 +166,8 @@ class MoAPlan:
                 "alphas and betas must be non-empty per-layer lists of per-head values of the "
                 f"same shape; got heads per layer {shape_a} and {shape_b}"
             )
-        for layer_a, layer_b in zip(alphas, betas):
-            for a, b in zip(layer_a, layer_b):
-                _check_alpha_beta(a, b)
         _check_rule(self.block, self.sink_size, self.min_cache)
-        _check_int("max_new_tokens", self.max_new_tokens, 0)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=0)
 
     @classmethod
     def uniform(
@@ -175,8 +175,8 @@ class MoAPlan:
     ) -> MoAPlan:
         """Every head the same: e.g. ``alpha=0, beta=0.5`` (the official StreamingLLM baseline)
         or ``alpha=math.inf`` (dense)."""
-        _check_int("num_layers", num_layers, 1)
-        _check_int("num_heads", num_heads, 1)
+        check_int("num_layers", num_layers, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
         return cls(
             ((alpha,) * num_heads,) * num_layers, ((beta,) * num_heads,) * num_layers, **rule
         )
@@ -288,8 +288,8 @@ class MoACache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_int("batch", batch, 1)
-        _check_int("max_len", max_len, 1)
+        check_int("batch", batch, minimum=1)
+        check_int("max_len", max_len, minimum=1)
         self.sink = torch.tensor([s for s, _ in sizes], device=device)
         self.local = torch.tensor([loc for _, loc in sizes], device=device)
         slots = int((self.sink + self.local).max())
@@ -392,7 +392,7 @@ class MoAAttention(MultiHeadAttention):
         device: torch.device | str | None = None,
     ) -> MoACache:
         """An empty :class:`MoACache` sized for ``max_len`` tokens (prompt + generation)."""
-        _check_int("max_len", max_len, 1)
+        check_int("max_len", max_len, minimum=1)
         weight = self.k_proj.weight
         sizes = [span.cache_size(max_len) for span in self._spans()]
         return MoACache(
@@ -424,6 +424,7 @@ class MoAAttention(MultiHeadAttention):
             raise ValueError(
                 f"x must be (B={cache.batch}, L, E={self.embed_dim}); got {tuple(x.shape)}"
             )
+        check_input("x", x, self)
         batch, q_len, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim))
         k, v = self._project_kv(x)
@@ -475,23 +476,34 @@ def attention_influence(
     ``probs`` ``A`` and ``grad`` ``G = dLoss/dA``, both ``(B, H, Lq, Lk)``. Masking entry
     ``(i, j)`` and renormalising its row changes the loss, to first order, by::
 
-        E_ij = -A_ij (G_ij - sum_n A_in G_in) / (1 - A_ij)      (A_ij * G_ij where A_ij = 1)
+        E_ij = -A_ij (G_ij - sum_n A_in G_in) / (1 - A_ij + delta)
+        E_ij = -A_ij G_ij                                 where A_ij = 1
+
+    as thu-nics/MoA's profiler (``modify_llama_profile.py``): ``delta`` is the machine epsilon of
+    ``grad``'s dtype, and an entry holding its whole row (the first row of a causal profile)
+    cannot be renormalised away, so its removal costs ``-A_ij G_ij``.
 
     ``E`` is made absolute (``absolute``), restricted to causal entries (bottom-right aligned,
     ``causal``), averaged over the batch and summed into tiles: returns ``(H, nQ, nK)`` float64
     with ``nQ = ceil(Lq / block)``, ``nK = ceil(Lk / block)``.
     """
-    if probs.dim() != 4 or grad.shape != probs.shape:
+    if (
+        not isinstance(probs, torch.Tensor)
+        or not isinstance(grad, torch.Tensor)
+        or probs.dim() != 4
+        or grad.shape != probs.shape
+    ):
         raise ValueError(
-            f"probs and grad must both be (B, H, Lq, Lk); got {tuple(probs.shape)} and "
-            f"{tuple(grad.shape)}"
+            f"probs and grad must both be (B, H, Lq, Lk) tensors; got {_shape(probs)} and "
+            f"{_shape(grad)}"
         )
-    _check_int("block", block, 1)
+    check_int("block", block, minimum=1)
+    absolute = check_bool("absolute", absolute)
+    causal = check_bool("causal", causal)
+    delta = torch.finfo(grad.dtype if grad.is_floating_point() else torch.float64).eps
     a, g = probs.detach().double(), grad.detach().double()
     row = (a * g).sum(-1, keepdim=True)
-    single = a >= 1
-    denom = torch.where(single, torch.ones_like(a), 1 - a)
-    influence = torch.where(single, a * g, -a * (g - row) / denom)
+    influence = torch.where(a >= 1, -a * g, -a * (g - row) / (1 - a + delta))
     if absolute:
         influence = influence.abs()
     q_len, kv_len = a.shape[-2:]
@@ -600,9 +612,9 @@ def candidate_grid(
     ``beta`` in ``linspace(0, 1, num_betas)``, ``alpha`` multiples of ``alpha_step`` in
     ``[-N, N]``, keeping pairs with ``0 < alpha + beta * N <= N``.
     """
-    _check_int("length", length, 1)
-    _check_int("alpha_step", alpha_step, 1)
-    _check_int("num_betas", num_betas, 2)
+    check_int("length", length, minimum=1)
+    check_int("alpha_step", alpha_step, minimum=1)
+    check_int("num_betas", num_betas, minimum=2)
     betas = [i / (num_betas - 1) for i in range(num_betas)]
     alphas = range(-(length // alpha_step) * alpha_step, length + 1, alpha_step)
     return [(float(a), b) for b in betas for a in alphas if 0 < a + b * length <= length]
@@ -647,9 +659,9 @@ def search_plan(
     spans per layer, and candidates are scored with the exact runtime layout (cache rounding
     included) instead of the approximate band of ``int(alpha/64 + beta * n)`` blocks.
     """
-    _check_int("length", length, 1)
+    check_int("length", length, minimum=1)
     _check_rule(block, sink_size, min_cache)
-    if not 0 < budget <= 1:
+    if not 0 < check_real("budget", budget) <= 1:
         raise ValueError(f"budget must be in (0, 1]; got {budget!r}")
     n = -(-length // block)
     for layer, tiles in enumerate(influence):

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_choice, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.multihead import MultiHeadAttention, apply_rotary
 from headwise.ops.attention import Backend, attention, attention_varlen
 from headwise.ops.attention.varlen import seqlens_from_cu
@@ -46,6 +48,10 @@ class MoHAttention(nn.Module):
         g_r = k * p ⊙ m / max(sum(p ⊙ m), eps)      (m: multi-hot top-k of p)
         g_s = h_s * softmax(W_s x_t)                (g_s = 1 when h_s = 1)
         w   = 2 * softmax(W_h x_t);  g_s *= w_0,  g_r *= w_1    (when h_s > 0 and h_r > 0)
+
+    ``g_s`` is learned also when every head is shared (``h_s = H``, no routing: the early
+    MoH-ViT stages and 19 of the 28 MoH-DiT-XL/2 layers), so such a layer is multi-head
+    attention with per-token head weights, not plain MHA. Every router built is used.
 
     The count factors (``k``, ``h_s``, 2) make every active gate 1 for uniform routers, so with
     zero routers and ``k = h_r`` MoH is exactly multi-head attention.
@@ -110,14 +116,13 @@ class MoHAttention(nn.Module):
             scale=scale,
             backend=backend,
         )
-        if router not in ("learned", "query_norm"):
-            raise ValueError(f"router must be 'learned' or 'query_norm'; got {router!r}")
-        if isinstance(num_shared, bool) or not isinstance(num_shared, int):
-            raise ValueError(f"num_shared must be an int; got {num_shared!r}")
+        check_choice("router", router, ("learned", "query_norm"))
+        num_shared = check_int("num_shared", num_shared)
         if not 0 <= num_shared <= num_heads:
             raise ValueError(f"num_shared must be in [0, num_heads={num_heads}]; got {num_shared}")
         routed = num_heads - num_shared
-        if routed and not (isinstance(top_k, int) and 1 <= top_k <= routed):
+        top_k = check_int("top_k", top_k)
+        if routed and not 1 <= top_k <= routed:
             raise ValueError(
                 f"top_k must be in [1, num_heads - num_shared = {routed}]; got {top_k!r}"
             )
@@ -133,7 +138,7 @@ class MoHAttention(nn.Module):
         self.router = router
         self.rotary, self.rope_base = base.rotary, base.rope_base
         self.pattern, self.causal, self.scale, self.backend = pattern, causal, scale, backend
-        self.eps = eps
+        self.eps = check_real("eps", eps, positive=True)
         self.q_proj, self.k_proj, self.v_proj = base.q_proj, base.k_proj, base.v_proj
         self.out_proj, self.q_norm, self.k_norm = base.out_proj, base.q_norm, base.k_norm
         learned = router == "learned"
@@ -146,6 +151,11 @@ class MoHAttention(nn.Module):
         self.group_router = (
             nn.Linear(embed_dim, 2, bias=False) if learned and num_shared and routed else None
         )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections and qk-norms as :class:`MultiHeadAttention` does and the
+        routers with PyTorch's ``nn.Linear`` default (Kaiming-uniform), as the official code."""
+        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return (
@@ -206,6 +216,7 @@ class MoHAttention(nn.Module):
             want = "packed (T, E" if packed else "(B, L, E"
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be {want}={self.embed_dim}); got {got}")
+        check_input("x", x, self)
         lead = x.shape[:-1]
         q_raw = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_norm(self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim))
@@ -245,9 +256,11 @@ class MoHAttention(nn.Module):
 
     def _gates(self, x: torch.Tensor, q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lead = x.shape[:-1]
-        ones = x.new_ones(*lead, self.num_shared)
+        shared = x.new_ones(*lead, self.num_shared)
+        if self.shared_router is not None:
+            shared = torch.softmax(self.shared_router(x), -1) * self.num_shared
         if not self.num_routed:
-            return ones, x.new_zeros(())
+            return shared, x.new_zeros(())
         if self.router == "query_norm":
             scores = q_raw[..., self.num_shared :, :].norm(dim=-1)
             probs = torch.softmax(scores / scores.std(-1, keepdim=True), -1)
@@ -256,13 +269,10 @@ class MoHAttention(nn.Module):
         chosen = probs.topk(self.top_k, -1).indices
         mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
         if self.router == "query_norm":
-            routed, shared = mask, ones
+            routed = mask
         else:
             kept = probs * mask
             routed = kept / kept.sum(-1, keepdim=True).clamp_min(self.eps) * self.top_k
-            shared = ones
-            if self.shared_router is not None:
-                shared = torch.softmax(self.shared_router(x), -1) * self.num_shared
             if self.group_router is not None:
                 balance = torch.softmax(self.group_router(x), -1) * 2
                 shared, routed = shared * balance[..., :1], routed * balance[..., 1:]

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_bool, check_choice, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import Backend, attention, attention_varlen
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.patterns import Pattern
@@ -22,12 +24,6 @@ _QK_NORMS = ("rms", "layer")
 
 def _shape(t: object) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return value
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -73,7 +69,7 @@ class KVCache:
         device: torch.device | str | None = None,
     ) -> None:
         shape = tuple(
-            _check_positive(name, value)
+            check_int(name, value, minimum=1)
             for name, value in (
                 ("batch", batch),
                 ("max_len", max_len),
@@ -180,8 +176,8 @@ class MultiHeadAttention(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        _check_positive("embed_dim", embed_dim)
-        _check_positive("num_heads", num_heads)
+        embed_dim = check_int("embed_dim", embed_dim, minimum=1)
+        num_heads = check_int("num_heads", num_heads, minimum=1)
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(
@@ -189,21 +185,23 @@ class MultiHeadAttention(nn.Module):
                     f"embed_dim={embed_dim}, num_heads={num_heads}"
                 )
             head_dim = embed_dim // num_heads
-        _check_positive("head_dim", head_dim)
+        head_dim = check_int("head_dim", head_dim, minimum=1)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_positive("num_kv_heads", num_kv_heads)
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads, minimum=1)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_kv_heads must divide num_heads; got num_heads={num_heads}, "
                 f"num_kv_heads={num_kv_heads}"
             )
-        kv_dim = embed_dim if kv_dim is None else _check_positive("kv_dim", kv_dim)
-        if qk_norm is not None and qk_norm not in _QK_NORMS:
-            raise ValueError(f"qk_norm must be None or one of {_QK_NORMS}; got {qk_norm!r}")
+        kv_dim = embed_dim if kv_dim is None else check_int("kv_dim", kv_dim, minimum=1)
+        bias = check_bool("bias", bias)
+        rotary = check_bool("rotary", rotary)
+        causal = check_bool("causal", causal)
+        check_choice("qk_norm", qk_norm, (None, *_QK_NORMS))
         if rotary and head_dim % 2:
             raise ValueError(f"rotary needs an even head_dim; got head_dim={head_dim}")
-        if not rope_base > 0:
-            raise ValueError(f"rope_base must be positive; got {rope_base!r}")
+        rope_base = check_real("rope_base", rope_base, positive=True)
+        scale = None if scale is None else check_real("scale", scale)
         if pattern is not None:
             if not isinstance(pattern, Pattern):
                 raise ValueError(
@@ -220,7 +218,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = head_dim
         self.kv_dim = kv_dim
         self.rotary = rotary
-        self.rope_base = float(rope_base)
+        self.rope_base = rope_base
         self.pattern = pattern
         self.causal = causal
         self.scale = scale
@@ -235,6 +233,11 @@ class MultiHeadAttention(nn.Module):
             if qk_norm is not None
             else (nn.Identity(), nn.Identity())
         )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every projection and qk-norm (PyTorch's defaults: Kaiming-uniform
+        weights, uniform biases, unit norm scales), e.g. after meta construction + ``to_empty``."""
+        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return (
@@ -292,6 +295,7 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             hint = "; packed (T, E) input needs cu_seqlens" if _is_rank(x, 2) else ""
             raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {_shape(x)}{hint}")
+        check_input("x", x, self)
         batch, q_len, _ = x.shape
         if cache is not None and (not isinstance(cache, KVCache) or cache.batch != batch):
             got = f"batch {cache.batch}" if isinstance(cache, KVCache) else type(cache).__name__
@@ -324,6 +328,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"with cu_seqlens, x must be packed (T, E={self.embed_dim}); got {_shape(x)}"
             )
+        check_input("x", x, self)
         for name, value in (("context", context), ("cache", cache), ("bias", bias)):
             if value is not None:
                 raise ValueError(f"cu_seqlens (packed self-attention) takes no {name}")
@@ -369,6 +374,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"context must be (B={batch}, Lk, kv_dim={self.kv_dim}); got {_shape(context)}"
             )
+        check_input("context", context, self)
         if cache is not None:
             raise ValueError("cache is for self-attention; got a context as well")
         if self.rotary:

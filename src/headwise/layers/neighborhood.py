@@ -13,10 +13,30 @@ Hassani et al., "Faster Neighborhood Attention" (NeurIPS 2024).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
+from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import neighborhood_attention
+
+
+def _per_axis(name: str, value: object, rank: int, check: Callable[[str, Any], Any]) -> tuple:
+    """``value`` for every axis, or a sequence of ``rank`` values, each through ``check``."""
+    if isinstance(value, tuple | list):
+        if len(value) != rank:
+            raise ValueError(f"{name} must have {rank} entries; got {value!r}")
+        return tuple(check(f"{name}[{i}]", v) for i, v in enumerate(value))
+    if hasattr(value, "__iter__"):
+        raise ArgumentTypeError(f"{name} must be a value or a tuple of {rank}; got {value!r}")
+    return (check(name, value),) * rank
+
+
+def _positive(name: str, value: object) -> int:
+    return check_int(name, value, minimum=1)
 
 
 class _NeighborhoodAttention(nn.Module):
@@ -37,30 +57,37 @@ class _NeighborhoodAttention(nn.Module):
         backend: str | tuple[str, ...] = "auto",
     ):
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
+        check_int("dim", dim, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
+        if dim % num_heads:
             raise ValueError(
                 f"dim must be divisible by num_heads; got dim={dim}, num_heads={num_heads}"
             )
-        kernels = (kernel_size,) * self.rank if isinstance(kernel_size, int) else tuple(kernel_size)
-        if len(kernels) != self.rank:
-            raise ValueError(f"kernel_size must have {self.rank} entries; got {kernel_size!r}")
         self.num_heads = num_heads
-        self.kernel_size = kernels
-        self.dilation = dilation
-        self.stride = stride
-        self.causal = causal
-        self.scale = scale
+        self.kernel_size = _per_axis("kernel_size", kernel_size, self.rank, _positive)
+        self.dilation = _per_axis("dilation", dilation, self.rank, _positive)
+        self.stride = _per_axis("stride", stride, self.rank, _positive)
+        self.causal = _per_axis("causal", causal, self.rank, check_bool)
+        check_bool("rel_pos_bias", rel_pos_bias)
+        check_bool("qkv_bias", qkv_bias)
+        self.scale = None if scale is None else check_real("scale", scale)
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.rpb = None
         if rel_pos_bias:
-            # NAT/DiNAT initialisation: truncated normal, std 0.02.
-            table = torch.empty(num_heads, *(2 * k - 1 for k in kernels))
-            self.rpb = nn.Parameter(nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0))
+            self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in self.kernel_size)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Default Linear init; ``rpb`` truncated normal, std 0.02 (NAT/DiNAT)."""
+        reset_submodules(self)
+        if self.rpb is not None:
+            nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, *spatial, C)`` -> ``(B, *spatial, C)``."""
+        check_input("x", x, self)
         if x.dim() != self.rank + 2 or x.shape[-1] != self.qkv.in_features:
             raise ValueError(
                 f"x must be (B, {self.rank} spatial axes, C={self.qkv.in_features}); "

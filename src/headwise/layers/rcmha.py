@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_int
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import Backend, attention
 
 
@@ -58,8 +60,7 @@ class RelativeConvAttention(nn.Module):
             ("kernel_size", kernel_size),
             ("max_len", max_len),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            check_int(name, value, minimum=1)
         if embed_dim % num_heads:
             raise ValueError(
                 f"num_heads must divide embed_dim; got embed_dim={embed_dim}, num_heads={num_heads}"
@@ -78,6 +79,13 @@ class RelativeConvAttention(nn.Module):
         self.content_bias = nn.Parameter(torch.zeros(num_heads, d))
         self.rel_key = nn.Parameter(torch.zeros(max_len, num_heads, d))
         self.rel_bias = nn.Parameter(torch.zeros(max_len, num_heads))
+
+    def reset_parameters(self) -> None:
+        """Projections and convolutions with PyTorch's defaults; ``u``, ``r``, ``b`` zero."""
+        reset_submodules(self)
+        with torch.no_grad():
+            for p in (self.content_bias, self.rel_key, self.rel_bias):
+                p.zero_()
 
     def extra_repr(self) -> str:
         return (
@@ -100,6 +108,7 @@ class RelativeConvAttention(nn.Module):
         b, length, _ = x.shape
         if length > self.max_len:
             raise ValueError(f"x is longer than max_len={self.max_len}; got {tuple(x.shape)}")
+        check_input("x", x, self)
         heads = (b, length, self.num_heads, self.head_dim)
         q = self._conv(self.q_conv, self.q_proj(x).view(heads))
         k = self._conv(self.k_conv, self.k_proj(x).view(heads))

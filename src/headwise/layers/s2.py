@@ -12,15 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from headwise._checks import check_bool, check_int
 from headwise.layers.multihead import MultiHeadAttention
 from headwise.patterns import EMPTY, Pattern
 from headwise.patterns.library import _query_positions
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -62,19 +57,22 @@ class S2Pattern(Pattern):
         return self.heads
 
     def __post_init__(self) -> None:
-        _check_int("num_heads", self.heads, 1)
-        _check_int("num_kv_heads", self.num_kv_heads, 1)
+        check_int("num_heads", self.heads, minimum=1)
+        check_int("num_kv_heads", self.num_kv_heads, minimum=1)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads must divide num_heads; got num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}"
             )
-        _check_int("block", self.block, 1)
-        _check_int("n_local", self.n_local, 1)
-        _check_int("vert_stride", self.vert_stride, 1)
-        _check_int("head_step", self.head_step, 1)
-        _check_int("head_offset", self.head_offset, 0)
-        _check_int("n_right", self.n_right, 1)
+        check_int("block", self.block, minimum=1)
+        check_int("n_local", self.n_local, minimum=1)
+        check_int("vert_stride", self.vert_stride, minimum=1)
+        check_int("head_step", self.head_step, minimum=1)
+        check_int("head_offset", self.head_offset, minimum=0)
+        check_int("n_right", self.n_right, minimum=1)
+        check_int("num_dense_heads", self.num_dense_heads)
+        check_bool("homo_head", self.homo_head)
+        check_bool("causal", self.causal)
         if not 0 <= self.num_dense_heads <= self.num_kv_heads:
             raise ValueError(
                 f"num_dense_heads must be in [0, num_kv_heads={self.num_kv_heads}]; "
@@ -105,7 +103,7 @@ class S2Pattern(Pattern):
         keys visible to the last position: its residue-class blocks plus the last ``n_local``
         blocks, about ``length / v + n_local * block`` tokens (§4.2). Dense heads need 1.
         """
-        _check_int("length", length, 1)
+        check_int("length", length, minimum=1)
         if not self.causal:
             raise ValueError(
                 "kv_cache_fraction is for causal (decoding) patterns; got causal=False"
@@ -181,10 +179,10 @@ class S2Attention(MultiHeadAttention):
         for name in ("pattern", "causal"):
             if name in kwargs:
                 raise ValueError(f"S2Attention sets {name} itself; got {name}={kwargs[name]!r}")
-        _check_int("num_heads", num_heads, 1)
-        _check_int("vert_stride", vert_stride, 1)
+        check_int("num_heads", num_heads, minimum=1)
+        check_int("vert_stride", vert_stride, minimum=1)
         kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_int("num_kv_heads", kv_heads, 1)
+        check_int("num_kv_heads", kv_heads, minimum=1)
         s2 = S2Pattern(
             heads=num_heads,
             num_kv_heads=kv_heads,

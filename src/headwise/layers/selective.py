@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_bool, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import Backend, attention
 
 
@@ -66,8 +68,9 @@ class SelectiveMultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            check_int(name, value, minimum=1)
+        causal, bias = check_bool("causal", causal), check_bool("bias", bias)
+        scale = None if scale is None else check_real("scale", scale)
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(
@@ -75,8 +78,9 @@ class SelectiveMultiHeadAttention(nn.Module):
                     f"embed_dim={embed_dim}, num_heads={num_heads}"
                 )
             head_dim = embed_dim // num_heads
-        top_k = max(1, num_heads // 2) if top_k is None else top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_heads:
+        head_dim = check_int("head_dim", head_dim, minimum=1)
+        top_k = max(1, num_heads // 2) if top_k is None else check_int("top_k", top_k)
+        if not 1 <= top_k <= num_heads:
             raise ValueError(f"top_k must be in [1, num_heads={num_heads}]; got {top_k!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.top_k, self.causal, self.scale, self.backend = top_k, causal, scale, backend
@@ -86,6 +90,10 @@ class SelectiveMultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.v_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the router and projections (PyTorch's ``nn.Linear`` default)."""
+        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return (
@@ -98,6 +106,7 @@ class SelectiveMultiHeadAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {got}")
+        check_input("x", x, self)
         scores = torch.softmax(self.router(x), -1)
         chosen = scores.topk(self.top_k, -1).indices
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)

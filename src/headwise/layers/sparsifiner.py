@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from headwise import patterns
+from headwise._checks import check_bool, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import Backend, attention
 from headwise.ops.attention.gather import gathered_attention
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
 
 
 class SparsifinerAttention(nn.Module):
@@ -38,10 +34,13 @@ class SparsifinerAttention(nn.Module):
 
     The predictor's logits are scaled by ``H^(-1/2)`` (the number of heads, as the official code
     does, not the head dim). ``W_qr``, ``W_kr``, ``P_n``, ``P_back`` are shared by the heads of
-    the layer. In eval mode the predictor is sparsified as in the paper: ``c`` keeps its
-    ``basis_top_k`` largest entries per row and ``U`` becomes ``|U|`` with entries
-    ``<= basis_threshold`` zeroed. With ``causal=True`` (sequence port) ``Ahat`` is causally masked
-    before the top-k, so row ``i`` keeps ``min(k, i + 1)`` keys.
+    the layer. The predictor is sparsified as in the paper: ``c`` keeps its ``basis_top_k``
+    largest entries per row and ``U`` becomes ``|U|`` with entries ``<= basis_threshold``
+    zeroed. As in the official code this holds whenever the reconstruction stage is off, in
+    training too (the paper's 45-epoch sparse stage): only a training forward with
+    ``dense=True`` (stage 1) uses the dense ``c U``, so train and eval choose the same keys.
+    With ``causal=True`` (sequence port) ``Ahat`` is causally masked before the top-k, so row
+    ``i`` keeps ``min(k, i + 1)`` keys.
 
     The mask is **detached**: the task loss never reaches the predictor, which learns only from
     a reconstruction loss between ``Ahat`` (``forward(..., return_approx=True)``) and a dense
@@ -87,12 +86,17 @@ class SparsifinerAttention(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        _check_int("embed_dim", embed_dim, 1)
-        _check_int("num_heads", num_heads, 1)
-        _check_int("seq_len", seq_len, 2 if cls_token else 1)
-        _check_int("channel_reduction", channel_reduction, 1)
-        _check_int("token_reduction", token_reduction, 1)
-        _check_int("basis_top_k", basis_top_k, 1)
+        embed_dim = check_int("embed_dim", embed_dim, minimum=1)
+        num_heads = check_int("num_heads", num_heads, minimum=1)
+        cls_token = check_bool("cls_token", cls_token)
+        seq_len = check_int("seq_len", seq_len, minimum=2 if cls_token else 1)
+        channel_reduction = check_int("channel_reduction", channel_reduction, minimum=1)
+        token_reduction = check_int("token_reduction", token_reduction, minimum=1)
+        basis_top_k = check_int("basis_top_k", basis_top_k, minimum=1)
+        causal = check_bool("causal", causal)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
+        keep_rate = check_real("keep_rate", keep_rate)
+        basis_threshold = check_real("basis_threshold", basis_threshold)
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}"
@@ -118,8 +122,17 @@ class SparsifinerAttention(nn.Module):
         self.k_reduce = nn.Linear(head_dim, reduced)
         self.token_proj = nn.Parameter(torch.empty(seq_len, n_bases))  # P_n
         self.basis = nn.Parameter(torch.empty(seq_len, n_bases))  # P_back, U = P_back^T
+        self._reset_bases()
+
+    def _reset_bases(self) -> None:
         nn.init.trunc_normal_(self.token_proj, std=0.02)
         nn.init.trunc_normal_(self.basis, std=0.02)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise: projections with PyTorch's ``nn.Linear`` default, ``P_n`` and
+        ``P_back`` trunc-normal(std 0.02) (official)."""
+        reset_submodules(self)
+        self._reset_bases()
 
     def extra_repr(self) -> str:
         return (
@@ -128,17 +141,22 @@ class SparsifinerAttention(nn.Module):
             f"causal={self.causal}"
         )
 
-    def approximate_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def approximate_attention(
+        self, q: torch.Tensor, k: torch.Tensor, *, sparse: bool = True
+    ) -> torch.Tensor:
         """The predictor's ``Ahat`` ``(B, H, N, N)`` from ``q``, ``k`` ``(B, N, H, D)``.
 
-        The CLS row (if any) is zero: the official predictor drops it, its row is dense anyway.
+        ``sparse`` applies the top-k coefficients and the ``|U|`` threshold (every forward but a
+        training one with ``dense=True``); ``sparse=False`` is the dense ``c U`` the
+        reconstruction loss is taken on. The CLS row (if any) is zero: the official predictor
+        drops it, its row is dense anyway.
         """
         q_r = self.q_reduce(q).transpose(1, 2)  # (B, H, N, D/r_c)
         k_r = self.k_reduce(k).transpose(1, 2)
         kt = k_r.transpose(-1, -2) @ self.token_proj  # (B, H, D/r_c, M)
         coeff = torch.softmax((q_r @ kt) * self.num_heads**-0.5, dim=-1)  # (B, H, N, M)
         basis = self.basis.t()  # (M, N)
-        if not self.training:
+        if check_bool("sparse", sparse):
             top = coeff.topk(min(self.basis_top_k, coeff.shape[-1]), dim=-1)
             coeff = torch.zeros_like(coeff).scatter(-1, top.indices, top.values)
             basis = basis.abs() * (basis.abs() > self.basis_threshold)
@@ -186,8 +204,10 @@ class SparsifinerAttention(nn.Module):
         """``y`` ``(B, N, C)``; with ``return_approx`` also ``Ahat`` ``(B, H, N, N)``.
 
         ``dense=True`` skips the mask (stage 1 of the paper's training: dense forward, the
-        predictor trained to reconstruct the attention).
+        predictor trained to reconstruct the attention, so in training ``Ahat`` is the dense one).
         """
+        dense = check_bool("dense", dense)
+        return_approx = check_bool("return_approx", return_approx)
         if (
             not isinstance(x, torch.Tensor)
             or x.dim() != 3
@@ -201,9 +221,12 @@ class SparsifinerAttention(nn.Module):
             raise ValueError(
                 f"x must be (B, N={self.seq_len}, C={self.embed_dim}) (pad to N); got {got}"
             )
+        check_input("x", x, self)
         batch = x.shape[0]
         q, k, v = self.qkv(x).view(batch, self.seq_len, 3, self.num_heads, -1).unbind(2)
-        approx = self.approximate_attention(q, k) if return_approx else None
+        # Official rule: the dense predictor only while training with the reconstruction loss.
+        sparse = not (self.training and dense)
+        approx = self.approximate_attention(q, k, sparse=sparse) if return_approx else None
         if dense:
             pattern = patterns.causal() if self.causal else None
             out = attention(q, k, v, pattern, backend=self.backend)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.multihead import MultiHeadAttention
 from headwise.ops.attention import Backend, Packed, pack, unpack
 from headwise.ops.attention.varlen import seqlens_from_cu
@@ -51,6 +53,23 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            check_int(name, getattr(self, name), minimum=1)
+        check_real("layer_norm_eps", self.layer_norm_eps, positive=True)
+        if not 0 <= check_real("hidden_dropout_prob", self.hidden_dropout_prob) < 1:
+            raise ValueError(
+                f"hidden_dropout_prob must be in [0, 1); got {self.hidden_dropout_prob}"
+            )
+        if self.pad_token_id is not None:
+            check_int("pad_token_id", self.pad_token_id, minimum=0, maximum=self.vocab_size - 1)
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
                 f"hidden_act must be one of {sorted(_ACTIVATIONS)}; got {self.hidden_act!r}"
@@ -131,7 +150,12 @@ class BertLayer(nn.Module):
         self.output_norm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def reset_parameters(self) -> None:
+        """Re-initialise every sublayer (PyTorch's defaults; a loaded checkpoint replaces them)."""
+        reset_submodules(self)
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        check_input("x", x, self)
         x = self.attention_norm(x + self.dropout(self.attention(x, cu_seqlens=cu_seqlens)))
         return self.output_norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
 
@@ -156,6 +180,7 @@ class UnpaddedBert(nn.Module):
         self, config: BertConfig, *, add_pooling_layer: bool = True, backend: Backend = "auto"
     ) -> None:
         super().__init__()
+        add_pooling_layer = check_bool("add_pooling_layer", add_pooling_layer)
         self.config = config
         self.embeddings = _Embeddings(config)
         self.layers = nn.ModuleList(
@@ -164,6 +189,12 @@ class UnpaddedBert(nn.Module):
         self.pooler = (
             nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
         )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter with PyTorch's defaults (embeddings ``N(0, 1)`` with a
+        zero padding row, ``nn.Linear`` Kaiming-uniform, LayerNorm ones and zeros), e.g. after
+        meta-device construction + ``to_empty`` and before loading a checkpoint."""
+        reset_submodules(self)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, backend: Backend = "auto") -> UnpaddedBert:
@@ -218,6 +249,7 @@ class UnpaddedBert(nn.Module):
             raise ValueError(
                 f"input_ids must be (B, L), or packed (T,) with cu_seqlens; got {shape}"
             )
+        _check_ids(input_ids, self.embeddings.word_embeddings.weight)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         packed = pack(input_ids, attention_mask)
@@ -242,6 +274,7 @@ class UnpaddedBert(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else ids
             raise ValueError(f"with cu_seqlens, input_ids must be packed (T,); got {shape}")
+        _check_ids(ids, self.embeddings.word_embeddings.weight)
         total = ids.shape[0]
         lengths = seqlens_from_cu("cu_seqlens", cu_seqlens, total)
         cu = cu_seqlens.to(ids.device)
@@ -268,6 +301,15 @@ class UnpaddedBert(nn.Module):
             first[nonempty] = x[cu[:-1][nonempty].long()]
             pooled = torch.tanh(self.pooler(first))
         return BertOutput(x, pooled, cu, packed)
+
+
+def _check_ids(ids: torch.Tensor, weight: torch.Tensor) -> None:
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ArgumentTypeError(f"input_ids must hold integer token ids; got {ids.dtype}")
+    if ids.device != weight.device:
+        raise ValueError(
+            f"input_ids must be on {weight.device} (the model's parameters); got {ids.device}"
+        )
 
 
 def _take(t: torch.Tensor, packed: Packed, name: str) -> torch.Tensor:
