@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from headwise._checks import ArgumentTypeError, check_int, check_ints, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.neighborhood import NeighborhoodAttention2D
 from headwise.layers.vision import (
     AggregatedAttention,
@@ -29,6 +31,7 @@ from headwise.layers.vision import (
     SubspaceAttention,
     WindowAttention,
 )
+from headwise.layers.vision._common import check_pair
 
 #: ``builder(dim, stage, block, resolution, **kwargs) -> nn.Module`` mapping ``(B, H, W, C)`` to
 #: itself; ``stage``/``block`` are 0-based indices, ``resolution`` is the stage's ``(H, W)``.
@@ -166,15 +169,19 @@ class VisionBackbone(nn.Module):
             builder, mlp_builder = mixer, None
         else:
             raise ValueError(f"mixer must be a name or a builder; got {type(mixer).__name__}")
-        depths, dims = tuple(depths), tuple(dims)
+        depths, dims = check_ints("depths", depths, minimum=1), check_ints("dims", dims, minimum=1)
         if not depths or len(depths) != len(dims):
             raise ValueError(
                 f"depths and dims must be non-empty, one per stage; got {depths}, {dims}"
             )
-        for name, values in (("depths", depths), ("dims", dims)):
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name} must hold positive ints; got {values}")
-        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        height, width = check_pair("img_size", img_size)
+        check_int("in_chans", in_chans, minimum=1)
+        check_int("num_classes", num_classes, minimum=0)
+        check_real("mlp_ratio", mlp_ratio, positive=True)
+        if mixer_kwargs is not None and not isinstance(mixer_kwargs, dict):
+            raise ArgumentTypeError(
+                f"mixer_kwargs must be a dict; got {type(mixer_kwargs).__name__}"
+            )
         if min(height, width) < 4 * 2 ** (len(dims) - 1):
             raise ValueError(
                 f"img_size must be at least {4 * 2 ** (len(dims) - 1)} for {len(dims)} stages; "
@@ -201,8 +208,14 @@ class VisionBackbone(nn.Module):
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
 
+    def reset_parameters(self) -> None:
+        """Every submodule's own init: default stem, norms, MLPs and head; each mixer's paper
+        init."""
+        reset_submodules(self)
+
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's output ``(B, H_s, W_s, C_s)`` for ``images: (B, in_chans, H, W)``."""
+        check_input("images", images, self)
         if images.dim() != 4 or images.shape[1] != self.stem.in_channels:
             raise ValueError(
                 f"images must be (B, {self.stem.in_channels}, H, W); got {tuple(images.shape)}"

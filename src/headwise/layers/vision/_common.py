@@ -1,4 +1,5 @@
-"""Shared helpers of the vision token mixers: input checks, padding, windows.
+"""Shared helpers of the vision token mixers: argument checks, padding, windows, layout-safe
+BatchNorm. Input checks and ``reset_submodules`` are :mod:`headwise.layers._init`'s.
 
 Feature maps are channels-last ``(B, H, W, C)``; token form is ``(B, N = H*W, C)`` with the grid
 ``size = (H, W)`` given, flattened row-major (token ``n = y*W + x``).
@@ -6,14 +7,46 @@ Feature maps are channels-last ``(B, H, W, C)``; token form is ``(B, N = H*W, C)
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from headwise._checks import ArgumentTypeError, check_int, check_ints
 
 
 def check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
+    return check_int(name, value, minimum=1)
+
+
+def check_pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
+    """An int ``k`` as ``(k, k)``, or a pair of ints, each ``>= minimum``."""
+    if isinstance(value, numbers.Integral):
+        return (check_int(name, value, minimum=minimum),) * 2
+    if not isinstance(value, tuple | list):
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints; got {value!r}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints; got {value!r}")
+    return check_ints(name, value, minimum=minimum)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose kernels see contiguous tensors, forward and backward.
+
+    torch 2.13's CPU batch-norm backward silently miscomputes the input gradient when the input
+    or the incoming gradient is channels-last with a size-1 batch axis of stride ``C`` (not
+    ``C·H·W``): at batch 1 a permuted or transposed view downstream is enough (SHViT's gradients
+    were ~100 % off, issue 13 item 3). Contiguous input and gradient avoid the broken path
+    whatever the surrounding code does with the layout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x.contiguous())
+        if y.requires_grad:
+            y.register_hook(torch.Tensor.contiguous)
+        return y
 
 
 def check_divisible(name: str, value: int, by_name: str, by: int) -> None:

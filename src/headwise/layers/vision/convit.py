@@ -12,7 +12,14 @@ import math
 import torch
 from torch import nn
 
-from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise._checks import check_bool, check_real
+from headwise.layers._init import check_input, reset_submodules
+from headwise.layers.vision._common import (
+    check_divisible,
+    check_positive,
+    from_map,
+    to_map,
+)
 from headwise.ops.attention import attention
 
 
@@ -67,22 +74,31 @@ class GatedPositionalSelfAttention(nn.Module):
         check_positive("dim", dim)
         check_positive("num_heads", num_heads)
         check_divisible("dim", dim, "num_heads", num_heads)
+        check_bool("qkv_bias", qkv_bias)
+        self.locality_strength = check_real("locality_strength", locality_strength)
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
         self.head_dim = dim // num_heads
         self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.pos_proj = nn.Linear(3, num_heads)
-        self.gating_param = nn.Parameter(torch.ones(num_heads))
+        self.gating_param = nn.Parameter(torch.empty(num_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The locality init above (``W_v = I``, conv-tap ``w_h``, ``λ = 1``, trunc-normal)."""
+        reset_submodules(self)
         for linear in (self.qk, self.v, self.proj, self.pos_proj):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
-        self.local_init(locality_strength)
+        nn.init.ones_(self.gating_param)
+        self.local_init(self.locality_strength)
 
     @torch.no_grad()
     def local_init(self, locality_strength: float = 1.0) -> None:
         """Make ``W_v`` the identity and head ``p`` prefer offset ``(h₂ - c, h₁ - c)``."""
+        self.locality_strength = check_real("locality_strength", locality_strength)
         self.v.weight.copy_(torch.eye(self.dim))
         side = math.isqrt(self.num_heads)
         center = (side - 1) / 2
@@ -115,7 +131,7 @@ class GatedPositionalSelfAttention(nn.Module):
         return torch.einsum("hyi,bixhd->byxhd", along_y, mixed)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         batch, height, width, _ = feature_map.shape
         heads = (batch, height * width, self.num_heads, self.head_dim)
         q, k = self.qk(feature_map).reshape(batch, -1, 2, *heads[2:]).unbind(2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from headwise._checks import check_bool
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
     check_positive,
@@ -53,15 +55,22 @@ class ChannelAttention(nn.Module):
         check_positive("dim", dim)
         check_positive("num_heads", num_heads)
         check_divisible("dim", dim, "num_heads", num_heads)
+        check_bool("qkv_bias", qkv_bias)
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
         self.group_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear init (DaViT's trunc-normal is applied by the whole model)."""
+        reset_submodules(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be (B, H, W, {self.dim}) or (B, N, {self.dim}); got {shape}")
+        check_input("x", x, self)
+        if x.dim() not in (3, 4) or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must be (B, H, W, {self.dim}) or (B, N, {self.dim}); got {tuple(x.shape)}"
+            )
         tokens = x.reshape(x.shape[0], -1, self.dim)
         batch, length, _ = tokens.shape
         qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, self.group_dim)
@@ -104,6 +113,7 @@ class WindowAttention(nn.Module):
         check_positive("num_heads", num_heads)
         check_positive("window_size", window_size)
         check_divisible("dim", dim, "num_heads", num_heads)
+        check_bool("qkv_bias", qkv_bias)
         self.dim, self.num_heads, self.window_size, self.backend = (
             dim,
             num_heads,
@@ -113,8 +123,12 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear init."""
+        reset_submodules(self)
+
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         height, width = feature_map.shape[1:3]
         w = self.window_size
         padded = pad_map(feature_map, w, w)

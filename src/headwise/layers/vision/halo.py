@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_int
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
     check_positive,
@@ -69,8 +71,7 @@ class HaloAttention(nn.Module):
         check_positive("dim", dim)
         check_positive("num_heads", num_heads)
         check_positive("block_size", block_size)
-        if isinstance(halo_size, bool) or not isinstance(halo_size, int) or halo_size < 0:
-            raise ValueError(f"halo_size must be a non-negative int; got {halo_size!r}")
+        check_int("halo_size", halo_size, minimum=0)
         dim_out = dim if dim_out is None else check_positive("dim_out", dim_out)
         check_divisible("dim_out", dim_out, "num_heads", num_heads)
         self.dim, self.dim_out, self.num_heads, self.backend = dim, dim_out, num_heads, backend
@@ -83,12 +84,22 @@ class HaloAttention(nn.Module):
         span = 2 * self.window - 1
         self.height_rel = nn.Parameter(torch.empty(span, self.dim_qk))
         self.width_rel = nn.Parameter(torch.empty(span, self.dim_qk))
-        nn.init.trunc_normal_(self.q.weight, std=dim**-0.5)
-        nn.init.trunc_normal_(self.kv.weight, std=dim**-0.5)
+        index = torch.empty(block_size, self.window, dtype=torch.long)
+        self.register_buffer("relative_index", index, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The init above, and the ``(b, w)`` table of window offsets ``x_j - x_i + w - 1``."""
+        reset_submodules(self)
+        nn.init.trunc_normal_(self.q.weight, std=self.dim**-0.5)
+        nn.init.trunc_normal_(self.kv.weight, std=self.dim**-0.5)
         nn.init.trunc_normal_(self.height_rel, std=self.dim_qk**-0.5)
         nn.init.trunc_normal_(self.width_rel, std=self.dim_qk**-0.5)
-        offsets = torch.arange(self.window)[None, :] - torch.arange(block_size)[:, None]
-        self.register_buffer("relative_index", offsets + self.window - 1, persistent=False)
+        device = self.relative_index.device
+        window = torch.arange(self.window, device=device)
+        offsets = window[None, :] - torch.arange(self.block_size, device=device)[:, None]
+        with torch.no_grad():
+            self.relative_index.copy_(offsets + self.window - 1)
 
     def _position_logits(self, q: torch.Tensor) -> torch.Tensor:
         """``q: (n, b, b, h, d)`` -> ``(n, h, b², w²)``: ``q_iᵀ(R_h[Δy] + R_w[Δx])``."""
@@ -101,7 +112,7 @@ class HaloAttention(nn.Module):
         return logits.reshape(q.shape[0], self.num_heads, b * b, w * w)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         height, width = feature_map.shape[1:3]
         b, r, w, h = self.block_size, self.halo_size, self.window, self.num_heads
         padded = pad_map(feature_map, b, b)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_bool, check_real
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
     check_positive,
@@ -66,8 +68,10 @@ class HiLoAttention(nn.Module):
         check_positive("num_heads", num_heads)
         check_positive("window_size", window_size)
         check_divisible("dim", dim, "num_heads", num_heads)
-        if not 0.0 <= alpha <= 1.0:
+        alpha = check_real("alpha", alpha, minimum=0.0)
+        if alpha > 1.0:
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+        check_bool("qkv_bias", qkv_bias)
         self.dim, self.window_size, self.backend = dim, window_size, backend
         self.head_dim = dim // num_heads
         self.lo_heads = num_heads if window_size == 1 else int(num_heads * alpha)
@@ -80,6 +84,10 @@ class HiLoAttention(nn.Module):
             self.l_q = nn.Linear(dim, lo_dim, bias=qkv_bias)
             self.l_kv = nn.Linear(dim, 2 * lo_dim, bias=qkv_bias)
             self.l_proj = nn.Linear(lo_dim, lo_dim)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear init."""
+        reset_submodules(self)
 
     def _hifi(self, x: torch.Tensor) -> torch.Tensor:
         s, d = self.window_size, self.head_dim
@@ -100,7 +108,7 @@ class HiLoAttention(nn.Module):
         return self.l_proj(o)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         height, width = feature_map.shape[1:3]
         padded = pad_map(feature_map, self.window_size, self.window_size)
         parts = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from headwise._checks import check_bool, check_choice
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
     check_positive,
@@ -92,19 +94,29 @@ class MultiAxisAttention(nn.Module):
         check_positive("partition_size", partition_size)
         check_positive("dim_head", dim_head)
         check_divisible("dim", dim, "dim_head", dim_head)
-        if partition not in PARTITIONS:
-            raise ValueError(f"partition must be one of {PARTITIONS}; got {partition!r}")
+        check_choice("partition", partition, PARTITIONS)
+        check_bool("qkv_bias", qkv_bias)
         self.dim, self.partition, self.size, self.backend = dim, partition, partition_size, backend
         self.num_heads, self.dim_head = dim // dim_head, dim_head
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         span = 2 * partition_size - 1
         self.relative_position_bias_table = nn.Parameter(torch.empty(self.num_heads, span, span))
+        length = partition_size * partition_size
+        self.register_buffer(
+            "relative_index", torch.empty(length, length, dtype=torch.long), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Default Linear init, ``T`` normal(0.02), and the ``(P², P²)`` index into ``T``."""
+        reset_submodules(self)
         nn.init.normal_(self.relative_position_bias_table, std=0.02)
-        axis = torch.arange(partition_size)
+        axis = torch.arange(self.size, device=self.relative_index.device)
         coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij")).flatten(1)
-        delta = coords[:, None, :] - coords[:, :, None] + partition_size - 1  # key - query
-        self.register_buffer("relative_index", delta[0] * span + delta[1], persistent=False)
+        delta = coords[:, None, :] - coords[:, :, None] + self.size - 1  # key - query
+        with torch.no_grad():
+            self.relative_index.copy_(delta[0] * (2 * self.size - 1) + delta[1])
 
     def relative_bias(self) -> torch.Tensor:
         """``(h, P², P²)``: the bias added to the scores of every window."""
@@ -121,7 +133,7 @@ class MultiAxisAttention(nn.Module):
         return grid_reverse(windows, self.size, height, width)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         batch, height, width, _ = feature_map.shape
         padded = pad_map(feature_map, self.size, self.size)
         padded_h, padded_w = padded.shape[1:3]

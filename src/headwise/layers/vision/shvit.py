@@ -9,17 +9,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from headwise.layers.vision._common import check_positive, from_map, to_map
+from headwise.layers._init import check_input, reset_submodules
+from headwise.layers.vision._common import (
+    BatchNorm2d,
+    check_positive,
+    from_map,
+    to_map,
+)
 from headwise.ops.attention import attention
 
 
 class _ConvBN(nn.Sequential):
     def __init__(self, dim_in: int, dim_out: int, bn_weight: float = 1.0) -> None:
         super().__init__()
+        self.bn_weight = bn_weight
         self.c = nn.Conv2d(dim_in, dim_out, 1, bias=False)
-        self.bn = nn.BatchNorm2d(dim_out)
-        nn.init.constant_(self.bn.weight, bn_weight)
-        nn.init.zeros_(self.bn.bias)
+        self.bn = BatchNorm2d(dim_out)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Default conv init; BN weight ``bn_weight``, bias 0, fresh running statistics."""
+        reset_submodules(self)
+        nn.init.constant_(self.bn.weight, self.bn_weight)
 
 
 class SingleHeadAttention(nn.Module):
@@ -65,14 +76,20 @@ class SingleHeadAttention(nn.Module):
         self.qkv = _ConvBN(partial, 2 * qk_dim + partial)
         self.proj = nn.Sequential(nn.ReLU(), _ConvBN(dim, dim, bn_weight=0.0))
 
+    def reset_parameters(self) -> None:
+        """The init above: GroupNorm (1, 0), default convs, output BN weight 0."""
+        reset_submodules(self)
+
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         batch, height, width, _ = feature_map.shape
         image = feature_map.permute(0, 3, 1, 2)
         attended, passed = image.split([self.partial_dim, self.dim - self.partial_dim], dim=1)
         # torch 2.13's CPU GroupNorm backward segfaults on a channel slice of a channels-last
-        # tensor; a contiguous copy of the C_p channels avoids it
-        qkv = self.qkv(self.pre_norm(attended.contiguous())).flatten(2).transpose(1, 2)
+        # tensor; a contiguous copy of the C_p channels avoids it. The tokens are read out by a
+        # contiguous reshape, so q/k/v have a contiguous last axis (what fast kernels expect).
+        qkv = self.qkv(self.pre_norm(attended.contiguous()))
+        qkv = qkv.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
         q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.partial_dim], dim=-1)
         o = attention(q[:, :, None], k[:, :, None], v[:, :, None], backend=self.backend)
         o = o.reshape(batch, height, width, self.partial_dim).permute(0, 3, 1, 2)

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise._checks import check_bool
+from headwise.layers._init import check_input, reset_submodules
+from headwise.layers.vision._common import (
+    BatchNorm2d,
+    check_divisible,
+    check_positive,
+    from_map,
+    to_map,
+)
 
 
 class ScaleAwareModulation(nn.Module):
@@ -45,6 +53,7 @@ class ScaleAwareModulation(nn.Module):
         check_positive("ca_num_heads", ca_num_heads)
         check_positive("expand_ratio", expand_ratio)
         check_divisible("dim", dim, "ca_num_heads", ca_num_heads)
+        check_bool("qkv_bias", qkv_bias)
         self.dim, self.heads = dim, ca_num_heads
         split = dim // ca_num_heads
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -54,9 +63,14 @@ class ScaleAwareModulation(nn.Module):
             for i in range(ca_num_heads)
         )
         self.proj0 = nn.Conv2d(dim, dim * expand_ratio, 1, groups=split)
-        self.bn = nn.BatchNorm2d(dim * expand_ratio)
+        self.bn = BatchNorm2d(dim * expand_ratio)
         self.proj1 = nn.Conv2d(dim * expand_ratio, dim, 1)
         self.proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The init above (BatchNorm at its default)."""
+        reset_submodules(self)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -77,7 +91,7 @@ class ScaleAwareModulation(nn.Module):
         return self.proj1(F.gelu(self.bn(self.proj0(mixed))))
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         s = self.s(feature_map).permute(0, 3, 1, 2)
         modulator = self.modulator(s).permute(0, 2, 3, 1)
         return from_map(self.proj(modulator * self.v(feature_map)), tokens)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from headwise.layers.vision._common import check_positive, from_map, to_map
+from headwise.layers.vision._common import check_pair, check_positive, from_map, to_map
 
 
 class SpectralGating(nn.Module):
@@ -35,11 +35,16 @@ class SpectralGating(nn.Module):
     def __init__(self, dim: int, size: tuple[int, int]) -> None:
         super().__init__()
         check_positive("dim", dim)
-        if len(size) != 2:
-            raise ValueError(f"size must be (H, W); got {size}")
-        height, width = (check_positive(name, int(s)) for name, s in zip(("H", "W"), size))
+        if isinstance(size, int):
+            raise ValueError(f"size must be (H, W); got {size!r}")
+        height, width = check_pair("size", size)
         self.dim, self.size = dim, (height, width)
-        self.complex_weight = nn.Parameter(torch.randn(height, width // 2 + 1, dim, 2) * 0.02)
+        self.complex_weight = nn.Parameter(torch.empty(height, width // 2 + 1, dim, 2))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Both parts of ``K`` ``0.02·randn``."""
+        nn.init.normal_(self.complex_weight, std=0.02)
 
     def spatial_kernel(self) -> torch.Tensor:
         """The equivalent circular-convolution kernel ``(H, W, C)``."""

@@ -10,25 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_bool
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
+    check_pair,
     check_positive,
     from_map,
     neighbourhood,
     to_map,
 )
 from headwise.ops.attention import attention
-
-
-def _pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or (kh, kw); got {value!r}")
-    for v in pair:
-        check_positive(name, v)
-        if v % 2 == 0:
-            raise ValueError(f"{name} must be odd; got {value!r}")
-    return pair
 
 
 class MSAConv(nn.Module):
@@ -79,9 +71,12 @@ class MSAConv(nn.Module):
         check_positive("num_heads", num_heads)
         check_divisible("dim", dim, "num_heads", num_heads)
         dim_out = dim if dim_out is None else check_positive("dim_out", dim_out)
+        check_bool("depthwise", depthwise)
         if depthwise and dim_out != dim:
             raise ValueError(f"depthwise needs dim_out == dim; got {dim_out} and {dim}")
-        self.kernel = _pair("kernel_size", kernel_size)
+        self.kernel = check_pair("kernel_size", kernel_size)
+        if any(k % 2 == 0 for k in self.kernel):
+            raise ValueError(f"kernel_size must be odd; got {kernel_size!r}")
         self.dim, self.dim_out, self.dilation = dim, dim_out, dilation
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Conv2d(dim, 3 * dim, 1)
@@ -93,6 +88,10 @@ class MSAConv(nn.Module):
             padding=(self.kernel[0] // 2, self.kernel[1] // 2),
             groups=dim if depthwise else 1,
         )
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default conv init."""
+        reset_submodules(self)
 
     def window_attention(self, image: torch.Tensor) -> torch.Tensor:
         """``o`` for a channels-first ``image: (B, C, H, W)``, channels-last ``(B, H, W, C)``."""
@@ -111,7 +110,7 @@ class MSAConv(nn.Module):
         return o.reshape(batch, height, width, self.dim)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         image = feature_map.permute(0, 3, 1, 2)
         mixed = self.window_attention(image).permute(0, 3, 1, 2) + image
         y = F.relu(self.mlp(mixed)).permute(0, 2, 3, 1)

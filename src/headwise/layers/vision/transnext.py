@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headwise._checks import check_bool
+from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
+    check_pair,
     check_positive,
     from_map,
     neighbourhood,
@@ -84,6 +87,9 @@ class AggregatedAttention(nn.Module):
         check_divisible("dim", dim, "num_heads", num_heads)
         if window_size % 2 == 0:
             raise ValueError(f"window_size must be odd; got {window_size}")
+        check_bool("qkv_bias", qkv_bias)
+        if pretrain_size is not None:
+            pretrain_size = check_pair("pretrain_size", pretrain_size)
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
         self.head_dim = dim // num_heads
         self.window_size, self.sr_ratio, self.pretrain_size = window_size, sr_ratio, pretrain_size
@@ -92,19 +98,27 @@ class AggregatedAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.query_embedding = nn.Parameter(torch.empty(h, d))
-        self.temperature = nn.Parameter(torch.full((h,), math.log(math.expm1(1 / 0.24))))
+        self.temperature = nn.Parameter(torch.empty(h))
         self.cpb_fc1 = nn.Linear(2, 512)
         self.cpb_fc2 = nn.Linear(512, h)
-        nn.init.trunc_normal_(self.query_embedding, std=0.02)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, 1)
             self.norm = nn.LayerNorm(dim)
             self.relative_pos_bias_local = nn.Parameter(torch.empty(h, slots))
             self.learnable_tokens = nn.Parameter(torch.empty(h, d, slots))
-            self.learnable_bias = nn.Parameter(torch.zeros(h, slots))
+            self.learnable_bias = nn.Parameter(torch.empty(h, slots))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The init above (LayerNorm at its default)."""
+        reset_submodules(self)
+        nn.init.trunc_normal_(self.query_embedding, std=0.02)
+        nn.init.constant_(self.temperature, math.log(math.expm1(1 / 0.24)))
+        if self.sr_ratio > 1:
             nn.init.trunc_normal_(self.relative_pos_bias_local, std=4e-4)
             nn.init.trunc_normal_(self.learnable_tokens, std=0.02)
-            nn.init.normal_(self.sr.weight, std=math.sqrt(2.0 / dim))
+            nn.init.zeros_(self.learnable_bias)
+            nn.init.normal_(self.sr.weight, std=math.sqrt(2.0 / self.dim))
             nn.init.zeros_(self.sr.bias)
         for linear in (self.q, self.kv, self.proj, self.cpb_fc1, self.cpb_fc2):
             nn.init.trunc_normal_(linear.weight, std=0.02)
@@ -120,11 +134,14 @@ class AggregatedAttention(nn.Module):
         device, dtype = self.cpb_fc1.weight.device, self.cpb_fc1.weight.dtype
 
         def axis(n: int, cells: int, pre: int) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = torch.arange(n, device=device, dtype=dtype)
+            # coordinates depend on the sizes only: computed on the CPU in float64 (torch.unique
+            # has no meta kernel), so the layer also runs on the meta device
+            idx = torch.arange(n, dtype=torch.float64, device="cpu")
             centres = F.adaptive_avg_pool1d(idx[None, None], cells)[0, 0]
             delta = (idx[:, None] - centres[None, :]) * 8 / max(pre - 1, 1)
             values, inverse = torch.unique(delta, return_inverse=True)
-            return _log_coords(values), inverse  # inverse: (n, cells)
+            values = _log_coords(values).to(device=device, dtype=dtype)
+            return values, inverse.to(device)  # inverse: (n, cells)
 
         uy, iy = axis(height, pool[0], pre_h)
         ux, ix = axis(width, pool[1], pre_w)
@@ -182,7 +199,7 @@ class AggregatedAttention(nn.Module):
         return o.reshape(batch, height, width, self.dim)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         mixed = self._full(feature_map) if self.sr_ratio == 1 else self._aggregated(feature_map)
         return from_map(self.proj(mixed), tokens)
 
@@ -212,8 +229,12 @@ class ConvGLU(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear and conv init."""
+        reset_submodules(self)
+
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         gate, value = self.fc1(feature_map).chunk(2, dim=-1)
         gate = self.dwconv(gate.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return from_map(self.fc2(F.gelu(gate) * value), tokens)

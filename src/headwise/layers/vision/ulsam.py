@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise._checks import check_real
+from headwise.layers._init import check_input, reset_submodules
+from headwise.layers.vision._common import (
+    BatchNorm2d,
+    check_divisible,
+    check_positive,
+    from_map,
+    to_map,
+)
 
 
 class SubspaceAttention(nn.Module):
@@ -41,11 +49,18 @@ class SubspaceAttention(nn.Module):
         check_positive("dim", dim)
         check_positive("num_splits", num_splits)
         check_divisible("dim", dim, "num_splits", num_splits)
+        bn_momentum = check_real("bn_momentum", bn_momentum, minimum=0.0)
+        if bn_momentum > 1:
+            raise ValueError(f"bn_momentum must be in [0, 1]; got {bn_momentum}")
         self.dim, self.num_splits = dim, num_splits
         self.dwconv = nn.Conv2d(dim, dim, 1, groups=dim)
-        self.bn_dw = nn.BatchNorm2d(dim, momentum=bn_momentum)
+        self.bn_dw = BatchNorm2d(dim, momentum=bn_momentum)
         self.pwconv = nn.Conv2d(dim, num_splits, 1, groups=num_splits)
-        self.bn_pw = nn.BatchNorm2d(num_splits, momentum=bn_momentum)
+        self.bn_pw = BatchNorm2d(num_splits, momentum=bn_momentum)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default conv and BatchNorm init, fresh running statistics."""
+        reset_submodules(self)
 
     def attention_maps(self, image: torch.Tensor) -> torch.Tensor:
         """``A: (B, g, H, W)`` for a channels-first ``image: (B, C, H, W)``; each map sums to 1."""
@@ -55,7 +70,7 @@ class SubspaceAttention(nn.Module):
         return torch.softmax(a.flatten(2), dim=-1).reshape(a.shape)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        feature_map, tokens = to_map(x, size, self.dim)
+        feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
         batch, height, width, _ = feature_map.shape
         image = feature_map.permute(0, 3, 1, 2)
         maps = self.attention_maps(image)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from headwise._checks import ArgumentTypeError
 from headwise.ops.attention.api import attention
 from headwise.ops.attention.problem import RelativePositionTable, ScoreMod
 from headwise.patterns.neighborhood import Neighborhood, neighborhood
@@ -22,6 +23,9 @@ from headwise.patterns.neighborhood import Neighborhood, neighborhood
 def relative_position_bias(pattern: Neighborhood, table: torch.Tensor) -> ScoreMod:
     """A ``score_mod`` adding ``table[h, (j - i)/d + k - 1 per axis]`` to the scores; it carries
     the table as ``score_mod.relative_position`` (:class:`RelativePositionTable`)."""
+    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+        got = table.dtype if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ArgumentTypeError(f"rpb must be a floating-point tensor; got {got}")
     expected = tuple(2 * k - 1 for k in pattern.kernel_size)
     if table.dim() != 1 + len(expected) or tuple(table.shape[1:]) != expected:
         raise ValueError(
@@ -71,11 +75,11 @@ def neighborhood_attention(
     pattern = neighborhood(spatial, kernel_size, dilation, causal, stride=stride)
     score_mod = None
     if rpb is not None:
+        score_mod = relative_position_bias(pattern, rpb)
         if rpb.shape[0] != q.shape[-2]:
             raise ValueError(
                 f"rpb must have one table per head ({q.shape[-2]}); got {tuple(rpb.shape)}"
             )
-        score_mod = relative_position_bias(pattern, rpb)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1, *t.shape[-2:])
