@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from headwise._checks import ArgumentTypeError, check_ints
 from headwise.hf.registry import (
     Call,
     HeadGate,
@@ -35,6 +36,7 @@ from headwise.hf.scores import (
     sink_values,
     vision_head_divergence,
 )
+from headwise.layers.moa import MoAPlan
 from headwise.patterns import Pattern
 
 
@@ -42,7 +44,17 @@ from headwise.patterns import Pattern
 @contextmanager
 def gate_heads(model: nn.Module, gates: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Multiply head outputs by ``gates[site name]`` (broadcastable to ``(B, Lq, H)``)."""
-    select_sites(model, list(gates))
+    if not isinstance(gates, Mapping):
+        raise ArgumentTypeError(f"gates must map site names to tensors; got {gates!r}")
+    sites = {s.name: s for s in select_sites(model, list(gates))}
+    for name, gate in gates.items():
+        if not isinstance(gate, torch.Tensor):
+            raise ArgumentTypeError(f"gates[{name!r}] must be a tensor; got {gate!r}")
+        heads = sites[name].heads
+        if gate.dim() == 0 or gate.shape[-1] not in (1, heads):
+            raise ValueError(
+                f"gates[{name!r}] must broadcast to (B, Lq, {heads}); got shape {tuple(gate.shape)}"
+            )
     with hooked(model, HeadGate(dict(gates))):
         yield
 
@@ -50,10 +62,17 @@ def gate_heads(model: nn.Module, gates: Mapping[str, torch.Tensor]) -> Iterator[
 @contextmanager
 def ablate_heads(model: nn.Module, heads: Mapping[str, Sequence[int]]) -> Iterator[None]:
     """Zero the outputs of ``heads[site name]`` (a head gated to zero contributes nothing)."""
+    if not isinstance(heads, Mapping):
+        raise ArgumentTypeError(f"heads must map site names to head indices; got {heads!r}")
     sites = {s.name: s for s in select_sites(model, list(heads))}
     gates = {}
     for name, chosen in heads.items():
-        gate = torch.ones(sites[name].heads)
+        chosen = check_ints(f"heads[{name!r}]", chosen)
+        count = sites[name].heads
+        bad = [h for h in chosen if not -count <= h < count]
+        if bad:
+            raise ValueError(f"heads[{name!r}] has {bad}, out of range for {count} heads")
+        gate = torch.ones(count)
         gate[list(chosen)] = 0
         gates[name] = gate
     with gate_heads(model, gates):
@@ -510,19 +529,43 @@ class _Swap(Hook):
         return self.patterns.get(site.name)
 
 
+SwapPattern = Pattern | Mapping[str, Pattern] | MoAPlan
+
+
+def _site_patterns(model: nn.Module, pattern: SwapPattern, layers: Layers) -> dict[str, Pattern]:
+    """One pattern per site name: the same for every chosen site, the mapping's, or layer ``l``
+    of an MoA plan for the ``l``-th chosen site (elastic spans, sized per call)."""
+    if isinstance(pattern, Pattern):
+        return {s.name: pattern for s in select_sites(model, layers)}
+    if isinstance(pattern, MoAPlan):
+        sites = select_sites(model, layers)
+        if len(sites) != pattern.num_layers:
+            raise ValueError(
+                f"the MoA plan has {pattern.num_layers} layers but layers={layers!r} chooses "
+                f"{len(sites)} sites {[s.name for s in sites]}: pass layers= naming one per plan "
+                "layer (e.g. layers='language_model')"
+            )
+        return {s.name: pattern.pattern(s.heads, layer=i) for i, s in enumerate(sites)}
+    if not isinstance(pattern, Mapping):
+        raise ArgumentTypeError(
+            "pattern must be a Pattern, a mapping of site names to Patterns or an MoAPlan; "
+            f"got {pattern!r}"
+        )
+    select_sites(model, list(pattern))
+    for name, value in pattern.items():
+        if not isinstance(value, Pattern):
+            raise ArgumentTypeError(f"pattern[{name!r}] must be a Pattern; got {value!r}")
+    return dict(pattern)
+
+
 @contextmanager
-def swap_pattern(
-    model: nn.Module, pattern: Pattern | Mapping[str, Pattern], layers: Layers = None
-) -> Iterator[None]:
+def swap_pattern(model: nn.Module, pattern: SwapPattern, layers: Layers = None) -> Iterator[None]:
     """Run chosen attention modules under a :mod:`headwise.patterns` pattern (intersected with
     the model's own causal/padding mask), e.g. ``per_head([...])`` of sliding windows and
-    strided shards, or an MoA plan: one pattern for all chosen sites, or one per site name."""
-    if isinstance(pattern, Pattern):
-        patterns = {s.name: pattern for s in select_sites(model, layers)}
-    else:
-        select_sites(model, list(pattern))
-        patterns = dict(pattern)
-    with hooked(model, _Swap(patterns)):
+    strided shards: one pattern for all chosen sites, one per site name, or an MoA plan
+    (:class:`~headwise.layers.moa.MoAPlan`), whose layer ``l`` goes to the ``l``-th chosen
+    site (``layers`` must choose as many sites as the plan has layers)."""
+    with hooked(model, _Swap(_site_patterns(model, pattern, layers))):
         yield
 
 
@@ -539,7 +582,7 @@ class Drift:
 def pattern_drift(
     model: nn.Module,
     inputs: Mapping,
-    pattern: Pattern | Mapping[str, Pattern],
+    pattern: SwapPattern,
     layers: Layers = None,
     output: str = "auto",
 ) -> Drift:
