@@ -23,7 +23,17 @@ import torch
 from bench_sparse import patterns_for
 from headwise import attention
 from headwise.measure import environment, time_interleaved, write_results
-from headwise.ops.attention import blockwise as bw
+from headwise.ops.attention.blockwise import DEFAULT_BLOCK
+from headwise.ops.attention.blockwise.fused import (
+    FUSED,
+    PanelGather,
+    run_keys,
+    run_mask,
+    run_rows,
+    take,
+)
+from headwise.ops.attention.blockwise.heads import group_heads
+from headwise.ops.attention.blockwise.plan import Run, count, plan_for
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,32 +41,32 @@ RESULTS = Path(__file__).parent / "results"
 def kernel_calls(q, k, v, pattern):
     """The fused-kernel calls blockwise makes for ``pattern``, as prepared argument tuples."""
     heads = q.shape[2]
-    groups = bw._head_groups(pattern, q.shape[1], k.shape[1], bw.DEFAULT_BLOCK)
+    groups = group_heads(pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK)
     calls = []
     for sub_pattern, subset in groups or [(pattern, list(range(heads)))]:
         qs, ks, vs = (t[:, :, subset].contiguous() for t in (q, k, v))
-        plan = bw._plan(sub_pattern, q.shape[1], k.shape[1], bw.DEFAULT_BLOCK, "cpu")
-        gather = bw._PanelGather(plan, ks, vs)
+        plan = plan_for(sub_pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK, "cpu")
+        gather = PanelGather(plan, ks, vs)
         for panel in plan:
             k_panel, v_panel = (t.clone() for t in gather(panel))
             for item in panel.runs:
-                if isinstance(item, bw._Run):
+                if isinstance(item, Run):
                     for b in range(q.shape[0]):
                         calls.append(
                             (
-                                bw._run_rows(item, qs, b).contiguous(),
-                                bw._run_keys(item, k_panel, b),
-                                bw._run_keys(item, v_panel, b),
-                                bw._run_mask(item, q.dtype),
+                                run_rows(item, qs, b).contiguous(),
+                                run_keys(item, k_panel, b),
+                                run_keys(item, v_panel, b),
+                                run_mask(item, q.dtype),
                             )
                         )
-                elif bw._count(item.keys):
+                elif count(item.keys):
                     mask = item.mask[None].to(q.dtype) if item.needs_mask else None
                     calls.append(
                         (
-                            bw._take(qs, item.rows).contiguous(),
-                            bw._take(k_panel, item.panel_keys),
-                            bw._take(v_panel, item.panel_keys),
+                            take(qs, item.rows).contiguous(),
+                            take(k_panel, item.panel_keys),
+                            take(v_panel, item.panel_keys),
                             mask,
                         )
                     )
@@ -84,7 +94,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    fused = bw._FUSED
+    fused = FUSED
     with torch.no_grad():
         for name, pattern in patterns_for(args.length, args.heads):
             calls = kernel_calls(q, k, v, pattern)

@@ -90,6 +90,10 @@ def test_inspect_unwritable_out_fails_before_work(capsys, no_report, tmp_path):
     assert_one_line_error(code, err, "--out", "/missing/dir")
     code, _, err = run_main(capsys, "inspect", "--out", str(tmp_path))
     assert_one_line_error(code, err, "--out", "directory")
+    too_long = tmp_path / ("x" * 300 + ".html")  # passes every path check, fails on open
+    code, _, err = run_main(capsys, "inspect", "--out", str(too_long))
+    assert_one_line_error(code, err, "--out", "cannot write there")
+    assert not list(tmp_path.iterdir())  # the check leaves nothing behind
 
 
 def test_inspect_calls_the_report(capsys, monkeypatch, tmp_path):

@@ -68,11 +68,19 @@ def check_real(
     minimum: float | None = None,
     positive: bool = False,
 ) -> float:
-    """``value`` as a finite Python ``float`` (one-element tensors accepted; NaN/inf refused)."""
+    """``value`` as a finite Python ``float`` (one-element tensors accepted; NaN/inf refused).
+
+    A tensor that requires grad is refused: turning it into a number would silently cut its
+    gradient (a learnable temperature would never train)."""
     if hasattr(value, "numel") and hasattr(value, "item"):
         if value.numel() != 1 or value.is_complex():
             raise ArgumentTypeError(
                 f"{name} must be a real number; got a tensor of shape {tuple(value.shape)}"
+            )
+        if getattr(value, "requires_grad", False):
+            raise ArgumentTypeError(
+                f"{name} must be a number, not a tensor that requires grad (its gradient would "
+                "be lost); fold a learnable factor into q instead"
             )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

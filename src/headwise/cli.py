@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -226,13 +225,18 @@ def _check_inspect(args: argparse.Namespace) -> str | None:
     elif not (Path(args.model) / "config.json").is_file():
         return f"--model {args.model}: no config.json there; not a Hugging Face checkpoint"
     out = Path(args.out)
-    parent = out.parent
-    if out.is_dir():
-        return f"--out {args.out} is a directory; give the name of the HTML file to write"
-    if not parent.is_dir():
-        return f"--out {args.out}: the directory {parent} does not exist"
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        return f"--out {args.out}: cannot write there (permission denied)"
+    try:  # what the report will do, tried first: permission bits, /proc, names too long, ...
+        if out.is_dir():
+            return f"--out {args.out} is a directory; give the name of the HTML file to write"
+        if not out.parent.is_dir():
+            return f"--out {args.out}: the directory {out.parent} does not exist"
+        existed = out.exists()
+        with open(out, "a"):
+            pass
+    except OSError as error:
+        return f"--out {args.out}: cannot write there ({error.strerror or error})"
+    if not existed:
+        out.unlink()
     return None
 
 

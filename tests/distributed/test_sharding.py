@@ -9,13 +9,13 @@ import torch
 import headwise
 from headwise import patterns as P
 from headwise.distributed import (
-    merge_partials,
     padded_length,
     ring_attention,
     shard_positions,
     shard_sequence,
 )
 from headwise.distributed.sharding import AtPositions, shard_runs
+from headwise.ops.attention import merge_partials
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -191,3 +191,43 @@ def test_t5_capture_includes_the_position_bias():
         for i, want in enumerate(attentions):
             got = cache[f"{tower}.blocks.{i}.{kind}.pattern"]
             assert torch.allclose(got, want, atol=1e-6), (prefix, i)
+
+
+def test_falcon_output_attentions_given_to_the_module_returns_eager_probabilities():
+    """Falcon hands ``output_attentions`` to its attention module, not to the function."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    config = t.FalconConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=False
+    )
+    eager = t.FalconForCausalLM(config).eval()
+    eager.set_attn_implementation("eager")
+    model = twin(eager)
+    attach(model)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        want = eager(ids, output_attentions=True).attentions
+        have = model(ids, output_attentions=True).attentions
+        plain = model(ids).attentions
+    assert len(have) == len(want) == 2
+    for a, b in zip(have, want):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    assert plain is None
+
+
+def test_a_model_that_bypasses_the_attention_interface_is_refused():
+    """GPT-Neo keeps its own attention code: attaching would leave every hook without effect."""
+    import transformers as t
+
+    config = t.GPTNeoConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        max_position_embeddings=64,
+    )
+    with pytest.raises(Unsupported, match=r"GPTNeoForCausalLM \(gpt_neo\) does not call"):
+        attach(t.GPTNeoForCausalLM(config))

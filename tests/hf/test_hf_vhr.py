@@ -7,7 +7,7 @@ import torch
 from hf_models import build
 from transformers import DynamicCache
 
-import headwise.hf.interventions as interventions
+import headwise.hf.vhr as vhr
 from headwise.hf import (
     VHRReinforcement,
     attach,
@@ -18,7 +18,7 @@ from headwise.hf import (
     vision_head_divergence,
     vision_head_reinforcement,
 )
-from headwise.hf.registry import Call, Site
+from headwise.hooks import Call, Site
 
 IMAGE = 100  # LLaVA's image token id in hf_models
 
@@ -105,7 +105,7 @@ def test_heads_chosen_at_step_zero_are_reused_with_the_cache(monkeypatch):
         selections.append(vhd)
         return vhr_select(vhd, ta)
 
-    monkeypatch.setattr(interventions, "vhr_select", counting_select)
+    monkeypatch.setattr(vhr, "vhr_select", counting_select)
     result = vhr_generate(model, inputs, text_only, max_new_tokens=3)
     assert len(selections) == 4  # one choice per language layer, at step 0 only
     assert result.tokens.shape == (1, 3) and result.logits.shape == (3, 128)

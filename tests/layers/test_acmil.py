@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.layers.acmil import MultiBranchAttentionPooling, _diversity
+from headwise.layers import MultiBranchAttentionPooling
 
 C = 6
 
@@ -58,8 +58,34 @@ def test_diversity_loss():
         m.attention_w.bias.zero_()
     h = torch.randn(1, 5, C, dtype=torch.float64)
     assert m(h).diversity_loss.item() == pytest.approx(1.0)
-    a = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])
-    assert _diversity(a).item() == 0.0
+
+
+def test_diversity_loss_is_zero_for_disjoint_branches():
+    # instance n switches on hidden unit n only; branch m reads unit m with a huge weight, so
+    # a[m] is the one-hot of instance m (exp(-1000) = 0 in float64): orthogonal maps
+    m = MultiBranchAttentionPooling(C, 2, num_branches=2, top_k=1, mask_ratio=0.0).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.attention_v.weight[0, 0] = m.attention_v.weight[1, 1] = 10.0
+        m.attention_w.weight.copy_(torch.eye(2) * 2000.0)
+    h = torch.eye(2, C, dtype=torch.float64)[None]
+    out = m(h)
+    assert torch.equal(out.attention[0], torch.eye(2, dtype=torch.float64))
+    assert out.diversity_loss.item() == 0.0
+
+
+def test_diversity_loss_is_the_mean_pairwise_cosine_of_the_branch_maps():
+    torch.manual_seed(0)
+    m = MultiBranchAttentionPooling(C, 8, num_branches=4, top_k=2).double().eval()
+    out = m(torch.randn(3, 5, C, dtype=torch.float64))
+    a = out.attention
+    cos = [
+        torch.nn.functional.cosine_similarity(a[:, i], a[:, j], dim=-1)
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
+    torch.testing.assert_close(out.diversity_loss, torch.stack(cos).mean())
 
 
 def test_errors():

@@ -119,3 +119,11 @@ def test_errors():
         m(torch.randn(4, E))
     with pytest.raises(ValueError, match="variant"):
         CombinerAttention(E, H, segment_len=3, variant="logsparse")
+
+
+def test_embed_dim_is_the_deprecated_name_of_dim():
+    with pytest.warns(DeprecationWarning, match="dim="):
+        m = CombinerAttention(embed_dim=16, num_heads=4, segment_len=2)
+    assert m.dim == m.embed_dim == 16
+    with pytest.raises(TypeError, match="give dim only"):
+        CombinerAttention(16, 4, segment_len=2, embed_dim=16)

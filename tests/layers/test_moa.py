@@ -11,18 +11,10 @@ from torch import nn
 
 import headwise
 from headwise import patterns
-from headwise.layers import multihead
-from headwise.layers.moa import (
-    MoAAttention,
-    MoAPlan,
-    MoASpan,
-    attention_influence,
-    candidate_grid,
-    moa_cache_size,
-    profile_influence,
-    search_plan,
-)
+from headwise.hooks import hook_points
+from headwise.layers.moa import MoAAttention, MoAPlan, MoASpan, moa_cache_size
 from headwise.layers.multihead import MultiHeadAttention
+from headwise.moa import attention_influence, candidate_grid, profile_influence, search_plan
 
 RULE = {"block": 4, "sink_size": 4, "min_cache": 8}
 
@@ -253,7 +245,7 @@ def test_profile_influence_records_each_layer():
     tiles = profile_influence(model, lambda m: (m(x) - target).square().mean(), block=4)
     assert [t.shape for t in tiles] == [(2, 3, 3)] * 2
     assert all((t >= 0).all() and (t.triu(1) == 0).all() for t in tiles)
-    assert multihead.attention is headwise.attention  # the recording path is gone
+    assert not any(point.is_hooked for _, point in hook_points(model))  # recording is gone
     assert all(p.grad is None for p in model.parameters())
     # Explicit recomputation for the last layer: A from its q, k; G from autograd.
     last = model[1]
@@ -329,3 +321,14 @@ def test_bad_arguments():
         MoAAttention(16, 2, alphas=[0, 0], betas=[1, 1], pattern=patterns.causal())
     with pytest.raises(ValueError, match="probs and grad"):
         attention_influence(torch.zeros(2, 3, 3), torch.zeros(2, 3, 3))
+
+
+@pytest.mark.parametrize(
+    "name", ["attention_influence", "candidate_grid", "profile_influence", "search_plan"]
+)
+def test_tooling_moved_to_headwise_moa_with_a_deprecated_alias(name):
+    import headwise.layers.moa as old
+    import headwise.moa as new
+
+    with pytest.warns(DeprecationWarning, match=f"headwise.moa.{name}"):
+        assert getattr(old, name) is getattr(new, name)

@@ -1,10 +1,13 @@
-"""vision_backbone: every mixer builds and runs forward/backward; stage shapes; custom builders."""
+"""vision_backbone: every mixer builds and runs forward/backward; stage shapes; custom builders;
+the built-in mixers are the registered vision layers of the same name."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from headwise.layers import list_layers
+from headwise.layers.registry import layer_spec
 from headwise.layers.vision import ChannelAttention, MultiAxisAttention, WindowAttention
 from headwise.models import available_mixers, register_mixer, vision_backbone
 
@@ -25,6 +28,17 @@ def test_every_mixer_forward_backward(mixer):
     assert y.shape == (2, 64)
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_builtin_mixers_are_the_registered_vision_layers():
+    # "dual" alternates two registered layers; names starting "test_" are registered by tests
+    builtin = {m for m in available_mixers() if m != "dual" and not m.startswith("test_")}
+    vision = set(list_layers("vision"))
+    assert builtin <= vision
+    assert vision - builtin == {"conv_glu", "neighborhood_3d"}  # a channel mixer; video maps
+    for mixer in sorted(builtin):
+        model = vision_backbone(mixer, depths=(1,), dims=(32,), img_size=16)
+        assert type(model.stages[0][0].mixer) is layer_spec(mixer).cls
 
 
 def test_alternating_mixers_and_classifier():

@@ -30,8 +30,8 @@ def axis_keys(i, length, k, d, s, causal):
     else:
         left, right = k // 2, k // 2 + k % 2 - 1
         leader = min((ip // s) * s + s // 2, group_len - 1)
-        centre = min(max(leader, left), group_len - 1 - right)
-        window = range(centre - left, centre + right + 1)
+        center = min(max(leader, left), group_len - 1 - right)
+        window = range(center - left, center + right + 1)
     return {j * d + g for j in window}
 
 

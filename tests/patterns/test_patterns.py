@@ -188,3 +188,18 @@ def test_bad_construction_raises(make, match):
 def test_pattern_for_other_lengths_raises(pattern, q_len, kv_len, match):
     with pytest.raises(ValueError, match=match):
         pattern.dense_mask(q_len, kv_len)
+
+
+def test_full_and_plain_causal_say_so_and_nothing_else_does():
+    # what a backend serving dense or plain causal attention natively asks (structural: how the
+    # pattern was built, whatever the lengths)
+    assert P.full().is_full and P.full().causal_align is None
+    for align in ("bottom_right", "top_left"):
+        assert P.causal(align).causal_align == align and not P.causal(align).is_full
+    for other in (
+        P.sliding_window(None, None),
+        P.causal() & P.full(),
+        P.causal() | P.sinks(2),
+        P.per_head([P.causal(), P.causal()]),
+    ):
+        assert not other.is_full and other.causal_align is None

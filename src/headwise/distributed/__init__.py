@@ -26,7 +26,7 @@ from headwise.distributed.packing import (
     collate_packed,
     exchange_balanced,
 )
-from headwise.distributed.ring import merge_partials, ring_attention
+from headwise.distributed.ring import ring_attention
 from headwise.distributed.s2_sharding import S2Placement, gather_heads, place_heads, s2_attention
 from headwise.distributed.sharding import (
     gather_sequence,
@@ -36,6 +36,7 @@ from headwise.distributed.sharding import (
 )
 from headwise.distributed.ulysses import ulysses_attention
 from headwise.distributed.wrap import ContextParallel, context_parallel
+from headwise.ops.attention.merge import merge_partials
 
 __all__ = [
     "Assignment",

@@ -1,12 +1,13 @@
 """A Hugging Face model run context-parallel: each rank holds a shard of the sequence.
 
-Inside :func:`hf_context_parallel` every attention module of the model (attached through
-:mod:`headwise.hf`) runs :func:`headwise.distributed.ring_attention` over the process group, so
-the whole model sees the full sequence while each rank computes only its shard. The model's own
-attention mask describes the local shard only and is replaced by the global rule of the module:
-causal for decoders, full for encoders. Feed each rank its shard of the inputs and the matching
-global ``position_ids`` (:func:`headwise.distributed.shard_positions`); padding inside the
-sequence is not supported.
+Inside :func:`hf_context_parallel` every attention module of the model runs
+:func:`headwise.distributed.ring_attention` over the process group, so the whole model sees the
+full sequence while each rank computes only its shard. The model must be attached first
+(:func:`headwise.hf.attach`); this module reaches it only through the hook engine of
+:mod:`headwise.hooks`, never through :mod:`headwise.hf`. The model's own attention mask describes
+the local shard only and is replaced by the global rule of the module: causal for decoders, full
+for encoders. Feed each rank its shard of the inputs and the matching global ``position_ids``
+(:func:`headwise.distributed.shard_positions`); padding inside the sequence is not supported.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from headwise.distributed._comm import ProcessGroup
 from headwise.distributed.ring import ring_attention
 from headwise.distributed.sharding import Layout
-from headwise.hf.registry import Hook, hooked
+from headwise.hooks import Hook, hooked
 from headwise.patterns import causal
 
 
@@ -53,7 +54,8 @@ def hf_context_parallel(
     group: ProcessGroup | None = None,
     timeout: float | None = None,
 ) -> Iterator[None]:
-    """Run ``model`` (a transformers model) context-parallel over ``group`` for the block.
+    """Run ``model`` (a transformers model attached with :func:`headwise.hf.attach`)
+    context-parallel over ``group`` for the block.
 
     ``seq_len`` is the global length; inputs on this rank are its ``layout`` shard, with
     ``position_ids`` set to the shard's global positions.

@@ -3,7 +3,8 @@
 Rank ``r`` of ``P`` holds the queries, keys and values of its shard (see
 :mod:`headwise.distributed.sharding` for the layouts and the padding rule). For steps
 ``s = 0 .. P-1`` it holds the K/V shard of rank ``(r - s) mod P``, attends its queries to it with
-the global pattern evaluated at the two shards' positions, and merges the partial result::
+the global pattern evaluated at the two shards' positions, and merges the partial result
+(:func:`headwise.ops.attention.merge_partials`)::
 
     lse = logaddexp(lse_a, lse_b)
     out = out_a exp(lse_a - lse) + out_b exp(lse_b - lse)        (empty rows: 0 and -inf)
@@ -34,32 +35,10 @@ import torch
 
 from headwise.distributed._comm import PeerTimeoutError, ProcessGroup, Ring, rank_and_size
 from headwise.distributed.sharding import Layout, block_pattern, padded_length, shard_runs
-from headwise.ops.attention import Backend, attention
+from headwise.ops.attention import Backend, attention, merge_partials
 from headwise.patterns import Pattern
 
 _KV_TAG, _GRAD_TAG = 0, 1
-
-
-def merge_partials(
-    out_a: torch.Tensor | None,
-    lse_a: torch.Tensor | None,
-    out_b: torch.Tensor,
-    lse_b: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax merge of attention over two disjoint key sets.
-
-    ``out`` ``(B, L, H, Dv)``, ``lse`` ``(B, H, L)``; ``out_a = None`` starts a merge. Rows that
-    see no key on either side stay 0 with LSE -inf (no NaN). Accumulates in ``lse``'s dtype.
-    """
-    out_b = out_b.to(lse_b.dtype)
-    if out_a is None or lse_a is None:
-        return out_b, lse_b
-    lse = torch.logaddexp(lse_a, lse_b)
-    # exp(-inf - (-inf)) would be NaN for rows empty on both sides; their weights are 0.
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    weight_a = torch.exp(lse_a - safe).transpose(1, 2).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - safe).transpose(1, 2).unsqueeze(-1)
-    return out_a * weight_a + out_b * weight_b, lse
 
 
 @dataclass(frozen=True)
@@ -231,4 +210,4 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["PeerTimeoutError", "merge_partials", "ring_attention"]
+__all__ = ["PeerTimeoutError", "ring_attention"]

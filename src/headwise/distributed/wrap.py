@@ -1,9 +1,11 @@
 """Run a :class:`headwise.MultiHeadAttention` context-parallel: ``context_parallel(mha)``.
 
-The wrapper shares the module's parameters and runs its projections, qk-norm and rotary on this
+The wrapper shares the module's parameters and runs its project and position steps on this
 rank's shard (rotary at the tokens' **global** positions), then :func:`ring_attention` (or
-:func:`ulysses_attention`) with the module's pattern on the whole sequence, then the output
-projection. Parameter gradients are this rank's share: sum them over ranks (DDP / FSDP do).
+:func:`ulysses_attention`) with the module's pattern on the whole sequence, then its merge step.
+Parameter gradients are this rank's share: sum them over ranks (DDP / FSDP do). The module's
+hook points see this rank's shard; a hooked ``hook_scores`` or ``hook_pattern`` is refused
+with :class:`headwise.Unsupported` (no rank forms the whole score matrix, so they cannot fire).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from headwise import patterns
+from headwise._checks import Unsupported
 from headwise.distributed._comm import ProcessGroup, rank_and_size
 from headwise.distributed.ring import ring_attention
 from headwise.distributed.sharding import Layout, shard_positions
 from headwise.distributed.ulysses import ulysses_attention
-from headwise.layers.multihead import MultiHeadAttention, apply_rotary
+from headwise.layers.multihead import MultiHeadAttention
 
 Mode = Literal["ring", "ulysses"]
 
@@ -54,28 +56,28 @@ class ContextParallel(nn.Module):
 
     def forward(self, x: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
         m = self.module
+        # Checked before any communication, so every rank refuses alike.
+        hooked = [n for n in ("hook_scores", "hook_pattern") if getattr(m, n).is_hooked]
+        if hooked:
+            raise Unsupported(
+                f"{' and '.join(hooked)} of the wrapped layer are hooked, but ContextParallel "
+                "never forms the (B, H, L, L) scores (each rank sees one shard of the keys at a "
+                "time), so the hooks would not fire; remove them or run the layer unwrapped"
+            )
         rank, world = rank_and_size(self.group)
         if x.dim() != 3 or x.shape[-1] != m.embed_dim:
             raise ValueError(f"x must be (B, L_local, E={m.embed_dim}); got {tuple(x.shape)}")
-        batch, local, _ = x.shape
+        local = x.shape[1]
         seq_len = local * world if seq_len is None else seq_len
-        shape = (batch, local, -1, m.head_dim)
-        q = m.q_norm(m.q_proj(x).view(shape))
-        k = m.k_norm(m.k_proj(x).view(shape))
-        v = m.v_proj(x).view(shape)
+        q, k, v = m.project(x)
         if m.rotary:
-            positions = shard_positions(seq_len, world, rank, self.layout).to(x.device)
-            q = apply_rotary(q, positions, m.rope_base)
-            k = apply_rotary(k, positions, m.rope_base)
-        pattern = m.pattern
-        if m.causal:
-            pattern = patterns.causal() if pattern is None else pattern & patterns.causal()
+            q, k = m.position(q, k, shard_positions(seq_len, world, rank, self.layout))
         run = ring_attention if self.mode == "ring" else ulysses_attention
-        out = run(
+        z = run(
             q,
             k,
             v,
-            pattern,
+            m.effective_pattern(),
             seq_len=seq_len,
             layout=self.layout,
             scale=m.scale,
@@ -83,7 +85,7 @@ class ContextParallel(nn.Module):
             group=self.group,
             timeout=self.timeout,
         )
-        return m.out_proj(out.reshape(batch, local, m.num_heads * m.head_dim))
+        return m.merge(m.hook_z(z))
 
 
 def context_parallel(module: MultiHeadAttention, **options) -> ContextParallel:

@@ -21,16 +21,8 @@ import torch
 from torch import nn
 
 from headwise._checks import ArgumentTypeError, check_bool, check_ints
-from headwise.hf.registry import (
-    Call,
-    Hook,
-    Layers,
-    Request,
-    hooked,
-    normalise,
-    positions,
-    select_sites,
-)
+from headwise.hf.registry import select_sites
+from headwise.hooks import Call, Hook, Layers, Request, hooked, normalize, positions
 
 WHAT = ("pattern", "scores", "z", "lse")
 
@@ -87,7 +79,7 @@ class _Capture(Hook):
             torch.arange(q_len, device=device) if real is None else torch.nonzero(real[b])[:, 0]
             for b in range(batch)
         ]
-        picked = [t[normalise(self.rows, len(t), device)] for t in tokens]
+        picked = [t[normalize(self.rows, len(t), device)] for t in tokens]
         counts = [len(p) for p in picked]
         if len(set(counts)) > 1 or not counts[0]:
             raise ValueError(
@@ -109,7 +101,7 @@ class _Capture(Hook):
         name = call.site.name
         if name not in self.names:
             return
-        heads = normalise(self.heads, call.num_heads, call.q.device)
+        heads = normalize(self.heads, call.num_heads, call.q.device)
         rows = self._positions(call)  # (B, r)
         values = {}
         if {"pattern", "scores"} & set(self.what):

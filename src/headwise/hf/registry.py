@@ -26,29 +26,31 @@ naming the module class and the keyword.
 
 Hooks (capture, scores, interventions) attach to a model with :func:`attach`, which names every
 attention module after TransformerLens (``blocks.3.attn``; towers of multi-tower models get a
-prefix such as ``vision_model.blocks.1.attn``). A call computes the fast path for every head and,
-only for the heads and query rows some hook asks for, recomputes scores and probabilities from the
-saved log-sum-exp: ``p = exp(s - lse)``. Hooks see which query rows are real tokens
-(:attr:`Call.query_mask`): the padding a self-attention mask hides from every query, shared with the
-cross-attention of the same layer.
+prefix such as ``vision_model.blocks.1.attn``) and installs these sites for the hook engine of
+:mod:`headwise.hooks`; the attention function hands each call, in headwise's terms, to
+:func:`headwise.hooks.run_attention`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from headwise._checks import ArgumentTypeError, Unsupported, check_int, check_real
-from headwise.ops.attention import attention
-from headwise.patterns import Pattern, causal
+from headwise._deprecated import moved
+from headwise.hooks import (
+    Hook,
+    Layers,
+    Site,
+    choose_sites,
+    install,
+    run_attention,
+    sites_of,
+)
+from headwise.ops.attention import mods
+from headwise.patterns import causal
 
 NAME = "headwise"
-#: an LSE below this marks a row without visible keys (masks add the dtype minimum, ~ -3e38)
-_DEAD_ROW = -1e30
 
 
 def register() -> None:
@@ -69,131 +71,6 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-@dataclass
-class Site:
-    """One attention module of an attached model: its hook-point prefix and the model's hooks.
-
-    ``kind`` is ``"attn"`` or ``"cross_attn"``; a cross-attention's query rows are the tokens of
-    the self-attention ``queries_from`` of its layer, whose last query mask it reuses.
-    """
-
-    name: str
-    index: int
-    tower: str
-    heads: int
-    hooks: list = field(repr=False)
-    layer: nn.Module = field(repr=False)
-    kind: str = "attn"
-    queries_from: Site | None = field(default=None, repr=False)
-    last_query_mask: torch.Tensor | None = field(default=None, repr=False)
-
-
-@dataclass
-class Request:
-    """Heads and query rows whose scores/probabilities a hook needs (``None`` = all)."""
-
-    heads: list[int] | None = None
-    rows: list[int] | None = None
-
-
-class Hook:
-    """Base of everything that reads or steers attention inside the ``"headwise"`` function.
-
-    Subclasses override what they need; each method gets the :class:`Call` of one module call.
-    Order inside a call: ``pattern`` -> ``request`` (before the fast path runs: ``call.out`` is
-    not set yet) -> fast attention for all heads -> explicit scores of the requested block ->
-    ``edit_scores`` -> probabilities -> ``edit_probs`` -> block outputs replace the fast ones
-    if anything was edited -> ``edit_output`` -> ``observe``.
-    ``edit_*`` return ``True`` when they changed something.
-    """
-
-    def pattern(self, site: Site) -> Pattern | None:
-        return None
-
-    def attend(self, module, q, k, v, pattern, scale, bias, score_mod) -> torch.Tensor | None:
-        """Compute the attention of ``module`` instead of :func:`headwise.attention` (``(B, L,
-        H, D)`` tensors; ``bias`` is the model's mask): e.g. ring attention over ranks. ``None``
-        leaves the computation as it is."""
-        return None
-
-    def request(self, call: Call) -> Request | None:
-        return None
-
-    def needs_lse(self, call: Call) -> bool:
-        return False
-
-    def edit_scores(self, call: Call) -> bool:
-        return False
-
-    def edit_probs(self, call: Call) -> bool:
-        return False
-
-    def edit_output(self, call: Call) -> None:
-        return None
-
-    def observe(self, call: Call) -> None:
-        return None
-
-
-@dataclass
-class Call:
-    """Tensors of one attention call, in headwise's ``(B, L, H, D)`` layout.
-
-    ``bias`` is the additive mask ``(B|1, 1|H, Lq, Lk)`` (T5's position bias included) or
-    ``None``; ``out`` ``(B, Lq, H, Dv)`` is the per-head output before the output projection.
-    ``heads``/``rows`` index the explicit block; ``scores`` and ``probs`` are ``(B, len(heads),
-    len(rows), Lk)`` in float32. ``query_mask`` ``(B, Lq)`` bool marks the real query rows
-    (``None``: every row is real, or the call cannot tell, as a cached step's new tokens).
-    """
-
-    site: Site
-    module: nn.Module
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    scale: float
-    bias: torch.Tensor | None
-    pattern: Pattern | None
-    softcap: float | None
-    query_mask: torch.Tensor | None = None
-    out: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
-    heads: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    probs: torch.Tensor | None = None
-
-    @property
-    def num_heads(self) -> int:
-        return self.q.shape[2]
-
-    def block_scores(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax scores ``(B, h, r, Lk)`` (float32, mask included) of some heads and rows."""
-        group = self.q.shape[2] // self.k.shape[2]
-        q = self.q[:, rows][:, :, heads].float()
-        k = self.k[:, :, heads // group].float()
-        s = torch.einsum("brhd,bkhd->bhrk", q, k) * self.scale
-        if self.softcap is not None:
-            s = self.softcap * torch.tanh(s / self.softcap)
-        if self.bias is not None:
-            b = self.bias[:, :, rows]
-            s = s + (b if b.shape[1] == 1 else b[:, heads]).float()
-        if self.pattern is not None:
-            kv_len = self.k.shape[1]
-            allowed = self.pattern.visible(
-                rows, torch.arange(kv_len, device=rows.device), self.q.shape[1], kv_len
-            )
-            allowed = allowed if allowed.shape[0] == 1 else allowed[heads]
-            s = s.masked_fill(~allowed[None], float("-inf"))
-        return s
-
-    def block_output(self) -> torch.Tensor:
-        """``probs @ v`` of the explicit block: ``(B, r, h, Dv)`` in the output dtype."""
-        group = self.q.shape[2] // self.k.shape[2]
-        v = self.v[:, :, self.heads // group].float()
-        return torch.einsum("bhrk,bkhd->brhd", self.probs, v).to(self.out.dtype)
-
-
 def attach(model: nn.Module) -> list[Site]:
     """Switch ``model`` to the ``"headwise"`` implementation and name its attention modules.
 
@@ -202,14 +79,15 @@ def attach(model: nn.Module) -> list[Site]:
     self-attention in one layer would be ``attn_1``). Calling it again is harmless.
     """
     register()
+    _check_pluggable(model)
     model.set_attn_implementation(NAME)
-    sites = getattr(model, "_headwise_sites", None)
+    sites = sites_of(model)
     if sites is not None:
         return sites
     hooks: list[Hook] = []
     lists = _layer_stacks(model)
     prefixes = _tower_prefixes([path for path, _ in lists])
-    sites = []
+    sites, modules = [], []
     for path, layers in lists:
         for index, layer in enumerate(layers):
             own: Site | None = None
@@ -224,94 +102,51 @@ def attach(model: nn.Module) -> list[Site]:
                 if kind == "attn" and own is None:
                     own = site
                 site.queries_from = own if kind == "cross_attn" else None
-                mod._headwise_site = site
                 sites.append(site)
+                modules.append(mod)
     if not sites:
         raise ValueError(f"found no attention modules in {type(model).__name__}")
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise Unsupported(f"{type(model).__name__}: attention modules share site names {names}")
-    model._headwise_sites = sites
-    return sites
+    for mod in modules:
+        mod.register_forward_pre_hook(_remember_output_attentions, with_kwargs=True)
+    return install(model, sites, modules)
 
 
-class HeadGate(Hook):
-    """Multiply each head's output (before the output projection) by a gate.
+def _check_pluggable(model: nn.Module) -> None:
+    """Refuse a model some of whose parts do not call attention through transformers'
+    ``AttentionInterface``: their own attention code would keep running, and every hook on
+    them would silently do nothing (transformers only logs a warning)."""
+    from transformers import PreTrainedModel
 
-    ``gates`` maps site names to tensors broadcastable to ``(B, Lq, H)`` (``(H,)`` for one gate
-    per head); gradients flow into them (Michel et al.'s ``xi``).
-    """
-
-    def __init__(self, gates: dict[str, torch.Tensor]) -> None:
-        self.gates = gates
-
-    def edit_output(self, call: Call) -> None:
-        gate = self.gates.get(call.site.name)
-        if gate is not None:
-            call.out = call.out * gate.to(call.out.dtype)[..., None]
-
-
-def add_hook(model: nn.Module, hook: Hook) -> None:
-    sites = getattr(model, "_headwise_sites", None) or attach(model)
-    sites[0].hooks.append(hook)
+    for part in model.modules():
+        if isinstance(part, PreTrainedModel) and not part._can_set_attn_implementation():
+            raise Unsupported(
+                f"{type(part).__name__} ({part.config.model_type}) does not call attention "
+                "through transformers' AttentionInterface, so headwise can neither run nor hook "
+                "it; attach a model that supports attn_implementation"
+            )
 
 
-def remove_hook(model: nn.Module, hook: Hook) -> None:
-    model._headwise_sites[0].hooks.remove(hook)
-
-
-@contextmanager
-def hooked(model: nn.Module, hook: Hook) -> Iterator[Hook]:
-    """Install ``hook`` on ``model`` for the duration of the block."""
-    add_hook(model, hook)
-    try:
-        yield hook
-    finally:
-        remove_hook(model, hook)
-
-
-Layers = int | str | list[int | str] | None
+def _remember_output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Some models (Falcon) hand ``output_attentions`` to the attention module, not to the
+    attention function: keep it for the call that follows."""
+    module._headwise_output_attentions = kwargs.get("output_attentions")
 
 
 def select_sites(model: nn.Module, layers: Layers = None) -> list[Site]:
-    """Attached sites chosen by ``layers``: ``None`` (all), layer indices (in every tower), or
-    names/prefixes such as ``"blocks.3"``, ``"vision_model."`` or ``"language_model.blocks.2"``.
+    """Sites of ``model`` (attached on first use) chosen by ``layers``: ``None`` (all), layer
+    indices (in every tower), or names/prefixes such as ``"blocks.3"``, ``"vision_model."`` or
+    ``"language_model.blocks.2"`` (see :func:`headwise.hooks.choose_sites`).
     """
-    sites = getattr(model, "_headwise_sites", None) or attach(model)
-    if layers is None:
-        return list(sites)
-    single = isinstance(layers, int | str)
-    if not single and (isinstance(layers, bytes) or not isinstance(layers, Iterable)):
-        raise ArgumentTypeError(f"layers must be an int, a str or a list of them; got {layers!r}")
-    wanted = [layers] if single else list(layers)
-    for w in wanted:
-        if not isinstance(w, str):
-            check_int("layers", w)
-    chosen = [
-        s
-        for s in sites
-        if any(
-            (isinstance(w, int) and s.index == w)
-            or (isinstance(w, str) and (s.name == w or s.name.startswith(w.rstrip(".") + ".")))
-            for w in wanted
-        )
-    ]
-    if not chosen:
-        raise ValueError(f"layers={layers!r} matches none of {[s.name for s in sites]}")
-    return chosen
+    return choose_sites(sites_of(model) or attach(model), layers)
 
 
-def positions(chosen: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """Where each entry of ``wanted`` sits in the sorted index tensor ``chosen``."""
-    return torch.searchsorted(chosen, wanted.contiguous())
-
-
-def normalise(indices: list[int] | None, size: int, device: torch.device) -> torch.Tensor:
-    """Sorted unique non-negative indices (negatives count from the end; out of range dropped)."""
-    if indices is None:
-        return torch.arange(size, device=device)
-    chosen = sorted({i % size for i in indices if -size <= i < size})
-    return torch.tensor(chosen, dtype=torch.long, device=device)
+def language_sites(model: nn.Module) -> list[Site]:
+    """The language model's sites: the longest layer stack whose tower is not named vision."""
+    stacks: dict[str, list[Site]] = {}
+    for s in select_sites(model):
+        stacks.setdefault(s.tower, []).append(s)
+    text = [t for t in stacks if "vision" not in t and "visual" not in t] or list(stacks)
+    return stacks[max(text, key=lambda t: len(stacks[t]))]
 
 
 def _is_attention(mod: nn.Module) -> bool:
@@ -461,11 +296,13 @@ def _keywords(module: nn.Module, kwargs: dict) -> dict:
 
 
 def _weights_wanted(module: nn.Module, output_attentions: bool | None) -> bool:
-    """Whether transformers records this call's attention weights: the keyword, the config, or
-    (for models that strip the keyword before the layers, as GPT-2 does) transformers' own
-    output collector."""
+    """Whether transformers records this call's attention weights: the keyword, the module's
+    own ``output_attentions`` argument (Falcon), the config, or (for models that strip the
+    keyword before the layers, as GPT-2 does) transformers' own output collector."""
     if output_attentions is not None:
         return output_attentions
+    if getattr(module, "_headwise_output_attentions", None):
+        return True
     if getattr(getattr(module, "config", None), "output_attentions", False):
         return True
     try:
@@ -474,18 +311,6 @@ def _weights_wanted(module: nn.Module, output_attentions: bool | None) -> bool:
         return False
     collected = _active_collector.get()
     return bool(collected) and any(key.endswith("attentions") for key in collected)
-
-
-def _real_queries(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """``(B, L)`` real rows of a self-attention over the same positions: padding keys are hidden
-    from every query, while every real key is visible at least to its own query (causal, sliding
-    window and bidirectional masks all keep the diagonal). ``None`` when every row is real or the
-    call cannot tell (a cached step's keys are not its queries)."""
-    if mask is None or q_len != kv_len:
-        return None
-    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    real = visible.any(1).any(1)
-    return None if bool(real.all()) else real
 
 
 def attention_forward(
@@ -535,96 +360,35 @@ def attention_forward(
         position_bias = position_bias.to(q.dtype)
         bias = position_bias if bias is None else bias + position_bias
 
-    site: Site | None = getattr(module, "_headwise_site", None)
-    hooks = site.hooks if site is not None else []
-    if site is not None and site.heads != q.shape[2]:
-        raise Unsupported(
-            f"{site.name}: {type(module).__name__} runs {q.shape[2]} query heads but the site "
-            f"was attached with {site.heads}"
-        )
-    for hook in hooks:
-        swap = hook.pattern(site)
-        if swap is not None:
-            pattern = swap if pattern is None else pattern & swap
-
-    score_mod = None
-    if softcap is not None:
-
-        def score_mod(s, b, h, i, j):
-            return softcap * torch.tanh(s / softcap)
-
+    score_mod = None if softcap is None else mods.softcap(softcap)
     weights = _weights_wanted(module, opts.get("output_attentions"))
-    for hook in hooks:
-        out = hook.attend(module, q, k, v, pattern, scale, bias, score_mod)
-        if out is not None:
-            if weights:
-                raise Unsupported(
-                    f"output_attentions=True: {type(hook).__name__} computes {site.name} itself "
-                    "and returns no probabilities"
-                )
-            return out, None
-    if not hooks and not weights:
-        return attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod), None
-    if site is not None and site.kind == "cross_attn":
-        # its mask hides the other tower's padding keys: the queries are its layer's tokens
-        source = site.queries_from
-        query_mask = None if source is None else source.last_query_mask
-        if query_mask is not None and tuple(query_mask.shape) != (q.shape[0], q_len):
-            query_mask = None
-    else:
-        query_mask = _real_queries(attention_mask, q_len, kv_len)
-        if site is not None:
-            site.last_query_mask = query_mask
-    call = Call(site, module, q, k, v, scale, bias, pattern, softcap, query_mask)
-    requests = [r for r in (h.request(call) for h in hooks) if r is not None]
-    if weights:
-        requests.append(Request())
-    # The LSE costs the SDPA fast path (it cannot return it): ask only when a hook needs it.
-    need_lse = bool(requests) or any(h.needs_lse(call) for h in hooks)
-    result = attention(
-        q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, return_lse=need_lse
+    return run_attention(
+        module,
+        q,
+        k,
+        v,
+        pattern,
+        scale=scale,
+        bias=bias,
+        score_mod=score_mod,
+        mask=attention_mask,
+        return_probs=weights,
     )
-    call.out, call.lse = result if need_lse else (result, None)
-    if requests:
-        _explicit_block(call, hooks, requests)
-    for hook in hooks:
-        hook.edit_output(call)
-    for hook in hooks:
-        hook.observe(call)
-    probs = call.probs.to(q.dtype) if weights else None
-    return call.out.contiguous(), probs
 
 
-def _explicit_block(call: Call, hooks: list[Hook], requests: list[Request]) -> None:
-    """Scores and probabilities of the union of the requested heads/rows; edits go to ``out``."""
-    q_len, num_heads = call.q.shape[1], call.q.shape[2]
-    device = call.q.device
-    call.heads = _union([r.heads for r in requests], num_heads, device)
-    call.rows = _union([r.rows for r in requests], q_len, device)
-    call.scores = call.block_scores(call.heads, call.rows)
-    edited_scores = any([h.edit_scores(call) for h in hooks])
-    if edited_scores:
-        call.probs = torch.softmax(call.scores, -1).nan_to_num(0.0)
-    else:
-        lse = call.lse[:, call.heads][:, :, call.rows].float()[..., None]
-        call.probs = torch.exp(call.scores - lse)
-        # Rows that see no key: with a dtype-min mask (transformers' padding) every score and the
-        # LSE round to the same huge negative number, so exp(s - lse) gives 1s where eager gives a
-        # uniform row; with a -inf pattern the LSE is -inf and the row must be 0.
-        dead = lse < _DEAD_ROW
-        if dead.any():
-            fallback = torch.softmax(call.scores, -1).nan_to_num(0.0)
-            call.probs = torch.where(dead, fallback, call.probs)
-    edited_probs = any([h.edit_probs(call) for h in hooks])
-    if edited_scores or edited_probs:
-        out = call.out.clone()
-        block = call.block_output()
-        rows, heads = call.rows[:, None], call.heads[None, :]
-        out[:, rows, heads] = block
-        call.out = out
+#: names that moved to :mod:`headwise.hooks` (the engine) or were renamed there
+_MOVED = {
+    "Call": "Call",
+    "HeadGate": "HeadGate",
+    "Request": "Request",
+    "add_hook": "add_hook",
+    "remove_hook": "remove_hook",
+    "hooked": "hooked",
+    "positions": "positions",
+    "normalise": "normalize",
+}
 
 
-def _union(selections: list[list[int] | None], size: int, device: torch.device) -> torch.Tensor:
-    if any(s is None for s in selections):
-        return torch.arange(size, device=device)
-    return normalise([i for s in selections for i in s], size, device)
+__getattr__ = moved(
+    __name__, {old: f"headwise.hooks:{new}" for old, new in _MOVED.items()}
+)

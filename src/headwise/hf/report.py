@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from headwise.hf.capture import capture
-from headwise.hf.registry import HeadGate, hooked, select_sites
-from headwise.hf.scores import attention_entropy, distance_profile, find_sinks
+from headwise.hf.registry import select_sites
+from headwise.hf.scores import attention_entropy, distance_profile
+from headwise.hf.sinks import find_sinks
+from headwise.hooks import HeadGate, hooked
 
 TEXTS = (
     "The cat sat on the mat because it was warm.",
@@ -243,7 +245,7 @@ img {{ max-width: 100%; display: block; margin-bottom: 1.5em; }}
 <p>{v["sites"]} attention layers x {v["heads"]} heads, run through <code>headwise.attention</code>
 (transformers attention registry, name <code>"headwise"</code>). Sentences:</p><ul>{texts}</ul>
 <h2>Strongest attention sinks</h2>
-<p>Sink tokens (VAR: normalised hidden state over dims {sinks.dims} at least {sinks.tau:.1f}):
+<p>Sink tokens (VAR: normalized hidden state over dims {sinks.dims} at least {sinks.tau:.1f}):
 {e(", ".join(v["sink_tokens"]) or "none")}. Heads with the largest attention share on them:</p>
 <table><tr><th>layer</th><th>head</th><th>sink share</th></tr>{rows}</table>
 <h2>Most important heads</h2>

@@ -27,6 +27,7 @@ from headwise.layers.neighborhood import (
     NeighborhoodAttention3D,
 )
 from headwise.layers.rcmha import RelativeConvAttention
+from headwise.layers.registry import create_layer, list_layers
 from headwise.layers.s2 import S2Attention
 from headwise.layers.selective import SelectiveMultiHeadAttention
 from headwise.layers.sparsifiner import SparsifinerAttention
@@ -58,5 +59,7 @@ __all__ = [
     "SelectiveMultiHeadAttention",
     "SparsifinerAttention",
     "apply_rotary",
+    "create_layer",
+    "list_layers",
     "vision",
 ]

@@ -1,13 +1,24 @@
-"""Helpers every layer shares: input checks against the parameters, and recursive re-init.
+"""Helpers every layer shares: input checks against the parameters, recursive re-init, and
+submodules that carry their own init.
 
 A layer validates its tensor inputs with :func:`check_input` (after its shape checks), so a
 dtype or device mismatch is one clear error naming the input instead of a failure deep inside a
 projection. Its ``reset_parameters`` calls :func:`reset_submodules` and then re-initialises its
 own parameters and buffers in construction order, so that a layer built on the meta device,
 materialised with ``to_empty`` and reset under a seed equals a fresh layer built under that seed.
+
+The init of a tensor lives in the module that owns it, never in a parent: FSDP1 materialises a
+meta model module by module (parents first, ``to_empty(recurse=False)`` + ``reset_parameters()``
+on each module owning tensors directly, PyTorch's convention that a reset touches only the
+module's own tensors), so an init a parent writes into a child's weight would be overwritten by
+the child's default. A child with a custom init is therefore its own class
+(:class:`TruncNormalLinear`, :class:`FanOutConv2d`, or a layer-private one), and any order of
+per-module resets, or one whole-layer reset, gives the documented init.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -59,3 +70,34 @@ def reset_submodules(module: nn.Module) -> None:
                 "reset_parameters()"
             )
         reset_submodules(child)
+
+
+class TruncNormalLinear(nn.Linear):
+    """``nn.Linear`` initialised as timm's vision transformers: weight trunc-normal(``std``) on
+    ``[-2, 2]``, bias 0 (instead of PyTorch's Kaiming-uniform weight and uniform bias)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, std: float = 0.02
+    ) -> None:
+        self.std = std  # read by the reset that nn.Linear.__init__ runs
+        super().__init__(in_features, out_features, bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, std={self.std}"
+
+
+class FanOutConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with the fan-out normal init of PVT, SMT and TransNeXt: weight
+    ``N(0, 2 / fan_out)`` with ``fan_out = k_h k_w C_out / groups`` (He init for the backward
+    pass), bias 0."""
+
+    def reset_parameters(self) -> None:
+        fan_out = math.prod(self.kernel_size) * self.out_channels / self.groups
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / fan_out))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)

@@ -14,6 +14,7 @@ from headwise._checks import check_int
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import attention
 from headwise.ops.linear import linear_attention
+from headwise.types import Backend
 
 
 class BasedAttention(nn.Module):
@@ -50,7 +51,7 @@ class BasedAttention(nn.Module):
         feature_dim: int = 16,
         window_size: int = 64,
         chunk_size: int | None = None,
-        backend: str = "auto",
+        backend: Backend = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

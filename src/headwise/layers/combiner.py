@@ -6,15 +6,17 @@ Shapes: activations ``(B, L, E)``, heads ``(B, L, H, D)``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from torch import nn
 
 from headwise import patterns
-from headwise._checks import check_bool, check_choice, check_int, check_real
+from headwise._checks import ArgumentTypeError, check_bool, check_choice, check_int, check_real
 from headwise.layers._init import check_input, reset_submodules
-from headwise.ops.attention import Backend, attention
+from headwise.ops.attention import attention
+from headwise.types import Backend
 
 Variant = Literal["fixed", "axial"]
 
@@ -57,7 +59,8 @@ class CombinerAttention(nn.Module):
     exactly through their log-sum-exps; no ``L x L`` score matrix is formed.
 
     Args:
-        embed_dim: ``E``.
+        dim: ``E`` (``embed_dim=`` is its deprecated name, still accepted with a warning; the
+            ``embed_dim`` attribute reads ``dim``).
         num_heads: ``H``.
         segment_len: ``s`` (fixed) or the row length ``C`` (axial); must divide ``L``.
         variant: ``"fixed"`` or ``"axial"``.
@@ -72,8 +75,8 @@ class CombinerAttention(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int,
-        num_heads: int,
+        dim: int | None = None,
+        num_heads: int | None = None,
         *,
         segment_len: int,
         variant: Variant = "fixed",
@@ -82,10 +85,23 @@ class CombinerAttention(nn.Module):
         bias: bool = True,
         scale: float | None = None,
         backend: Backend = "auto",
+        embed_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if embed_dim is not None:
+            if dim is not None:
+                raise ArgumentTypeError(
+                    f"give dim only (embed_dim is its deprecated name); got dim={dim!r} and "
+                    f"embed_dim={embed_dim!r}"
+                )
+            warnings.warn(
+                "CombinerAttention(embed_dim=...) is deprecated; use dim=",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            dim = embed_dim
         for name, value in (
-            ("embed_dim", embed_dim),
+            ("dim", dim),
             ("num_heads", num_heads),
             ("segment_len", segment_len),
         ):
@@ -94,24 +110,29 @@ class CombinerAttention(nn.Module):
         causal, bias = check_bool("causal", causal), check_bool("bias", bias)
         scale = None if scale is None else check_real("scale", scale)
         if head_dim is None:
-            if embed_dim % num_heads:
+            if dim % num_heads:
                 raise ValueError(
-                    f"num_heads must divide embed_dim when head_dim is not given; got "
-                    f"embed_dim={embed_dim}, num_heads={num_heads}"
+                    f"num_heads must divide dim when head_dim is not given; got "
+                    f"dim={dim}, num_heads={num_heads}"
                 )
-            head_dim = embed_dim // num_heads
+            head_dim = dim // num_heads
         head_dim = check_int("head_dim", head_dim, minimum=1)
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.segment_len, self.variant, self.causal = segment_len, variant, causal
         self.scale, self.backend = scale, backend
         inner = num_heads * head_dim
-        self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, inner, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        self.q_proj = nn.Linear(dim, inner, bias=bias)
+        self.k_proj = nn.Linear(dim, inner, bias=bias)
+        self.v_proj = nn.Linear(dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, dim, bias=bias)
         if variant == "axial":
-            self.summary_proj = nn.Linear(inner, embed_dim, bias=bias)
-            self.summary_norm = nn.LayerNorm(embed_dim)
+            self.summary_proj = nn.Linear(inner, dim, bias=bias)
+            self.summary_norm = nn.LayerNorm(dim)
+
+    @property
+    def embed_dim(self) -> int:
+        """``dim`` under its former name."""
+        return self.dim
 
     def reset_parameters(self) -> None:
         """Re-initialise the projections (and the axial summary's projection and LayerNorm)
@@ -120,15 +141,15 @@ class CombinerAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, variant={self.variant!r}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, variant={self.variant!r}, "
             f"segment_len={self.segment_len}, causal={self.causal}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, L, E)`` with ``L`` a multiple of ``segment_len`` → ``(B, L, E)``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {got}")
+            raise ValueError(f"x must be (B, L, E={self.dim}); got {got}")
         if x.shape[1] % self.segment_len:
             raise ValueError(
                 f"x's length must be a multiple of segment_len={self.segment_len}; got "

@@ -15,7 +15,6 @@ Shapes: activations ``(B, L, E)``; the softmax variants run on :func:`headwise.a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from torch import nn
 from headwise._checks import check_int, check_real
 from headwise.layers._init import check_input
 from headwise.layers.multihead import KVCache, MultiHeadAttention
+from headwise.ops.attention.rollout import attention_rollout
 
 
 def _shape(t: object) -> object:
@@ -171,32 +171,6 @@ class ParameterFreeCrossAttention(nn.Module):
         return self.scale * (self.weights(x, visual) @ values)
 
 
-def attention_rollout(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020) as DCAL uses it: ``S_hat = prod_l (S_l + I) / 2``.
-
-    ``maps``: the attention probabilities of layers ``1..l`` in order, each ``(B, H, L, L)``
-    (averaged over heads) or ``(B, L, L)``. Returns ``S_bar_l ... S_bar_1`` ``(B, L, L)`` with
-    ``S_bar = (S + I) / 2`` (the residual connection); row 0 is the CLS token's accumulated
-    attention, the score GLCA ranks tokens by.
-    """
-    if not maps:
-        raise ValueError("maps must hold at least one attention map; got an empty sequence")
-    rollout = None
-    for i, s in enumerate(maps):
-        if not isinstance(s, torch.Tensor) or s.dim() not in (3, 4) or s.shape[-1] != s.shape[-2]:
-            raise ValueError(f"maps[{i}] must be (B, H, L, L) or (B, L, L); got {_shape(s)}")
-        s = s.mean(1) if s.dim() == 4 else s
-        eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
-        s_bar = (s + eye) / 2
-        if rollout is not None and rollout.shape != s_bar.shape:
-            raise ValueError(
-                f"maps[{i}] must match the earlier maps' (B, L, L) = {tuple(rollout.shape)}; got "
-                f"{_shape(s)}"
-            )
-        rollout = s_bar if rollout is None else s_bar @ rollout
-    return rollout
-
-
 class GlobalLocalCrossAttention(MultiHeadAttention):
     """DCAL global-local cross-attention (Zhu et al., CVPR 2022, "Dual Cross-Attention Learning
     for Fine-Grained Visual Categorization and Object Re-Identification").
@@ -288,6 +262,10 @@ class ConditionalCrossAttention(nn.Module):
         **kwargs,
     ) -> None:
         super().__init__()
+        # checked before anything is allocated; the rest of **kwargs by CrossAttention
+        embed_dim = check_int("embed_dim", embed_dim, minimum=1)
+        num_heads = check_int("num_heads", num_heads, minimum=1)
+        kv_dim = None if kv_dim is None else check_int("kv_dim", kv_dim, minimum=1)
         num_conditions = check_int("num_conditions", num_conditions, minimum=1)
         queries = check_int("queries_per_condition", queries_per_condition, minimum=1)
         self.num_conditions, self.queries = num_conditions, queries

@@ -13,6 +13,7 @@ from torch import nn
 from headwise._checks import check_bool, check_int
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.linear import InLineFeatureMap, linear_attention
+from headwise.types import Backend
 
 
 class InLineAttention(nn.Module):
@@ -45,7 +46,7 @@ class InLineAttention(nn.Module):
         *,
         kernel: str = "identity",
         qkv_bias: bool = True,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_heads", num_heads)):

@@ -13,6 +13,7 @@ from torch import nn
 from headwise._checks import check_bool, check_int
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.linear import linear_attention, linear_attention_step, tnl_decay
+from headwise.types import Backend
 
 
 def srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,7 +58,7 @@ class LightningAttention(nn.Module):
         layer_idx: int = 0,
         num_layers: int = 1,
         chunk_size: int | None = None,
-        backend: str = "auto",
+        backend: Backend = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

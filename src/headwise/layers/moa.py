@@ -7,10 +7,10 @@ with Heterogeneous Sliding-Window Lengths"); official code thu-nics/MoA.
 Every head ``h`` attends an attention sink plus a causal sliding window whose total span grows with
 the length ``N``: ``span_h(N) = alpha_h + beta_h * N``. This module holds the rule
 (:func:`moa_cache_size`), the prefill pattern (:class:`MoASpan`), the decode cache
-(:class:`MoACache`), the layer (:class:`MoAAttention`), and the tooling that finds a plan for a
-model: :func:`attention_influence` / :func:`profile_influence` (per-head loss influence of every
-attention block on a calibration batch), :func:`candidate_grid` and :func:`search_plan`
-(per-head ``(alpha, beta)`` under a density budget), and :class:`MoAPlan` (JSON, ``apply``).
+(:class:`MoACache`), the layer (:class:`MoAAttention`) and :class:`MoAPlan` (per-head
+``(alpha, beta)``, JSON, ``apply``). The tooling that finds a plan for a model (the influence
+profiler and the plan search) acts on whole models and lives above the layers, in
+:mod:`headwise.moa`.
 """
 
 from __future__ import annotations
@@ -18,28 +18,25 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from headwise import patterns
-from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
-from headwise.layers import multihead
+from headwise._checks import ArgumentTypeError, check_int
+from headwise._deprecated import moved
 from headwise.layers._init import check_input
-from headwise.layers.multihead import MultiHeadAttention, _shape, apply_rotary
-from headwise.ops.attention import attention
-from headwise.patterns import Pattern
-from headwise.patterns.library import _query_positions
+from headwise.layers.multihead import MultiHeadAttention
+from headwise.patterns import Pattern, query_positions
 
 # thu-nics/MoA ``moa_config_to_cache_config`` defaults.
 BLOCK, SINK_SIZE, MIN_CACHE, MAX_NEW_TOKENS = 64, 64, 128, 1024
 
 
-def _check_rule(block: int, sink_size: int, min_cache: int) -> None:
+def check_rule(block: int, sink_size: int, min_cache: int) -> None:
+    """Check the cache rounding parameters of :func:`moa_cache_size`."""
     check_int("block", block, minimum=1)
     check_int("sink_size", sink_size, minimum=0)
     check_int("min_cache", min_cache, minimum=1)
@@ -105,7 +102,7 @@ class MoASpan(Pattern):
 
     def __post_init__(self) -> None:
         _check_alpha_beta(self.alpha, self.beta)
-        _check_rule(self.block, self.sink_size, self.min_cache)
+        check_rule(self.block, self.sink_size, self.min_cache)
         check_int("extra_tokens", self.extra_tokens, minimum=0)
         if self.length is not None:
             check_int("length", self.length, minimum=0)
@@ -124,7 +121,7 @@ class MoASpan(Pattern):
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         total = self.length if self.length is not None else kv_len + self.extra_tokens
         sink, local = self.cache_size(total)
-        pos = _query_positions(q_idx, q_len, kv_len, "bottom_right")
+        pos = query_positions(q_idx, q_len, kv_len, "bottom_right")
         q_block, kv_block = pos // self.block, kv_idx // self.block
         window = (kv_block < sink // self.block) | (kv_block >= q_block + 1 - local // self.block)
         return (kv_idx <= pos) & window
@@ -166,7 +163,7 @@ class MoAPlan:
                 "alphas and betas must be non-empty per-layer lists of per-head values of the "
                 f"same shape; got heads per layer {shape_a} and {shape_b}"
             )
-        _check_rule(self.block, self.sink_size, self.min_cache)
+        check_rule(self.block, self.sink_size, self.min_cache)
         check_int("max_new_tokens", self.max_new_tokens, minimum=0)
 
     @classmethod
@@ -343,7 +340,9 @@ class MoAAttention(MultiHeadAttention):
     first call on an empty :class:`MoACache`) uses the block-granular :class:`MoASpan` mask;
     decoding with ``cache = layer.new_cache(B, max_len)`` keeps per head exactly the first
     ``sink_h`` and last ``local_h`` tokens (sizes from ``N = max_len``), so prefill and decode
-    may see slightly different keys at the same position, as in the official code.
+    may see slightly different keys at the same position, as in the official code. Decoding
+    attends one token at a time over the cache's slots: ``hook_scores`` and ``hook_pattern`` see
+    ``(B, H, 1, S)`` per token, in slot order; ``hook_z`` sees the whole call's ``(B, L, H, D)``.
 
     Args:
         embed_dim, num_heads, **kwargs: as :class:`MultiHeadAttention` (``pattern`` and
@@ -425,13 +424,8 @@ class MoAAttention(MultiHeadAttention):
                 f"x must be (B={cache.batch}, L, E={self.embed_dim}); got {tuple(x.shape)}"
             )
         check_input("x", x, self)
-        batch, q_len, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim))
-        k, v = self._project_kv(x)
-        if self.rotary:
-            positions = torch.arange(cache.length, cache.length + q_len, device=x.device)
-            q = apply_rotary(q, positions, self.rope_base)
-            k = apply_rotary(k, positions, self.rope_base)
+        q, k, v = self.project(x)
+        q, k = self.position(q, k, cache.length)
         group = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
         if cache.length == 0:
@@ -440,284 +434,21 @@ class MoAAttention(MultiHeadAttention):
                 MoASpan(s.alpha, s.beta, s.block, s.sink_size, s.min_cache, length=cache.max_len)
                 for s in self._spans()
             ]
-            out = attention(
-                q, k, v, patterns.per_head(spans), scale=self.scale, backend=self.backend
-            )
+            z = self._attention(q, k, v, patterns.per_head(spans), None)
             cache.write(k, v)
         else:
             steps = []
-            for t in range(q_len):
+            for t in range(q.shape[1]):
                 cache.write(k[:, t : t + 1], v[:, t : t + 1])
-                steps.append(
-                    attention(
-                        q[:, t : t + 1],
-                        cache.k,
-                        cache.v,
-                        scale=self.scale,
-                        bias=cache.bias(),
-                        backend=self.backend,
-                    )
-                )
-            out = torch.cat(steps, 1)
-        return self.out_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim))
+                steps.append(self._attention(q[:, t : t + 1], cache.k, cache.v, None, cache.bias()))
+            z = torch.cat(steps, 1)
+        return self.merge(self.hook_z(z))
 
 
-# --------------------------------------------------------------------------- profiling
-def attention_influence(
-    probs: torch.Tensor,
-    grad: torch.Tensor,
-    *,
-    block: int = BLOCK,
-    absolute: bool = True,
-    causal: bool = True,
-) -> torch.Tensor:
-    """Per-head loss influence of each ``block x block`` tile of attention (MoA §3.3).
-
-    ``probs`` ``A`` and ``grad`` ``G = dLoss/dA``, both ``(B, H, Lq, Lk)``. Masking entry
-    ``(i, j)`` and renormalising its row changes the loss, to first order, by::
-
-        E_ij = -A_ij (G_ij - sum_n A_in G_in) / (1 - A_ij + delta)
-        E_ij = -A_ij G_ij                                 where A_ij = 1
-
-    as thu-nics/MoA's profiler (``modify_llama_profile.py``): ``delta`` is the machine epsilon of
-    ``grad``'s dtype, and an entry holding its whole row (the first row of a causal profile)
-    cannot be renormalised away, so its removal costs ``-A_ij G_ij``.
-
-    ``E`` is made absolute (``absolute``), restricted to causal entries (bottom-right aligned,
-    ``causal``), averaged over the batch and summed into tiles: returns ``(H, nQ, nK)`` float64
-    with ``nQ = ceil(Lq / block)``, ``nK = ceil(Lk / block)``.
-    """
-    if (
-        not isinstance(probs, torch.Tensor)
-        or not isinstance(grad, torch.Tensor)
-        or probs.dim() != 4
-        or grad.shape != probs.shape
-    ):
-        raise ValueError(
-            f"probs and grad must both be (B, H, Lq, Lk) tensors; got {_shape(probs)} and "
-            f"{_shape(grad)}"
-        )
-    check_int("block", block, minimum=1)
-    absolute = check_bool("absolute", absolute)
-    causal = check_bool("causal", causal)
-    delta = torch.finfo(grad.dtype if grad.is_floating_point() else torch.float64).eps
-    a, g = probs.detach().double(), grad.detach().double()
-    row = (a * g).sum(-1, keepdim=True)
-    influence = torch.where(a >= 1, -a * g, -a * (g - row) / (1 - a + delta))
-    if absolute:
-        influence = influence.abs()
-    q_len, kv_len = a.shape[-2:]
-    if causal:
-        visible = patterns.causal().dense_mask(q_len, kv_len, device=a.device)
-        influence = influence * visible
-    influence = influence.mean(0)
-    n_q, n_k = -(-q_len // block), -(-kv_len // block)
-    padded = nn.functional.pad(influence, (0, n_k * block - kv_len, 0, n_q * block - q_len))
-    return padded.view(-1, n_q, block, n_k, block).sum((2, 4))
+_MOVED = ("attention_influence", "candidate_grid", "profile_influence", "search_plan")
 
 
-def _probabilities(q, k, pattern, scale, bias):
-    """Dense attention probabilities ``(B, H, Lq, Lk)`` of the reference formula, with grad."""
-    group = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(group, 1)
-    scores = (qh @ kh.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if bias is not None:
-        scores = scores + bias
-    if pattern is not None:
-        visible = pattern.dense_mask(q.shape[1], k.shape[1], device=q.device)
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-    return torch.softmax(scores, -1).nan_to_num(0.0)
+__getattr__ = moved(__name__, {name: "headwise.moa" for name in _MOVED})
 
 
-@contextmanager
-def _recording(modules: Sequence[MultiHeadAttention]) -> Iterator[dict]:
-    """Route the attention of ``modules`` through the explicit formula, keeping ``A``.
-
-    :class:`MultiHeadAttention` calls :func:`headwise.attention`, which never materialises the
-    probabilities; for profiling (small calibration batches) the module-level ``attention`` of
-    :mod:`headwise.layers.multihead` is swapped, for the duration of the block only, for the
-    dense formula, and forward hooks tell which module is calling.
-    """
-    records: dict = {}
-    running: list = []
-    original = multihead.attention
-
-    def recording_attention(q, k, v, pattern=None, *, scale=None, bias=None, **_):
-        if not running:
-            return original(q, k, v, pattern, scale=scale, bias=bias)
-        probs = _probabilities(q, k, pattern, scale, bias)
-        records.setdefault(running[-1], []).append(probs)
-        vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // v.shape[2], 1)
-        return (probs.to(v.dtype) @ vh).transpose(1, 2)
-
-    def enter(module, args) -> None:
-        running.append(module)
-
-    def leave(module, args, output) -> None:
-        running.pop()
-
-    hooks = []
-    for module in modules:
-        hooks.append(module.register_forward_pre_hook(enter))
-        hooks.append(module.register_forward_hook(leave))
-    multihead.attention = recording_attention
-    try:
-        yield records
-    finally:
-        multihead.attention = original
-        for hook in hooks:
-            hook.remove()
-
-
-def profile_influence(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module], torch.Tensor],
-    *,
-    block: int = BLOCK,
-    absolute: bool = True,
-) -> list[torch.Tensor]:
-    """Influence tiles ``(H, nQ, nK)`` of every :class:`MultiHeadAttention` in ``model``.
-
-    ``loss_fn(model)`` runs the calibration batch (self-attention, one call per layer; the
-    official recipe takes the loss on response tokens regenerated by the dense model) and
-    returns a scalar loss. Attention probabilities are computed densely with the explicit
-    softmax, so keep the batch small. Layers are returned in ``model.modules()`` order,
-    matching :class:`MoAPlan` layer indices.
-    """
-    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    if not layers:
-        raise ValueError(f"model has no headwise MultiHeadAttention; got {type(model).__name__}")
-    with _recording(layers) as records:
-        loss = loss_fn(model)
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(f"loss_fn must return a scalar tensor; got {loss!r}")
-    calls = [records.get(layer, []) for layer in layers]
-    if any(len(c) != 1 for c in calls):
-        raise ValueError(
-            f"each attention layer must run once in loss_fn; got {[len(c) for c in calls]} calls"
-        )
-    probs = [c[0] for c in calls]
-    # Gradients with respect to the probabilities only: the model's .grad stay untouched.
-    grads = torch.autograd.grad(loss, probs, allow_unused=True, materialize_grads=True)
-    return [attention_influence(a, g, block=block, absolute=absolute) for a, g in zip(probs, grads)]
-
-
-# --------------------------------------------------------------------------- plan search
-def candidate_grid(
-    length: int, *, alpha_step: int = 1024, num_betas: int = 9
-) -> list[tuple[float, float]]:
-    """Official candidate ``(alpha, beta)`` grid for profile length ``N``.
-
-    ``beta`` in ``linspace(0, 1, num_betas)``, ``alpha`` multiples of ``alpha_step`` in
-    ``[-N, N]``, keeping pairs with ``0 < alpha + beta * N <= N``.
-    """
-    check_int("length", length, minimum=1)
-    check_int("alpha_step", alpha_step, minimum=1)
-    check_int("num_betas", num_betas, minimum=2)
-    betas = [i / (num_betas - 1) for i in range(num_betas)]
-    alphas = range(-(length // alpha_step) * alpha_step, length + 1, alpha_step)
-    return [(float(a), b) for b in betas for a in alphas if 0 < a + b * length <= length]
-
-
-def _candidate_layout(
-    alpha: float, beta: float, length: int, block: int, sink_size: int, min_cache: int
-) -> torch.Tensor:
-    """Block layout ``(n, n)`` of a candidate at length ``N`` (the runtime prefill rule)."""
-    sink, local = moa_cache_size(
-        alpha, beta, length, block=block, sink_size=sink_size, min_cache=min_cache
-    )
-    n = -(-length // block)
-    q_block, kv_block = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    window = (kv_block < sink // block) | (kv_block >= q_block + 1 - local // block)
-    return (kv_block <= q_block) & window
-
-
-def search_plan(
-    influence: Sequence[torch.Tensor],
-    length: int,
-    budget: float,
-    *,
-    candidates: Sequence[tuple[float, float]] | None = None,
-    block: int = BLOCK,
-    sink_size: int = SINK_SIZE,
-    min_cache: int = MIN_CACHE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-) -> MoAPlan:
-    """Pick ``(alpha_h, beta_h)`` per head minimising the summed influence loss under a budget.
-
-    ``influence[l]`` ``(H_l, n, n)`` tiles from :func:`profile_influence` at profile length
-    ``N = length`` (``n = ceil(N / block)``). For each candidate (default
-    :func:`candidate_grid`) its **loss** is the influence outside its block layout and its
-    **density** ("kv" mode of the official code) the most key blocks any query block keeps,
-    over ``n``. The constraint is ``mean over all heads of density <= budget``.
-
-    Solved exactly as a multiple-choice knapsack by dynamic programming over the integer total
-    of kept key blocks (capacity ``floor(budget * heads * n)``), ``O(heads * capacity * n)``.
-    Differences from the official search (a Gurobi MIP): one profile length (no multi-length
-    epsilon-constraint Pareto sweep), no lower bound on density and no limit of 2 distinct
-    spans per layer, and candidates are scored with the exact runtime layout (cache rounding
-    included) instead of the approximate band of ``int(alpha/64 + beta * n)`` blocks.
-    """
-    check_int("length", length, minimum=1)
-    _check_rule(block, sink_size, min_cache)
-    if not 0 < check_real("budget", budget) <= 1:
-        raise ValueError(f"budget must be in (0, 1]; got {budget!r}")
-    n = -(-length // block)
-    for layer, tiles in enumerate(influence):
-        if not isinstance(tiles, torch.Tensor) or tiles.dim() != 3 or tiles.shape[1:] != (n, n):
-            got = tuple(tiles.shape) if isinstance(tiles, torch.Tensor) else type(tiles).__name__
-            raise ValueError(
-                f"influence[{layer}] must be (H, {n}, {n}) tiles of block {block} at length "
-                f"{length}; got {got}"
-            )
-    candidates = list(candidate_grid(length) if candidates is None else candidates)
-    if not influence or not candidates:
-        raise ValueError("search_plan needs at least one layer of influence and one candidate")
-    rule = (block, sink_size, min_cache)
-    layouts = torch.stack([_candidate_layout(a, b, length, *rule) for a, b in candidates])
-    weights = layouts.sum(-1).amax(-1).tolist()  # kept key blocks of the widest row
-    tiles = torch.cat([t.double().cpu() for t in influence])  # (heads, n, n)
-    dropped = (~layouts).double().flatten(1)  # (K, n*n)
-    losses = tiles.flatten(1) @ dropped.t()  # (heads, K)
-    heads = tiles.shape[0]
-    capacity = math.floor(budget * heads * n + 1e-9)
-    if min(weights) * heads > capacity:
-        raise ValueError(
-            f"budget={budget} is below the sparsest candidate ({min(weights)}/{n} blocks per head)"
-        )
-    # best[c] = least loss of the heads so far within c kept blocks; choice[h, c] its pick.
-    best = torch.zeros(capacity + 1, dtype=torch.float64)
-    choice = torch.empty(heads, capacity + 1, dtype=torch.long)
-    for h in range(heads):
-        options = torch.full((len(candidates), capacity + 1), math.inf, dtype=torch.float64)
-        for c, w in enumerate(weights):
-            if w <= capacity:
-                options[c, w:] = best[: capacity + 1 - w] + losses[h, c]
-        best, choice[h] = options.min(0)
-    picks, left = [], capacity
-    for h in range(heads - 1, -1, -1):
-        c = int(choice[h, left])
-        picks.append(c)
-        left -= weights[c]
-    picks.reverse()
-    alphas, betas, start = [], [], 0
-    for tiles_l in influence:
-        chosen = [candidates[c] for c in picks[start : start + tiles_l.shape[0]]]
-        alphas.append(tuple(a for a, _ in chosen))
-        betas.append(tuple(b for _, b in chosen))
-        start += tiles_l.shape[0]
-    return MoAPlan(tuple(alphas), tuple(betas), block, sink_size, min_cache, max_new_tokens)
-
-
-__all__ = [
-    "MoAAttention",
-    "MoACache",
-    "MoAPlan",
-    "MoASpan",
-    "attention_influence",
-    "candidate_grid",
-    "moa_cache_size",
-    "profile_influence",
-    "search_plan",
-]
+__all__ = ["MoAAttention", "MoACache", "MoAPlan", "MoASpan", "moa_cache_size"]

@@ -12,13 +12,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from headwise import patterns
 from headwise._checks import check_choice, check_int, check_real
+from headwise.layers._attention import QKNorm, SequenceAttention, packed_positions
 from headwise.layers._init import check_input, reset_submodules
-from headwise.layers.multihead import MultiHeadAttention, apply_rotary
-from headwise.ops.attention import Backend, attention, attention_varlen
+from headwise.layers.multihead import MultiHeadAttention
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.patterns import Pattern
+from headwise.types import Backend
 
 Router = Literal["learned", "query_norm"]
 
@@ -32,7 +32,7 @@ class MoHOutput(NamedTuple):
     gates: torch.Tensor
 
 
-class MoHAttention(nn.Module):
+class MoHAttention(SequenceAttention):
     """Mixture-of-Head attention: every token uses the shared heads and its top-k routed heads.
 
     Per token ``t``, with head outputs ``o_{t,h}`` of ordinary softmax attention::
@@ -76,7 +76,9 @@ class MoHAttention(nn.Module):
         router: ``"learned"`` or ``"query_norm"`` (needs ``h_r >= 2`` for the std).
         eps: floor of the renormalisation denominator.
 
-    ``forward(x)`` or ``forward(x_packed, cu_seqlens=cu)`` returns a :class:`MoHOutput`.
+    ``forward(x)`` or ``forward(x_packed, cu_seqlens=cu)`` returns a :class:`MoHOutput`. The
+    steps and hook points are those of :class:`~headwise.layers._attention.SequenceAttention`;
+    ``hook_z`` holds the head outputs before gating (the gates act in the merge step).
     :meth:`from_mha` converts a trained :class:`MultiHeadAttention`.
     """
 
@@ -91,7 +93,7 @@ class MoHAttention(nn.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         bias: bool = True,
-        qk_norm: Literal["rms", "layer"] | None = None,
+        qk_norm: QKNorm | None = None,
         rotary: bool = False,
         rope_base: float = 10000.0,
         pattern: Pattern | None = None,
@@ -100,9 +102,7 @@ class MoHAttention(nn.Module):
         backend: Backend = "auto",
         eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        # The plain layer validates the shared arguments and owns the projections' shapes.
-        base = MultiHeadAttention(
+        super().__init__(
             embed_dim,
             num_heads,
             num_kv_heads=num_kv_heads,
@@ -131,16 +131,10 @@ class MoHAttention(nn.Module):
                 "router='query_norm' standardises scores over the routed heads and needs at "
                 "least 2 of them; got num_heads - num_shared = 1"
             )
-        self.embed_dim, self.num_heads = base.embed_dim, base.num_heads
-        self.num_kv_heads, self.head_dim = base.num_kv_heads, base.head_dim
         self.num_shared, self.num_routed = num_shared, routed
         self.top_k = top_k if routed else 0
         self.router = router
-        self.rotary, self.rope_base = base.rotary, base.rope_base
-        self.pattern, self.causal, self.scale, self.backend = pattern, causal, scale, backend
         self.eps = check_real("eps", eps, positive=True)
-        self.q_proj, self.k_proj, self.v_proj = base.q_proj, base.k_proj, base.v_proj
-        self.out_proj, self.q_norm, self.k_norm = base.out_proj, base.q_norm, base.k_norm
         learned = router == "learned"
         self.routed_router = (
             nn.Linear(embed_dim, routed, bias=False) if learned and routed else None
@@ -217,41 +211,17 @@ class MoHAttention(nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be {want}={self.embed_dim}); got {got}")
         check_input("x", x, self)
-        lead = x.shape[:-1]
-        q_raw = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_norm(self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        q = self.q_norm(q_raw)
+        q_raw = self.q_proj(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
+        q, k, v = self.project(x, q_raw=q_raw)
         if packed:
             lengths = seqlens_from_cu("cu_seqlens", cu_seqlens, x.shape[0])
-            if self.rotary:
-                starts = torch.repeat_interleave(
-                    cu_seqlens[:-1].to(device=x.device, dtype=torch.long),
-                    torch.tensor(lengths, device=x.device),
-                    output_size=x.shape[0],
-                )
-                positions = torch.arange(x.shape[0], device=x.device) - starts
-                q, k = (
-                    apply_rotary(q, positions, self.rope_base),
-                    apply_rotary(k, positions, self.rope_base),
-                )
-            heads = attention_varlen(
-                q, k, v, cu_seqlens, pattern=self.pattern, causal=self.causal, scale=self.scale,
-                backend=self.backend,
-            )  # fmt: skip
+            q, k = self.position(q, k, packed_positions(cu_seqlens, lengths, x.device))
+            heads = self.attend_packed(q, k, v, cu_seqlens)
         else:
-            if self.rotary:
-                positions = torch.arange(x.shape[1], device=x.device)
-                q, k = (
-                    apply_rotary(q, positions, self.rope_base),
-                    apply_rotary(k, positions, self.rope_base),
-                )
-            pattern = self.pattern
-            if self.causal:
-                pattern = patterns.causal() if pattern is None else pattern & patterns.causal()
-            heads = attention(q, k, v, pattern, scale=self.scale, backend=self.backend)
+            q, k = self.position(q, k)
+            heads = self.attend(q, k, v, self.effective_pattern())
         gates, loss = self._gates(x, q_raw)
-        out = self.out_proj((heads * gates[..., None].to(heads.dtype)).flatten(-2))
+        out = self.merge(heads * gates[..., None].to(heads.dtype))
         return MoHOutput(out, loss, gates)
 
     def _gates(self, x: torch.Tensor, q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,47 +6,16 @@ batches ``(T, E)`` / ``(T, H, D)`` with ``cu_seqlens``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from torch import nn
 
-from headwise import patterns
-from headwise._checks import check_bool, check_choice, check_int, check_real
-from headwise.layers._init import check_input, reset_submodules
-from headwise.ops.attention import Backend, attention, attention_varlen
+from headwise._checks import check_int
+from headwise.layers._attention import QKNorm, SequenceAttention, apply_rotary, packed_positions
+from headwise.layers._init import check_input
 from headwise.ops.attention.varlen import seqlens_from_cu
-from headwise.patterns import Pattern
-
-QKNorm = Literal["rms", "layer"]
-_QK_NORMS = ("rms", "layer")
 
 
 def _shape(t: object) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (RoFormer, Su et al. 2021), "rotate_half" convention.
-
-    ``x`` ``(..., L, H, D)`` with even ``D``, ``positions`` ``(L,)`` (any integers, negative too).
-    Channel ``i < D/2`` is paired with ``i + D/2`` (Llama / GPT-NeoX layout, not the interleaved
-    ``(2i, 2i+1)`` pairs of the paper) and the pair is rotated by ``theta_i = p * base^(-2i/D)``::
-
-        x'_i       = x_i cos(theta_i) - x_{i+D/2} sin(theta_i)
-        x'_{i+D/2} = x_{i+D/2} cos(theta_i) + x_i sin(theta_i)
-
-    so ``<rot(q, p), rot(k, p')>`` depends on ``p - p'`` only.
-    """
-    half = x.shape[-1] // 2
-    # Angles in float32 at least: p * theta loses whole radians in half precision at long L.
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
-    angles = positions.to(device=x.device, dtype=dtype)[:, None] * inv_freq
-    cos = angles.cos()[:, None, :]
-    sin = angles.sin()[:, None, :]
-    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class KVCache:
@@ -118,7 +87,7 @@ class KVCache:
         self.length = 0
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(SequenceAttention):
     """Multi-head softmax attention (Vaswani et al. 2017, "Attention Is All You Need").
 
     For input ``x`` ``(B, Lq, E)`` and context ``c`` (``x`` itself for self-attention)::
@@ -156,88 +125,10 @@ class MultiHeadAttention(nn.Module):
     ``(T, E)``, or step by step with ``cache = mha.new_cache(B, max_len)`` then
     ``y = mha(x_new, cache=cache)``: the cache is updated in place, and step outputs equal the
     full-sequence ones for causal patterns (by bottom-right alignment).
+
+    The steps and the hook points (``hook_q`` ... ``hook_result``, to read or patch activations)
+    are those of :class:`~headwise.layers._attention.SequenceAttention`.
     """
-
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        *,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        kv_dim: int | None = None,
-        bias: bool = True,
-        qk_norm: QKNorm | None = None,
-        rotary: bool = False,
-        rope_base: float = 10000.0,
-        pattern: Pattern | None = None,
-        causal: bool = False,
-        scale: float | None = None,
-        backend: Backend = "auto",
-    ) -> None:
-        super().__init__()
-        embed_dim = check_int("embed_dim", embed_dim, minimum=1)
-        num_heads = check_int("num_heads", num_heads, minimum=1)
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(
-                    f"num_heads must divide embed_dim when head_dim is not given; got "
-                    f"embed_dim={embed_dim}, num_heads={num_heads}"
-                )
-            head_dim = embed_dim // num_heads
-        head_dim = check_int("head_dim", head_dim, minimum=1)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        num_kv_heads = check_int("num_kv_heads", num_kv_heads, minimum=1)
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads must divide num_heads; got num_heads={num_heads}, "
-                f"num_kv_heads={num_kv_heads}"
-            )
-        kv_dim = embed_dim if kv_dim is None else check_int("kv_dim", kv_dim, minimum=1)
-        bias = check_bool("bias", bias)
-        rotary = check_bool("rotary", rotary)
-        causal = check_bool("causal", causal)
-        check_choice("qk_norm", qk_norm, (None, *_QK_NORMS))
-        if rotary and head_dim % 2:
-            raise ValueError(f"rotary needs an even head_dim; got head_dim={head_dim}")
-        rope_base = check_real("rope_base", rope_base, positive=True)
-        scale = None if scale is None else check_real("scale", scale)
-        if pattern is not None:
-            if not isinstance(pattern, Pattern):
-                raise ValueError(
-                    f"pattern must be a headwise Pattern; got {type(pattern).__name__}"
-                )
-            if pattern.num_heads is not None and pattern.num_heads != num_heads:
-                raise ValueError(
-                    f"pattern is per-head for {pattern.num_heads} heads; got num_heads={num_heads}"
-                )
-
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.kv_dim = kv_dim
-        self.rotary = rotary
-        self.rope_base = rope_base
-        self.pattern = pattern
-        self.causal = causal
-        self.scale = scale
-        self.backend = backend
-
-        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
-        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
-        self.q_norm, self.k_norm = (
-            (_qk_norm(qk_norm, head_dim), _qk_norm(qk_norm, head_dim))
-            if qk_norm is not None
-            else (nn.Identity(), nn.Identity())
-        )
-
-    def reset_parameters(self) -> None:
-        """Re-initialise every projection and qk-norm (PyTorch's defaults: Kaiming-uniform
-        weights, uniform biases, unit norm scales), e.g. after meta construction + ``to_empty``."""
-        reset_submodules(self)
 
     def extra_repr(self) -> str:
         return (
@@ -296,25 +187,17 @@ class MultiHeadAttention(nn.Module):
             hint = "; packed (T, E) input needs cu_seqlens" if _is_rank(x, 2) else ""
             raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {_shape(x)}{hint}")
         check_input("x", x, self)
-        batch, q_len, _ = x.shape
+        batch = x.shape[0]
         if cache is not None and (not isinstance(cache, KVCache) or cache.batch != batch):
             got = f"batch {cache.batch}" if isinstance(cache, KVCache) else type(cache).__name__
             raise ValueError(f"cache must be a KVCache for batch B={batch}; got {got}")
-        q = self.q_norm(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim))
-        if context is None:
-            k, v = self._project_kv(x)
-        else:
+        if context is not None:
             self._check_context(context, batch, cache)
-            k, v = self._project_kv(context)
-        if self.rotary:
-            start = 0 if cache is None else cache.length
-            positions = torch.arange(start, start + q_len, device=x.device)
-            q = apply_rotary(q, positions, self.rope_base)
-            k = apply_rotary(k, positions, self.rope_base)
+        q, k, v = self.project(x, context)
+        q, k = self.position(q, k, 0 if cache is None else cache.length)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(q, k, v, self._pattern(), scale=self.scale, bias=bias, backend=self.backend)
-        return self.out_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim))
+        return self.merge(self.attend(q, k, v, self.effective_pattern(), bias=bias))
 
     def _forward_packed(
         self,
@@ -332,37 +215,10 @@ class MultiHeadAttention(nn.Module):
         for name, value in (("context", context), ("cache", cache), ("bias", bias)):
             if value is not None:
                 raise ValueError(f"cu_seqlens (packed self-attention) takes no {name}")
-        total = x.shape[0]
-        lengths = seqlens_from_cu("cu_seqlens", cu_seqlens, total)
-        q = self.q_norm(self.q_proj(x).view(total, self.num_heads, self.head_dim))
-        k, v = self._project_kv(x)
-        if self.rotary:
-            # Positions restart at 0 per sequence. RoPE being relative, outputs would be the same
-            # in exact arithmetic with packed indices, but angles as small as in an unpacked call
-            # keep the rounding the same too (float32 p * theta degrades at large p).
-            starts = torch.repeat_interleave(
-                cu_seqlens[:-1].to(device=x.device, dtype=torch.long),
-                torch.tensor(lengths, device=x.device),
-                output_size=total,
-            )
-            positions = torch.arange(total, device=x.device) - starts
-            q = apply_rotary(q, positions, self.rope_base)
-            k = apply_rotary(k, positions, self.rope_base)
-        out = attention_varlen(
-            q,
-            k,
-            v,
-            cu_seqlens,
-            pattern=self.pattern,
-            causal=self.causal,
-            scale=self.scale,
-            backend=self.backend,
-        )
-        return self.out_proj(out.reshape(total, self.num_heads * self.head_dim))
-
-    def _project_kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        heads = (*c.shape[:-1], self.num_kv_heads, self.head_dim)
-        return self.k_norm(self.k_proj(c).view(heads)), self.v_proj(c).view(heads)
+        lengths = seqlens_from_cu("cu_seqlens", cu_seqlens, x.shape[0])
+        q, k, v = self.project(x)
+        q, k = self.position(q, k, packed_positions(cu_seqlens, lengths, x.device))
+        return self.merge(self.attend_packed(q, k, v, cu_seqlens))
 
     def _check_context(self, context: torch.Tensor, batch: int, cache: KVCache | None) -> None:
         if (
@@ -383,21 +239,9 @@ class MultiHeadAttention(nn.Module):
                 "only; got a context"
             )
 
-    def _pattern(self) -> Pattern | None:
-        if not self.causal:
-            return self.pattern
-        return patterns.causal() if self.pattern is None else self.pattern & patterns.causal()
-
 
 def _is_rank(x: object, rank: int) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() == rank
 
 
-def _qk_norm(kind: str, head_dim: int) -> nn.Module:
-    # A fixed eps (1e-6, as Qwen3) so results do not depend on the dtype, unlike torch's default.
-    if kind == "rms":
-        return nn.RMSNorm(head_dim, eps=1e-6)
-    return nn.LayerNorm(head_dim, eps=1e-6)
-
-
-__all__ = ["KVCache", "MultiHeadAttention", "apply_rotary"]
+__all__ = ["KVCache", "MultiHeadAttention", "QKNorm", "apply_rotary"]

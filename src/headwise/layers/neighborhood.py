@@ -22,6 +22,7 @@ from torch import nn
 from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import neighborhood_attention
+from headwise.types import Backend
 
 
 def _per_axis(name: str, value: object, rank: int, check: Callable[[str, Any], Any]) -> tuple:
@@ -54,7 +55,7 @@ class _NeighborhoodAttention(nn.Module):
         rel_pos_bias: bool = False,
         qkv_bias: bool = True,
         scale: float | None = None,
-        backend: str | tuple[str, ...] = "auto",
+        backend: Backend = "auto",
     ):
         super().__init__()
         check_int("dim", dim, minimum=1)
@@ -77,11 +78,15 @@ class _NeighborhoodAttention(nn.Module):
         self.rpb = None
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in self.kernel_size)))
-        self.reset_parameters()
+        self._reset_own()
 
     def reset_parameters(self) -> None:
         """Default Linear init; ``rpb`` truncated normal, std 0.02 (NAT/DiNAT)."""
         reset_submodules(self)
+        self._reset_own()
+
+    def _reset_own(self) -> None:
+        # the tensor this module owns (the Linears hold their own init)
         if self.rpb is not None:
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
 

@@ -14,8 +14,7 @@ import torch
 
 from headwise._checks import check_bool, check_int
 from headwise.layers.multihead import MultiHeadAttention
-from headwise.patterns import EMPTY, Pattern
-from headwise.patterns.library import _query_positions
+from headwise.patterns import EMPTY, Pattern, query_positions
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class S2Pattern(Pattern):
         shift = shift + self.head_offset
         dense = kv_head >= self.num_kv_heads - self.num_dense_heads
         if self.causal:
-            pos = _query_positions(q_idx, q_len, kv_len, "bottom_right")
+            pos = query_positions(q_idx, q_len, kv_len, "bottom_right")
             i, j = pos // self.block, kv_idx // self.block
             kept = (i - j < self.n_local) | ((j + shift) % self.vert_stride == 0)
             return (kv_idx <= pos) & (kept | dense)

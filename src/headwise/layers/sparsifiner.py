@@ -15,8 +15,9 @@ from torch import nn
 from headwise import patterns
 from headwise._checks import check_bool, check_int, check_real
 from headwise.layers._init import check_input, reset_submodules
-from headwise.ops.attention import Backend, attention
+from headwise.ops.attention import attention
 from headwise.ops.attention.gather import gathered_attention
+from headwise.types import Backend
 
 
 class SparsifinerAttention(nn.Module):

@@ -25,8 +25,9 @@ from torch import nn
 from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
 from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.multihead import MultiHeadAttention
-from headwise.ops.attention import Backend, Packed, pack, unpack
+from headwise.ops.attention import Packed, pack, unpack
 from headwise.ops.attention.varlen import seqlens_from_cu
+from headwise.types import Backend
 
 _ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),

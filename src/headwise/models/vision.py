@@ -15,22 +15,7 @@ from torch import nn
 
 from headwise._checks import ArgumentTypeError, check_int, check_ints, check_real
 from headwise.layers._init import check_input, reset_submodules
-from headwise.layers.neighborhood import NeighborhoodAttention2D
-from headwise.layers.vision import (
-    AggregatedAttention,
-    ChannelAttention,
-    ConvGLU,
-    GatedPositionalSelfAttention,
-    HaloAttention,
-    HiLoAttention,
-    MSAConv,
-    MultiAxisAttention,
-    ScaleAwareModulation,
-    SingleHeadAttention,
-    SpectralGating,
-    SubspaceAttention,
-    WindowAttention,
-)
+from headwise.layers.registry import layer_spec
 from headwise.layers.vision._common import check_pair
 
 #: ``builder(dim, stage, block, resolution, **kwargs) -> nn.Module`` mapping ``(B, H, W, C)`` to
@@ -78,45 +63,51 @@ def available_mixers() -> tuple[str, ...]:
     return tuple(sorted(_MIXERS))
 
 
+def _builtin(
+    name: str, builder: Callable[..., nn.Module], *, mlp: MlpBuilder | None = None
+) -> None:
+    # a built-in mixer is the registered layer of the same name (headwise.layers.registry, the
+    # one catalogue of layers); ``builder(cls, dim, stage, block, resolution, **kwargs)`` only
+    # chooses the backbone's arguments for it
+    cls = layer_spec(name).cls
+    register_mixer(name, lambda d, s, b, r, **kw: builder(cls, d, s, b, r, **kw), mlp=mlp)
+
+
 _TRANSNEXT_SR = (8, 4, 2, 1)
 
-register_mixer("hilo", lambda d, s, b, r, **kw: HiLoAttention(d, _heads(d), alpha=0.9, **kw))
-register_mixer(
+_builtin("hilo", lambda cls, d, s, b, r, **kw: cls(d, _heads(d), alpha=0.9, **kw))
+_builtin(
     "multi_axis",
     # MaxViT: block attention then grid attention, each with its own norm, attention and MLP
-    lambda d, s, b, r, **kw: MultiAxisAttention(
+    lambda cls, d, s, b, r, **kw: cls(
         d, partition="block" if b % 2 == 0 else "grid", dim_head=d // _heads(d), **kw
     ),
 )
-register_mixer("channel", lambda d, s, b, r, **kw: ChannelAttention(d, _heads(d), **kw))
-register_mixer("window", lambda d, s, b, r, **kw: WindowAttention(d, _heads(d), **kw))
+_builtin("channel", lambda cls, d, s, b, r, **kw: cls(d, _heads(d), **kw))
+_builtin("window", lambda cls, d, s, b, r, **kw: cls(d, _heads(d), **kw))
 register_mixer(
     "dual",
     # DaViT: a spatial (window) block, then a channel block
-    lambda d, s, b, r, **kw: (WindowAttention if b % 2 == 0 else ChannelAttention)(
+    lambda d, s, b, r, **kw: layer_spec("window" if b % 2 == 0 else "channel").cls(
         d, _heads(d), **kw
     ),
 )
-register_mixer("gpsa", lambda d, s, b, r, **kw: GatedPositionalSelfAttention(d, _heads(d), **kw))
-register_mixer("halo", lambda d, s, b, r, **kw: HaloAttention(d, _heads(d), **kw))
-register_mixer(
+_builtin("gpsa", lambda cls, d, s, b, r, **kw: cls(d, _heads(d), **kw))
+_builtin("halo", lambda cls, d, s, b, r, **kw: cls(d, _heads(d), **kw))
+_builtin(
     "aggregated",
-    lambda d, s, b, r, **kw: AggregatedAttention(
-        d, _heads(d), sr_ratio=_TRANSNEXT_SR[min(s, 3)], **kw
-    ),
-    mlp=lambda d, hidden: ConvGLU(d, hidden),
+    lambda cls, d, s, b, r, **kw: cls(d, _heads(d), sr_ratio=_TRANSNEXT_SR[min(s, 3)], **kw),
+    mlp=lambda d, hidden: layer_spec("conv_glu").cls(d, hidden),
 )
-register_mixer("single_head", lambda d, s, b, r, **kw: SingleHeadAttention(d, **kw))
-register_mixer("spectral", lambda d, s, b, r, **kw: SpectralGating(d, r, **kw))
-register_mixer("subspace", lambda d, s, b, r, **kw: SubspaceAttention(d, **kw))
-register_mixer("scale_aware", lambda d, s, b, r, **kw: ScaleAwareModulation(d, **kw))
-register_mixer("msa_conv", lambda d, s, b, r, **kw: MSAConv(d, **kw))
-register_mixer(
+_builtin("single_head", lambda cls, d, s, b, r, **kw: cls(d, **kw))
+_builtin("spectral", lambda cls, d, s, b, r, **kw: cls(d, r, **kw))
+_builtin("subspace", lambda cls, d, s, b, r, **kw: cls(d, **kw))
+_builtin("scale_aware", lambda cls, d, s, b, r, **kw: cls(d, **kw))
+_builtin("msa_conv", lambda cls, d, s, b, r, **kw: cls(d, **kw))
+_builtin(
     "neighborhood",
     # NAT: 7x7 neighborhood attention with its relative positional bias
-    lambda d, s, b, r, **kw: NeighborhoodAttention2D(
-        d, _heads(d), kernel_size=7, rel_pos_bias=True, **kw
-    ),
+    lambda cls, d, s, b, r, **kw: cls(d, _heads(d), kernel_size=7, rel_pos_bias=True, **kw),
 )
 
 
@@ -247,12 +238,14 @@ def vision_backbone(
     """A hierarchical backbone (stem 4x4/4, stages at strides 4, 8, 16, 32) with one mixer.
 
     Args:
-        mixer: a name from :func:`available_mixers` (``"hilo"``, ``"multi_axis"`` (block and
-            grid attention alternate), ``"channel"``, ``"window"``, ``"dual"`` (DaViT: window
-            and channel alternate), ``"gpsa"``, ``"halo"``, ``"aggregated"`` (with ConvGLU;
-            ``sr = 8, 4, 2, 1`` per stage), ``"single_head"``, ``"spectral"``, ``"subspace"``,
-            ``"scale_aware"``, ``"msa_conv"``), or ``builder(dim, stage, block, resolution,
-            **mixer_kwargs) -> nn.Module``. Heads are ``dim // 32`` (at least 1).
+        mixer: a name from :func:`available_mixers`, each the registered vision layer of that
+            name (:func:`headwise.layers.list_layers`): ``"hilo"``, ``"multi_axis"`` (block and
+            grid attention alternate), ``"channel"``, ``"window"``, ``"gpsa"``, ``"halo"``,
+            ``"aggregated"`` (with ConvGLU; ``sr = 8, 4, 2, 1`` per stage), ``"single_head"``,
+            ``"spectral"``, ``"subspace"``, ``"scale_aware"``, ``"msa_conv"``,
+            ``"neighborhood"``; or ``"dual"`` (DaViT: window and channel alternate); or
+            ``builder(dim, stage, block, resolution, **mixer_kwargs) -> nn.Module``. Heads are
+            ``dim // 32`` (at least 1).
         depths: blocks per stage.
         dims: channels per stage.
         img_size: input ``(H, W)``; size-locked mixers (``"spectral"``) are built for it.

@@ -9,20 +9,31 @@ what it needs:
 * ``block_layout(q_len, kv_len, block)`` - ``(H_p, nQ, nK)`` codes EMPTY/PARTIAL/FULL, computed
   in row chunks so no ``Lq x Lk`` tensor is ever built;
 * ``block_mask(...)`` - a FlexAttention ``BlockMask`` assembled from that layout;
-* ``density(q_len, kv_len)`` - the fraction of visible (query, key) pairs.
+* ``density(q_len, kv_len)`` - the fraction of visible (query, key) pairs;
+* ``is_full`` / ``causal_align`` - whether it is plain full or plain causal attention (and with
+  which alignment), for backends that serve those natively without testing concrete classes.
+
+``a & b`` and ``a | b`` build the composition patterns defined here, beside the base class, so
+that the base never imports the constructors of :mod:`headwise.patterns.library`.
 
 ``H_p`` is 1 for head-agnostic patterns and the number of heads for :func:`per_head` stacks.
-Patterns are immutable and hashable, so derived layouts are cached per (pattern, lengths).
+Patterns are immutable and hashable, so derived layouts are cached per (pattern, lengths) and
+shared by every equal pattern. A public method hands out a tensor of its own (a copy; a layout is
+small), never the cached one, which a caller could change in place for every later call: torch
+has no read-only tensors. Kernels read the cached objects through :meth:`Pattern._shared_layout`
+and :meth:`Pattern._shared_block_mask`, and never write to them.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from headwise._checks import check_int
+from headwise.types import Align
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -74,15 +85,28 @@ class Pattern:
         """One head-agnostic pattern per head, or ``None`` if every head follows this one."""
         return None
 
+    # ----------------------------------------------------------------- what kernels ask
+    # Backends that take only some shapes natively (SDPA: dense or plain causal) ask these
+    # instead of testing for concrete classes. Both are structural: they describe how the
+    # pattern was built, not what it happens to show at some lengths (``sliding_window(None,
+    # None)`` shows every key yet is not ``is_full``), so a dispatch decision never depends on
+    # the lengths of the call.
+    @property
+    def is_full(self) -> bool:
+        """Whether this is :func:`headwise.patterns.full`: every query sees every key."""
+        return False
+
+    @property
+    def causal_align(self) -> Align | None:
+        """The ``align`` of a plain :func:`headwise.patterns.causal` pattern (``"bottom_right"``
+        or ``"top_left"``); ``None`` for every other pattern, compositions included."""
+        return None
+
     # ----------------------------------------------------------------- composition
     def __and__(self, other: Pattern) -> Pattern:
-        from headwise.patterns.library import _Intersection
-
         return _Intersection(_flatten(_Intersection, (self, other)))
 
     def __or__(self, other: Pattern) -> Pattern:
-        from headwise.patterns.library import _Union
-
         return _Union(_flatten(_Union, (self, other)))
 
     # ----------------------------------------------------------------- derived views
@@ -112,11 +136,9 @@ class Pattern:
         *,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Block codes ``(H_p, ceil(Lq/bq), ceil(Lk/bk))``: EMPTY=0, PARTIAL=1, FULL=2 (uint8)."""
-        q_len, kv_len = _lengths(q_len, kv_len)
-        self.check_lengths(q_len, kv_len)
-        block_q, block_k = _pair(block_size)
-        return _block_layout(self, q_len, kv_len, block_q, block_k, str(device or "cpu"))
+        """Block codes ``(H_p, ceil(Lq/bq), ceil(Lk/bk))``: EMPTY=0, PARTIAL=1, FULL=2 (uint8);
+        the caller's own copy."""
+        return self._shared_layout(q_len, kv_len, block_size, device=device).clone()
 
     def block_mask(
         self,
@@ -126,11 +148,34 @@ class Pattern:
         block_size: int | tuple[int, int] = 128,
         device: torch.device | str | None = None,
     ):
-        """A FlexAttention ``BlockMask`` (fully visible blocks skip the predicate)."""
-        q_len, kv_len = _lengths(q_len, kv_len)
-        self.check_lengths(q_len, kv_len)
-        block_q, block_k = _pair(block_size)
-        return _flex_block_mask(self, q_len, kv_len, block_q, block_k, str(device or "cpu"))
+        """A FlexAttention ``BlockMask`` (fully visible blocks skip the predicate); the caller's
+        own, built anew from the cached layout."""
+        args = _block_args(self, q_len, kv_len, block_size, device)
+        return _make_block_mask(self, *args)
+
+    def _shared_layout(
+        self,
+        q_len: int,
+        kv_len: int,
+        block_size: int | tuple[int, int] = 128,
+        *,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """:meth:`block_layout` without the copy: the cached tensor every equal pattern shares.
+        For kernels, which only read it."""
+        return _block_layout(self, *_block_args(self, q_len, kv_len, block_size, device))
+
+    def _shared_block_mask(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ):
+        """:meth:`block_mask`, cached and shared by every equal pattern (FlexAttention then sees
+        the same ``mask_mod`` object and does not recompile). For kernels, which only read it."""
+        return _flex_block_mask(self, *_block_args(self, q_len, kv_len, block_size, device))
 
     def density(self, q_len: int, kv_len: int) -> float:
         """Fraction of (head, query, key) triples that are visible, in ``[0, 1]``."""
@@ -160,6 +205,96 @@ class Pattern:
         step = max(1, _CHUNK_ELEMENTS // max(1, heads * kv_len))
         for start in range(0, q_len, step):
             yield start, min(q_len, start + step)
+
+
+# --------------------------------------------------------------------------- composition
+@dataclass(frozen=True)
+class _Intersection(Pattern):
+    """``a & b & ...``: a key is visible when every part allows it."""
+
+    parts: tuple[Pattern, ...]
+
+    def __repr__(self) -> str:
+        # ``&`` binds tighter than ``|``: only unions inside an intersection need parentheses.
+        return " & ".join(f"({p!r})" if isinstance(p, _Union) else repr(p) for p in self.parts)
+
+    @property
+    def num_heads(self) -> int | None:  # type: ignore[override]
+        return max((p.num_heads or 0 for p in self.parts), default=0) or None
+
+    def check_lengths(self, q_len, kv_len):
+        for part in self.parts:
+            part.check_lengths(q_len, kv_len)
+
+    @staticmethod
+    def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a & b
+
+    def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
+        allowed = self.parts[0]._allowed(h, q_idx, kv_idx, q_len, kv_len)
+        for part in self.parts[1:]:
+            allowed = self._combine(allowed, part._allowed(h, q_idx, kv_idx, q_len, kv_len))
+        return allowed
+
+    def query_groups(self, q_len, size):
+        # A part with its own grouping (a neighborhood) knows best which queries share keys.
+        for part in self.parts:
+            if type(part).query_groups is not Pattern.query_groups:
+                return part.query_groups(q_len, size)
+        return super().query_groups(q_len, size)
+
+    def key_panels(self, q_len, kv_len, size):
+        for part in self.parts:
+            if type(part).key_panels is not Pattern.key_panels:
+                return part.key_panels(q_len, kv_len, size)
+        return super().key_panels(q_len, kv_len, size)
+
+    def head_patterns(self):
+        if self.num_heads is None:
+            return None
+        per_part = []
+        for part in self.parts:
+            split = (part,) * self.num_heads if part.num_heads is None else part.head_patterns()
+            if split is None:  # a per-head part that cannot be split into single heads
+                return None
+            per_part.append(split)
+        return tuple(type(self)(parts) for parts in zip(*per_part))
+
+    def visible(self, q_idx, kv_idx, q_len, kv_len):
+        # Combine the parts' own masks so per-head parts keep their fast stacking.
+        allowed = self.parts[0].visible(q_idx, kv_idx, q_len, kv_len)
+        for part in self.parts[1:]:
+            allowed = self._combine(allowed, part.visible(q_idx, kv_idx, q_len, kv_len))
+        return allowed.expand(self.num_heads or 1, -1, -1)
+
+
+@dataclass(frozen=True, repr=False)
+class _Union(_Intersection):
+    """``a | b | ...``: a key is visible when any part allows it."""
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(p) for p in self.parts)
+
+    @staticmethod
+    def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a | b
+
+    def key_panels(self, q_len, kv_len, size):
+        # A part's panel holds only that part's keys; the union may see others.
+        return Pattern.key_panels(self, q_len, kv_len, size)
+
+
+def _block_args(
+    pattern: Pattern,
+    q_len: int,
+    kv_len: int,
+    block_size: int | tuple[int, int],
+    device: torch.device | str | None,
+) -> tuple[int, int, int, int, str]:
+    """The cache key of a block layout or mask: checked lengths and block sizes, the device."""
+    q_len, kv_len = _lengths(q_len, kv_len)
+    pattern.check_lengths(q_len, kv_len)
+    return (q_len, kv_len, *_pair(block_size), str(device or "cpu"))
 
 
 def _lengths(q_len: int, kv_len: int) -> tuple[int, int]:
@@ -242,8 +377,7 @@ def _density(pattern: Pattern, q_len: int, kv_len: int) -> float:
     return visible / ((pattern.num_heads or 1) * q_len * kv_len)
 
 
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(
+def _make_block_mask(
     pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_k: int, device: str
 ):
     from torch.nn.attention.flex_attention import BlockMask
@@ -268,3 +402,6 @@ def _flex_block_mask(
         mask_mod=_mask_mod(pattern, q_len, kv_len),
         seq_lengths=(q_len, kv_len),
     )
+
+
+_flex_block_mask = functools.lru_cache(maxsize=64)(_make_block_mask)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -38,16 +38,20 @@ from headwise._checks import (
     check_ints,
 )
 from headwise.patterns.base import Pattern
+from headwise.types import Align
 
-Align = Literal["bottom_right", "top_left"]
 _ALIGNS = ("bottom_right", "top_left")
 
 
-def _query_positions(q_idx: torch.Tensor, q_len: int, kv_len: int, align: str) -> torch.Tensor:
+def query_positions(
+    q_idx: torch.Tensor, q_len: int, kv_len: int, align: Align = "bottom_right"
+) -> torch.Tensor:
+    """Key-axis position ``p(i)`` of query ``i`` under ``align`` (module docstring): ``i + Lk -
+    Lq`` bottom-right aligned, ``i`` top-left. For patterns written outside this module."""
     return q_idx + (kv_len - q_len) if align == "bottom_right" else q_idx
 
 
-def _normalise(obj: Pattern, name: str, value: Any) -> None:
+def _normalize(obj: Pattern, name: str, value: Any) -> None:
     """Store a checked value on a frozen dataclass (e.g. ``numpy.int64(3)`` becomes ``3``)."""
     object.__setattr__(obj, name, value)
 
@@ -72,6 +76,10 @@ class Full(Pattern):
     def __repr__(self) -> str:
         return "full()"
 
+    @property
+    def is_full(self) -> bool:
+        return True
+
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
 
@@ -88,8 +96,12 @@ class Causal(Pattern):
     def __repr__(self) -> str:
         return f"causal({_args(align=_unless(self.align, 'bottom_right'))})"
 
+    @property
+    def causal_align(self) -> Align:
+        return self.align
+
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        return kv_idx <= _query_positions(q_idx, q_len, kv_len, self.align)
+        return kv_idx <= query_positions(q_idx, q_len, kv_len, self.align)
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ class SlidingWindow(Pattern):
     def __post_init__(self):
         for name in ("left", "right"):
             if getattr(self, name) is not None:
-                _normalise(self, name, check_int(name, getattr(self, name), minimum=0))
+                _normalize(self, name, check_int(name, getattr(self, name), minimum=0))
         check_choice("align", self.align, _ALIGNS)
 
     def __repr__(self) -> str:
@@ -112,7 +124,7 @@ class SlidingWindow(Pattern):
         return f"sliding_window({_args(self.left, *right, align=align)})"
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        pos = _query_positions(q_idx, q_len, kv_len, self.align)
+        pos = query_positions(q_idx, q_len, kv_len, self.align)
         # Positions lie in [-q_len, kv_len): a reach of q_len + kv_len already covers every key.
         reach = q_len + kv_len
         allowed = torch.ones_like(pos + kv_idx, dtype=torch.bool)
@@ -136,7 +148,7 @@ class Sinks(Pattern):
     align: str = "bottom_right"
 
     def __post_init__(self):
-        _normalise(self, "n", check_int("n", self.n, minimum=0))
+        _normalize(self, "n", check_int("n", self.n, minimum=0))
         check_bool("causal", self.causal)
         check_choice("align", self.align, _ALIGNS)
 
@@ -147,7 +159,7 @@ class Sinks(Pattern):
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         allowed = kv_idx < min(self.n, kv_len)
         if self.causal:
-            allowed = allowed & (kv_idx <= _query_positions(q_idx, q_len, kv_len, self.align))
+            allowed = allowed & (kv_idx <= query_positions(q_idx, q_len, kv_len, self.align))
         return allowed
 
 
@@ -164,9 +176,9 @@ class Strided(Pattern):
     block: int = 1
 
     def __post_init__(self):
-        _normalise(self, "stride", check_int("stride", self.stride, minimum=1))
-        _normalise(self, "offset", check_int("offset", self.offset))
-        _normalise(self, "block", check_int("block", self.block, minimum=1))
+        _normalize(self, "stride", check_int("stride", self.stride, minimum=1))
+        _normalize(self, "offset", check_int("offset", self.offset))
+        _normalize(self, "block", check_int("block", self.block, minimum=1))
         if not 0 <= self.offset < self.stride:
             raise ValueError(f"offset must be in [0, stride={self.stride}); got {self.offset}")
 
@@ -200,7 +212,7 @@ class Documents(Pattern):
 
     def __post_init__(self):
         for name in ("q_lengths", "kv_lengths"):
-            _normalise(self, name, check_ints(name, getattr(self, name), minimum=0))
+            _normalize(self, name, check_ints(name, getattr(self, name), minimum=0))
         if len(self.q_lengths) != len(self.kv_lengths):
             raise ValueError(
                 "q_lengths and kv_lengths must have one entry per document; got "
@@ -255,7 +267,7 @@ class ModalityMutual(Pattern):
     pairs: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
 
     def __post_init__(self):
-        _normalise(self, "pairs", _segment_pairs(self.pairs))
+        _normalize(self, "pairs", _segment_pairs(self.pairs))
 
     def __repr__(self) -> str:
         return f"modality_mutual({list(self.pairs)!r})"
@@ -291,14 +303,14 @@ class BlockSparse(Pattern):
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
-        _normalise(self, "block_size", _block_pair(self.block_size))
+        _normalize(self, "block_size", _block_pair(self.block_size))
 
     @property
     def num_heads(self) -> int | None:  # type: ignore[override]
         return self.shape[0] if self.shape[0] > 1 else None
 
     def __repr__(self) -> str:
-        layout = self.layout(torch.device("cpu"))
+        layout = self._layout(torch.device("cpu"))
         if self.shape[0] == 1:
             layout = layout[0]
         if layout.numel() <= _REPR_LAYOUT:
@@ -311,7 +323,12 @@ class BlockSparse(Pattern):
         block = self.block_size[0] if self.block_size[0] == self.block_size[1] else self.block_size
         return f"block_sparse({shown}, {block!r})"
 
-    def layout(self, device: torch.device) -> torch.Tensor:
+    def layout(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The boolean layout ``(H, nq, nk)`` on ``device``: the caller's own copy."""
+        return self._layout(torch.device(device)).clone()
+
+    def _layout(self, device: torch.device) -> torch.Tensor:
+        """The layout cached per device, which every use of this pattern reads: never written."""
         key = str(device)
         if key not in self._cache:
             flat = torch.frombuffer(bytearray(self.layout_bytes), dtype=torch.bool)
@@ -326,7 +343,7 @@ class BlockSparse(Pattern):
     def head_patterns(self):
         if self.shape[0] == 1:
             return None
-        layout = self.layout(torch.device("cpu"))
+        layout = self._layout(torch.device("cpu"))
         return tuple(block_sparse(layout[h], self.block_size) for h in range(self.shape[0]))
 
     def check_lengths(self, q_len, kv_len):
@@ -339,90 +356,13 @@ class BlockSparse(Pattern):
             )
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        layout = self.layout(q_idx.device)
+        layout = self._layout(q_idx.device)
         head = h if self.shape[0] > 1 else torch.zeros_like(h)
         # A block past int64 is capped at 2**62, which every index is below as well, so the
         # block index stays 0. (Not capped at the lengths: FlexAttention may evaluate indices
         # past the sequence end, which must keep landing on the layout as they did.)
         block_q, block_k = (min(b, _INDEX_CAP) for b in self.block_size)
         return layout[head, q_idx // block_q, kv_idx // block_k]
-
-
-# --------------------------------------------------------------------------- composition
-@dataclass(frozen=True)
-class _Intersection(Pattern):
-    """``a & b & ...``: a key is visible when every part allows it."""
-
-    parts: tuple[Pattern, ...]
-
-    def __repr__(self) -> str:
-        # ``&`` binds tighter than ``|``: only unions inside an intersection need parentheses.
-        return " & ".join(f"({p!r})" if isinstance(p, _Union) else repr(p) for p in self.parts)
-
-    @property
-    def num_heads(self) -> int | None:  # type: ignore[override]
-        return max((p.num_heads or 0 for p in self.parts), default=0) or None
-
-    def check_lengths(self, q_len, kv_len):
-        for part in self.parts:
-            part.check_lengths(q_len, kv_len)
-
-    @staticmethod
-    def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a & b
-
-    def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
-        allowed = self.parts[0]._allowed(h, q_idx, kv_idx, q_len, kv_len)
-        for part in self.parts[1:]:
-            allowed = self._combine(allowed, part._allowed(h, q_idx, kv_idx, q_len, kv_len))
-        return allowed
-
-    def query_groups(self, q_len, size):
-        # A part with its own grouping (a neighborhood) knows best which queries share keys.
-        for part in self.parts:
-            if type(part).query_groups is not Pattern.query_groups:
-                return part.query_groups(q_len, size)
-        return super().query_groups(q_len, size)
-
-    def key_panels(self, q_len, kv_len, size):
-        for part in self.parts:
-            if type(part).key_panels is not Pattern.key_panels:
-                return part.key_panels(q_len, kv_len, size)
-        return super().key_panels(q_len, kv_len, size)
-
-    def head_patterns(self):
-        if self.num_heads is None:
-            return None
-        per_part = []
-        for part in self.parts:
-            split = (part,) * self.num_heads if part.num_heads is None else part.head_patterns()
-            if split is None:  # a per-head part that cannot be split into single heads
-                return None
-            per_part.append(split)
-        return tuple(type(self)(parts) for parts in zip(*per_part))
-
-    def visible(self, q_idx, kv_idx, q_len, kv_len):
-        # Combine the parts' own masks so per-head parts keep their fast stacking.
-        allowed = self.parts[0].visible(q_idx, kv_idx, q_len, kv_len)
-        for part in self.parts[1:]:
-            allowed = self._combine(allowed, part.visible(q_idx, kv_idx, q_len, kv_len))
-        return allowed.expand(self.num_heads or 1, -1, -1)
-
-
-@dataclass(frozen=True, repr=False)
-class _Union(_Intersection):
-    """``a | b | ...``: a key is visible when any part allows it."""
-
-    def __repr__(self) -> str:
-        return " | ".join(repr(p) for p in self.parts)
-
-    @staticmethod
-    def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a | b
-
-    def key_panels(self, q_len, kv_len, size):
-        # A part's panel holds only that part's keys; the union may see others.
-        return Pattern.key_panels(self, q_len, kv_len, size)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ length ``L`` with kernel ``k``, dilation ``d``, stride ``s`` and a causal flag (
 * dilation groups: position ``i`` is in group ``g = i mod d`` at in-group index ``i' = i // d``;
   the group has ``L_g = L // d + [g < L mod d]`` positions; queries see keys of their group only.
 * non-causal: ``left = k // 2``, ``right = k // 2 + k mod 2 - 1``; leader
-  ``l = min((i' // s) s + s // 2, L_g - 1)``; centre ``c = clamp(l, left, L_g - 1 - right)``;
+  ``l = min((i' // s) s + s // 2, L_g - 1)``; center ``c = clamp(l, left, L_g - 1 - right)``;
   keys ``j'`` in ``[c - left, c + right]`` - near a border the window shifts inwards, so every
   query sees exactly ``k`` keys.
 * causal: leader ``l = min((i' // s) s + s - 1, L_g - 1)``; keys ``j'`` in
@@ -21,7 +21,7 @@ each axis clamps ``k`` to ``L + 1``, ``d`` to ``L`` and ``s`` to ``2L``: every l
 the same window (the whole group; one token per group; leader = last position), so huge values
 stay exact instead of overflowing int64.
 
-The N-D neighbourhood is the Cartesian product of the per-axis windows.
+The N-D neighborhood is the Cartesian product of the per-axis windows.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ class Neighborhood(Pattern):
             return group, torch.clamp(leader - k + 1, min=0), inner
         left, right = k // 2, k // 2 + k % 2 - 1
         leader = torch.minimum((inner // s) * s + s // 2, last)
-        centre = torch.clamp(torch.minimum(leader, last - right), min=left)
-        return group, centre - left, torch.minimum(centre + right, last)
+        center = torch.clamp(torch.minimum(leader, last - right), min=left)
+        return group, center - left, torch.minimum(center + right, last)
 
     def visible(self, q_idx, kv_idx, q_len, kv_len):
         # The window is a product over axes: look each axis up in its small (L_a, L_a) table

@@ -103,9 +103,9 @@ def test_backend_matches_oracle(backend, name, dtype):
 def test_blockwise_step_by_step_path_matches_oracle(monkeypatch, name, dtype):
     # On CPU blockwise runs PyTorch's fused kernel per query group; its step-by-step softmax
     # (used for score_mod, bias gradients, other devices) must agree on its own.
-    import headwise.ops.attention.blockwise as blockwise
+    import headwise.ops.attention.blockwise.fused as fused
 
-    monkeypatch.setattr(blockwise, "_FUSED", None)
+    monkeypatch.setattr(fused, "FUSED", None)
     q, k, v = make_inputs(dtype=dtype)
     check_against_oracle("blockwise", q, k, v, PATTERNS[name])
 
@@ -391,11 +391,12 @@ HETEROGENEOUS = P.per_head(
 
 
 def test_heads_with_different_patterns_are_processed_separately():
-    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _head_groups
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK
+    from headwise.ops.attention.blockwise.heads import group_heads
 
-    groups = _head_groups(HETEROGENEOUS, 300, 300, DEFAULT_BLOCK)
+    groups = group_heads(HETEROGENEOUS, 300, 300, DEFAULT_BLOCK)
     assert groups is not None and len(groups) == 7
-    assert groups[0][1] == [0, 4]
+    assert groups[0][1] == (0, 4)
 
 
 def test_each_head_equals_a_single_head_call_with_its_pattern():
@@ -468,11 +469,12 @@ RUN_PATTERNS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", RUN_PATTERNS)
 def test_batched_runs_and_gathered_panels_match_oracle(name, dtype):
-    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _plan, _Run
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK
+    from headwise.ops.attention.blockwise.plan import Run, plan_for
 
     pattern, length, expected = RUN_PATTERNS[name]
-    plan = _plan(pattern, length, length, DEFAULT_BLOCK, "cpu")
-    runs = [run for panel in plan for run in panel.runs if isinstance(run, _Run)]
+    plan = plan_for(pattern, length, length, DEFAULT_BLOCK, "cpu")
+    runs = [run for panel in plan for run in panel.runs if isinstance(run, Run)]
     gathered = [panel for panel in plan if panel.keys is not None]
     if expected == "runs":
         assert runs, "the plan should batch same-shaped groups"
@@ -491,20 +493,21 @@ def test_heads_not_evenly_spaced_are_copied_not_viewed():
     # heads [0, 1, 3] share a pattern: no strided view selects them, so they are index-copied
     pattern = P.per_head([P.sliding_window(2)] * 2 + [P.full(), P.sliding_window(2)])
     q, k, v = make_inputs(batch=2, q_len=200, kv_len=200, heads=4, kv_heads=2)
-    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _head_groups
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK
+    from headwise.ops.attention.blockwise.heads import group_heads
 
-    assert [heads for _, heads in _head_groups(pattern, 200, 200, DEFAULT_BLOCK)] == [
-        [0, 1, 3],
-        [2],
+    assert [heads for _, heads in group_heads(pattern, 200, 200, DEFAULT_BLOCK)] == [
+        (0, 1, 3),
+        (2,),
     ]
     check_against_oracle("blockwise", q, k, v, pattern)
 
 
 @pytest.mark.parametrize("name", ["neighborhood_2d_dilated", "neighborhood_3d_causal"])
 def test_step_by_step_path_reads_panel_keys_in_panel_order(monkeypatch, name):
-    import headwise.ops.attention.blockwise as blockwise
+    import headwise.ops.attention.blockwise.fused as fused
 
-    monkeypatch.setattr(blockwise, "_FUSED", None)
+    monkeypatch.setattr(fused, "FUSED", None)
     pattern, length, _ = RUN_PATTERNS[name]
     q, k, v = make_inputs(batch=1, q_len=length, kv_len=length)
     check_against_oracle("blockwise", q, k, v, pattern)
@@ -517,9 +520,10 @@ SPLIT_HEADS = P.per_head([P.sliding_window(3), P.sliding_window(3), P.full(), P.
 @pytest.mark.parametrize("bias_shape", [None, (2, 4, 90, 90), (1, 1, 90, 90)])
 def test_heads_split_by_pattern_with_bias_and_gqa(bias_shape, dtype):
     # heads 0 and 1 share a pattern and a K/V head (GQA 2:1): their dK, dV must add up
-    from headwise.ops.attention.blockwise import DEFAULT_BLOCK, _head_groups
+    from headwise.ops.attention.blockwise import DEFAULT_BLOCK
+    from headwise.ops.attention.blockwise.heads import group_heads
 
-    assert _head_groups(SPLIT_HEADS, 90, 90, DEFAULT_BLOCK) is not None
+    assert group_heads(SPLIT_HEADS, 90, 90, DEFAULT_BLOCK) is not None
     q, k, v = make_inputs(q_len=90, kv_len=90, dtype=dtype)
     bias = None
     if bias_shape is not None:
@@ -543,15 +547,15 @@ def test_heads_split_by_pattern_renumber_score_mod_heads():
 
 
 def test_plans_stay_cached_for_many_patterns_within_the_mask_budget(monkeypatch):
-    import headwise.ops.attention.blockwise as blockwise
+    import headwise.ops.attention.blockwise.plan as blockwise
 
-    cache = PlanCache(blockwise._PLANS.max_plans, blockwise._PLANS.max_size, blockwise._PLANS.size)
-    monkeypatch.setattr(blockwise, "_PLANS", cache)
+    cache = PlanCache(blockwise.PLANS.max_plans, blockwise.PLANS.max_size, blockwise.PLANS.size)
+    monkeypatch.setattr(blockwise, "PLANS", cache)
     windows = [P.sliding_window(w) for w in range(1, 41)]  # 40 layers' worth of patterns
-    first = [blockwise._plan(p, 100, 100, 32, "cpu") for p in windows]
-    assert all(blockwise._plan(p, 100, 100, 32, "cpu") is f for p, f in zip(windows, first))
+    first = [blockwise.plan_for(p, 100, 100, 32, "cpu") for p in windows]
+    assert all(blockwise.plan_for(p, 100, 100, 32, "cpu") is f for p, f in zip(windows, first))
     # masks beyond the budget: the least recently used plans go first, the newest stays
     monkeypatch.setattr(cache, "max_size", 1)
-    newest = blockwise._plan(P.sliding_window(50), 100, 100, 32, "cpu")
+    newest = blockwise.plan_for(P.sliding_window(50), 100, 100, 32, "cpu")
     assert list(cache) == [(P.sliding_window(50), 100, 100, 32, "cpu")]
-    assert blockwise._plan(P.sliding_window(50), 100, 100, 32, "cpu") is newest
+    assert blockwise.plan_for(P.sliding_window(50), 100, 100, 32, "cpu") is newest

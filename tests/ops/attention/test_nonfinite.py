@@ -14,6 +14,7 @@ import torch
 
 import headwise.patterns as P
 from headwise.ops.attention import attention, attention_varlen, pack
+from headwise.ops.attention.native import available
 from headwise.ops.attention.reference import reference_attention
 
 INF, NAN = float("inf"), float("nan")
@@ -232,3 +233,29 @@ def test_gathered_attention_keeps_bad_keys_to_the_rows_that_use_them():
         torch.testing.assert_close(out[~poisoned], wanted[~poisoned])
         grads = torch.autograd.grad(out[~poisoned].sum(), (qq, kk, vv))
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+TINY_BACKENDS = ["reference", "sdpa", "blockwise", "flex"] + (["native"] if available() else [])
+#: weights e^-gap / n of rows seeing n = 3..8 keys: all above float32's smallest normal number
+#: 2^-126 = e^-87.3 (poisoned), all below it though normal, subnormal (native's exp flushes those
+#: to 0, the others kept them), zero in float32; and HF's finfo.min padding bias (never poisons)
+TINY_GAPS = {"e^-20": 20.0, "e^-85": 85.0, "e^-88": 88.0, "e^-100": 100.0, "e^-110": 110.0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gap", [*TINY_GAPS, "finfo.min"])
+def test_every_backend_poisons_the_same_rows_when_a_bad_key_gets_a_tiny_weight(gap, dtype):
+    # rows 2.. see a NaN value at key 2 under a bias of -gap, all other scores 0
+    q = k = torch.zeros(1, 8, 1, 8, dtype=dtype)
+    v = torch.randn(1, 8, 1, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    v[0, 2, 0, 0] = NAN
+    bias = torch.zeros(1, 1, 8, 8, dtype=dtype)
+    bias[..., 2] = torch.finfo(dtype).min if gap == "finfo.min" else -TINY_GAPS[gap]
+    wanted = [False, False] + [gap in ("e^-20", "e^-85")] * 6
+    rows = {}
+    for backend in TINY_BACKENDS:
+        out = attention(q, k, v, P.causal(), bias=bias, backend=backend)
+        rows[backend] = torch.isnan(out[0, :, 0]).all(-1).tolist()
+    rows["oracle"] = torch.isnan(reference_attention(q, k, v, P.causal(), bias=bias)[0][0, :, 0])
+    rows["oracle"] = rows["oracle"].all(-1).tolist()
+    assert all(r == wanted for r in rows.values()), (wanted, rows)

@@ -56,12 +56,12 @@ def test_plan_cache_under_two_threads(switch_often):
 
 @pytest.mark.parametrize("backend", ["blockwise", "native"])
 def test_two_threads_with_different_patterns(backend, switch_often, monkeypatch):
-    import headwise.ops.attention.blockwise as blockwise
-    import headwise.ops.attention.tiles as tiles
+    import headwise.ops.attention.blockwise.plan as blockwise
+    import headwise.ops.attention.native.plan as native
 
     # a tiny cache so that plans are evicted and rebuilt all the time
-    for module in (blockwise, tiles):
-        monkeypatch.setattr(module._PLANS, "max_plans", 3)
+    for module in (blockwise, native):
+        monkeypatch.setattr(module.PLANS, "max_plans", 3)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 40, 2, 8, generator=gen) for _ in range(3))
     patterns = [
@@ -140,7 +140,7 @@ def test_fused_blockwise_does_not_depend_on_the_thread_count(name, dtype):
 )
 def test_step_by_step_blockwise_differs_by_rounding_only(name, dtype, extra, with_lse):
     # the step-by-step path multiplies blocks with torch.matmul: BLAS may split a product among
-    # threads in another order (a few ulps; documented in blockwise.py)
+    # threads in another order (a few ulps; documented in blockwise/stepwise.py)
     results = per_thread_count(name, dtype, extra, with_lse)
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     for other in results[1:]:

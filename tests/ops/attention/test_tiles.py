@@ -19,9 +19,9 @@ from test_attention import check_against_oracle, make_inputs
 
 import headwise.patterns as P
 from headwise.ops.attention import attention, explain
+from headwise.ops.attention.native import available, lanes, tile_plan, tiles_forward
 from headwise.ops.attention.plan_cache import PlanCache
 from headwise.ops.attention.reference import reference_attention
-from headwise.ops.attention.tiles import available, lanes, tile_plan, tiles_forward
 from strategies import pattern_leaves
 
 
@@ -181,9 +181,9 @@ def test_relative_position_gradient_does_not_depend_on_the_thread_count():
 def test_grouped_long_tiles_do_not_depend_on_the_thread_count(monkeypatch):
     # tiles grouped by the forward take their keys in chunks at fixed positions, so which tiles
     # a thread's range puts together does not change any tile's sums
-    import headwise.ops.attention.tiles as tiles
+    import headwise.ops.attention.native.call as call
 
-    monkeypatch.setattr(tiles, "LONG_TILE_KEYS", 1)
+    monkeypatch.setattr(call, "LONG_TILE_KEYS", 1)
     q, k, v = (t.detach() for t in make_inputs(1, 700, 700, 3, 3, 16))
     pattern = P.sliding_window(300) | P.sinks(3)
     results = _with_threads(
@@ -221,7 +221,7 @@ def test_without_a_compiler_auto_falls_back_to_blockwise(tmp_path):
     script = (
         "import torch, headwise.patterns as P\n"
         "from headwise.ops.attention import explain\n"
-        "from headwise.ops.attention.tiles import available\n"
+        "from headwise.ops.attention.native import available\n"
         "q = torch.randn(1, 16, 2, 8)\n"
         "print(available(), explain(q, q, q, P.sliding_window(2)).backend)\n"
     )
@@ -233,18 +233,19 @@ def test_without_a_compiler_auto_falls_back_to_blockwise(tmp_path):
 
 
 def test_plans_stay_cached_within_their_budget(monkeypatch):
-    import headwise.ops.attention.tiles as tiles
+    import headwise.ops.attention.native.plan as plans
 
-    cache = PlanCache(tiles._PLANS.max_plans, tiles._PLANS.max_size, tiles._PLANS.size)
-    monkeypatch.setattr(tiles, "_PLANS", cache)
+    cache = PlanCache(plans.PLANS.max_plans, plans.PLANS.max_size, plans.PLANS.size)
+    monkeypatch.setattr(plans, "PLANS", cache)
     windows = [P.sliding_window(w) for w in range(1, 41)]  # 40 layers' worth of patterns
-    first = [tile_plan(p, 100, 100) for p in windows]
-    assert all(tile_plan(p, 100, 100) is f for p, f in zip(windows, first))
+    cached = plans._shared_tile_plan  # the cache itself (tile_plan hands out copies)
+    first = [cached(p, 100, 100) for p in windows]
+    assert all(cached(p, 100, 100) is f for p, f in zip(windows, first))
     # past the entry budget the least recently used plans go first, the newest stays
     monkeypatch.setattr(cache, "max_size", 1)
-    newest = tile_plan(P.sliding_window(50), 100, 100)
+    newest = cached(P.sliding_window(50), 100, 100)
     assert list(cache) == [(P.sliding_window(50), 100, 100)]
-    assert tile_plan(P.sliding_window(50), 100, 100) is newest
+    assert cached(P.sliding_window(50), 100, 100) is newest
 
 
 @needs_kernel
@@ -254,7 +255,7 @@ def test_plans_stay_cached_within_their_budget(monkeypatch):
         # machines without AVX-512 get 8 lanes (4 x 2 tiles on a 2-D grid): same numerics
         ("-mno-avx512f", "lanes() == 8"),
         # compilers without OpenMP: the items are split among Python threads instead
-        ("-fno-openmp", "not _library().headwise_tiles_openmp()"),
+        ("-fno-openmp", "not library().headwise_tiles_openmp()"),
     ],
 )
 def test_other_builds_match_oracle(tmp_path, flags, check):
@@ -265,7 +266,7 @@ def test_other_builds_match_oracle(tmp_path, flags, check):
         f"sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[2])]!r}\n"
         "from test_attention import check_against_oracle, make_inputs\n"
         "import headwise.patterns as P\n"
-        "from headwise.ops.attention.tiles import _library, lanes\n"
+        "from headwise.ops.attention.native.build import lanes, library\n"
         f"assert {check}\n"
         "torch.set_num_threads(2)\n"
         "q, k, v = make_inputs(2, 120, 120, 4, 2, 20)\n"
@@ -298,7 +299,7 @@ def test_relative_position_table_runs_natively_with_its_gradient():
     # NAT's learnable RPB: the native kernel adds the table and returns its gradient (summed
     # over batches that different threads handle); GQA, dilation, a 2-D grid, batch 3
     from headwise import neighborhood_attention
-    from headwise.ops.attention.neighborhood import relative_position_bias
+    from headwise.ops.attention.mods import relative_position_bias
 
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(3, 10, 12, 4, 16, generator=gen, requires_grad=True)
@@ -348,9 +349,9 @@ def test_any_composition_matches_oracle(pattern, q_len, kv_len, kv_heads, dim):
 @pytest.mark.parametrize("name", ["long_window_runs", "scattered_blocks", "neighborhood_2d_k7"])
 def test_grouped_long_tiles_match_oracle(monkeypatch, name):
     # every tile through the grouped, chunked forward (online softmax over shared key chunks)
-    import headwise.ops.attention.tiles as tiles
+    import headwise.ops.attention.native.call as call
 
-    monkeypatch.setattr(tiles, "LONG_TILE_KEYS", 1)
+    monkeypatch.setattr(call, "LONG_TILE_KEYS", 1)
     pattern, batch, length, heads, kv_heads, dim = NUMERIC_CASES[name]
     q, k, v = make_inputs(batch, length, length, heads, kv_heads, dim)
     check_against_oracle("native", q, k, v, pattern)
@@ -364,10 +365,10 @@ def test_grouped_long_tiles_match_oracle(monkeypatch, name):
 
 @needs_kernel
 def test_grouped_long_tiles_with_relative_position_table(monkeypatch):
-    import headwise.ops.attention.tiles as tiles
+    import headwise.ops.attention.native.call as call
     from headwise import neighborhood_attention
 
-    monkeypatch.setattr(tiles, "LONG_TILE_KEYS", 1)
+    monkeypatch.setattr(call, "LONG_TILE_KEYS", 1)
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 9, 11, 2, 8, generator=gen) for _ in range(3))
     table = torch.randn(2, 9, 9, generator=gen)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import io
 import os
 import subprocess
@@ -16,21 +17,23 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
-import headwise.ops.attention.tiles as tiles
+import headwise.ops.attention.native.build as build
+import headwise.patterns as P
 
-pytestmark = pytest.mark.skipif(not tiles.available(), reason="native tile kernel not built")
+pytestmark = pytest.mark.skipif(not build.available(), reason="native tile kernel not built")
 
 #: a child process: load the kernel, run it once, print whether it is the OpenMP build
 CHILD = (
     "import torch, headwise.patterns as P\n"
     "from headwise.ops.attention import attention\n"
-    "from headwise.ops.attention.tiles import _library\n"
+    "from headwise.ops.attention.native.build import library\n"
     "q = torch.randn(1, 40, 2, 8)\n"
     "out = attention(q, q, q, P.sliding_window(5), backend='native')\n"
     "ref = attention(q, q, q, P.sliding_window(5), backend='reference')\n"
     "torch.testing.assert_close(out, ref)\n"
-    "print(_library().headwise_tiles_openmp())\n"
+    "print(library().headwise_tiles_openmp())\n"
 )
 
 
@@ -52,7 +55,7 @@ def _fresh():
     """A new load of the kernel (not the process's cached one) and the warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lib = tiles._build_library.__wrapped__()
+        lib = build.build_library()
     assert lib is not None and lib.headwise_tiles_lanes() in (8, 16)
     return lib, [str(w.message) for w in caught]
 
@@ -98,11 +101,12 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def loaded(monkeypatch):
-    """The paths of the libraries ``ctypes.CDLL`` opens."""
+    """The files of the libraries ``ctypes.CDLL`` opens (a ``/proc/self/fd/N`` name stands for
+    the file open on that descriptor: the path it was opened by)."""
     paths, real = [], ctypes.CDLL
 
     def spy(name, *args, **kwargs):
-        paths.append(Path(name))
+        paths.append(Path(os.readlink(name) if name.startswith("/proc/self/fd/") else name))
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(ctypes, "CDLL", spy)
@@ -214,14 +218,147 @@ def test_a_cache_others_can_write_is_not_loaded_from(cache, monkeypatch, loaded,
         cache.chmod(0o770)
     elif case == "open_parent":  # others may swap the cache folder itself
         cache.parent.chmod(0o777)
-    else:
-        uid = os.getuid() + 1000
-        monkeypatch.setattr(os, "getuid", lambda: uid)
+    else:  # the cache folder belongs to another user (the libraries the build makes do not)
+        _owner_of(monkeypatch, "lstat", lambda path: Path(path) == cache, os.getuid() + 1000)
     loaded.clear()
     _, warned = _fresh()
     assert loaded and not any(path.is_relative_to(cache.parent) for path in loaded)
     assert len(warned) == 1 and "HEADWISE_CACHE" in warned[0] and str(cache) in warned[0], warned
     assert not loaded[-1].parent.exists(), "the private build directory is removed after loading"
+
+
+def _owner_of(monkeypatch, name: str, which, uid: int) -> None:
+    """``os.<name>`` (lstat, fstat) says the files ``which(argument)`` picks belong to ``uid``:
+    another user's file without ``chown``, which needs root."""
+    real = getattr(os, name)
+
+    def call(target, *args, **kwargs):
+        status = real(target, *args, **kwargs)
+        if not which(target):
+            return status
+        values = list(status[:10])
+        values[4] = uid  # st_uid
+        return os.stat_result(values)
+
+    monkeypatch.setattr(os, name, call)
+
+
+def _in(directory: Path):
+    """Whether a descriptor's file lies in ``directory``."""
+    return lambda fd: Path(os.readlink(f"/proc/self/fd/{fd}")).parent == directory
+
+
+@pytest.mark.parametrize("case", ["symlink", "symlinked_to_own_file", "owner", "group", "world"])
+def test_a_cached_library_is_checked_on_the_descriptor_that_is_loaded(
+    tmp_path, cache, monkeypatch, loaded, built, case
+):
+    # each file under its digest name, as a build stores it: only the file itself is wrong
+    marker = tmp_path / "constructor-ran"
+    planted = _planted(tmp_path, marker)
+    _fill(cache, built)
+    name = next(iter(built))
+    outside = tmp_path / "outside.so"
+    if case == "symlink":  # a name in a private cache pointing to a file anyone may write
+        target, data = outside, planted
+        outside.write_bytes(planted)
+        outside.chmod(0o666)
+    elif case == "symlinked_to_own_file":  # a good library, but reached through a link
+        target, data = outside, built[name]
+        outside.write_bytes(data)
+    os.unlink(cache / name)  # the only file for its key: nothing loads before it
+    if case.startswith("symlink"):
+        digest = build._digest(data)
+        link = cache / f"{name.rsplit('-', 1)[0]}-{digest}.so"
+        link.symlink_to(target)
+    else:
+        path = cache / f"{name.rsplit('-', 1)[0]}-{build._digest(planted)}.so"
+        path.write_bytes(planted)
+        if case == "owner":
+            _owner_of(monkeypatch, "fstat", _in(cache), os.getuid() + 1000)
+        else:
+            path.chmod(0o620 if case == "group" else 0o602)
+    loaded.clear()
+    _, warned = _fresh()
+    assert not marker.exists(), "the planted library's constructor ran"
+    assert outside not in loaded, "a library was loaded through a symlink"
+    assert not warned, warned
+    if case == "symlinked_to_own_file":
+        assert not (cache / link.name).is_symlink(), "the link is replaced by a built file"
+
+
+@pytest.mark.skipif(not build._BY_DESCRIPTOR, reason="no /proc/self/fd: loaded by path")
+def test_the_loader_maps_the_descriptor_that_was_checked(cache, monkeypatch, loaded):
+    # between the checks and the load nobody can put another file under the checked name: the
+    # loader is handed the descriptor that was read and hashed, never the path again
+    _fresh()
+    names = []
+    real = ctypes.CDLL
+
+    def swap(name, *args, **kwargs):
+        names.append(name)
+        for path in cache.glob("*.so"):
+            os.unlink(path)
+            path.write_bytes(b"swapped")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", swap)
+    lib, _ = _fresh()
+    assert names and all(name.startswith("/proc/self/fd/") for name in names), names
+    assert lib.headwise_tiles_lanes() in (8, 16)
+
+
+#: what glibc's loader says of a library on a file system mounted ``noexec``
+NOEXEC = "failed to map segment from shared object"
+
+
+def _noexec(monkeypatch, directory: Path) -> None:
+    """Libraries in ``directory`` cannot be loaded, as on a file system mounted ``noexec``."""
+    real = ctypes.CDLL
+
+    def load(name, *args, **kwargs):
+        path = Path(os.readlink(name) if name.startswith("/proc/self/fd/") else name)
+        if path.is_relative_to(directory):
+            raise OSError(f"{name}: {NOEXEC}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", load)
+
+
+def test_a_cache_whose_libraries_cannot_be_loaded_warns_once_and_loads_the_private_build(
+    cache, monkeypatch, loaded
+):
+    compiles = []
+    real_run = subprocess.run
+
+    def run(command, *args, **kwargs):
+        compiles.append(command)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    _noexec(monkeypatch, cache)
+    loaded.clear()
+    _, warned = _fresh()
+    assert len(compiles) == 1, "one build, not one per variant"
+    assert len(warned) == 1 and "HEADWISE_CACHE" in warned[0] and str(cache) in warned[0], warned
+    assert NOEXEC in warned[0]
+    assert not loaded[-1].is_relative_to(cache.parent) and not loaded[-1].parent.exists()
+
+
+def test_when_no_directory_can_load_a_library_the_reason_says_so(tmp_path, cache, monkeypatch):
+    _noexec(monkeypatch, Path("/"))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        lib, why = build._build()
+    assert lib is None
+    assert "cannot be loaded" in why and NOEXEC in why and "compiler" not in why, why
+    monkeypatch.setattr(build, "_build_once", functools.cache(lambda: (None, why)))
+    from headwise.ops.attention import attention, explain
+
+    q = torch.randn(1, 8, 1, 8)
+    chosen = explain(q, q, q, P.causal(), backend=("native", "blockwise"))
+    assert chosen.backend == "blockwise" and NOEXEC in chosen.reasons["native"][0]
+    with pytest.raises(ValueError, match=NOEXEC):
+        attention(q, q, q, P.causal(), backend="native")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no_entry_points"])
@@ -241,7 +378,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_trusted(tmp_path, built, damage
     damaged = {path.read_bytes() for path in libraries}
     child = _run_child(root)
     assert child.returncode == 0, child.stderr[-2000:]
-    openmp = tiles._library().headwise_tiles_openmp()
+    openmp = build.library().headwise_tiles_openmp()
     assert child.stdout.split() == [str(openmp)], "the same (OpenMP) build, not the next variant"
     assert not (tmp_path / "constructor-ran").exists()
     assert not damaged & {p.read_bytes() for p in (root / "headwise").glob("*.so")}

@@ -11,8 +11,8 @@ from test_attention import make_inputs
 
 import headwise.patterns as P
 from headwise.ops.attention import attention
+from headwise.ops.attention.native import available, tiles_backward, tiles_forward
 from headwise.ops.attention.reference import reference_attention
-from headwise.ops.attention.tiles import available, tiles_backward, tiles_forward
 
 pytestmark = pytest.mark.skipif(not available(), reason="native tile kernel not built")
 
@@ -161,7 +161,7 @@ def test_what_c_cannot_take_is_named():
 def test_a_plan_never_names_rows_beyond_the_tensors(monkeypatch):
     # the kernel indexes q, k, v with the plan's positions: a pattern whose own length check
     # lets a wrong length through still cannot make it read past the tensors
-    from headwise.ops.attention.tiles import tile_plan
+    from headwise.ops.attention.native import tile_plan
     from headwise.patterns.neighborhood import Neighborhood
 
     grid = P.neighborhood((6, 7), 3)

@@ -61,7 +61,7 @@ def test_inline_rows_sum_to_one_and_match_the_formula():
     )
 
 
-def test_inline_is_injective_unlike_normalised_linear_attention():
+def test_inline_is_injective_unlike_normalized_linear_attention():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 8, 1, 4, generator=gen, dtype=torch.float64) for _ in "qkv")
     inline = InLineFeatureMap()

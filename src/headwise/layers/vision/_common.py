@@ -1,5 +1,6 @@
-"""Shared helpers of the vision token mixers: argument checks, padding, windows, layout-safe
-BatchNorm. Input checks and ``reset_submodules`` are :mod:`headwise.layers._init`'s.
+"""Shared helpers of the vision token mixers: argument checks, map and token forms, layout-safe
+BatchNorm. Windows are :mod:`headwise.layers.vision.windows`'; input checks and
+``reset_submodules`` are :mod:`headwise.layers._init`'s.
 
 Feature maps are channels-last ``(B, H, W, C)``; token form is ``(B, N = H*W, C)`` with the grid
 ``size = (H, W)`` given, flattened row-major (token ``n = y*W + x``).
@@ -11,7 +12,6 @@ import numbers
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from headwise._checks import ArgumentTypeError, check_int, check_ints
@@ -32,8 +32,14 @@ def check_pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
     return check_ints(name, value, minimum=minimum)
 
 
+def _contiguous_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+    # None is an undefined gradient (gradcheck's check_undefined_grad hands one): passed on
+    return None if grad is None else grad.contiguous()
+
+
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose kernels see contiguous tensors, forward and backward.
+    """``nn.BatchNorm2d`` whose kernels see contiguous tensors, forward and backward, with an
+    initial scale ``weight_init`` (1 as PyTorch's; 0 makes a residual branch start at zero).
 
     torch 2.13's CPU batch-norm backward silently miscomputes the input gradient when the input
     or the incoming gradient is channels-last with a size-1 batch axis of stride ``C`` (not
@@ -42,10 +48,19 @@ class BatchNorm2d(nn.BatchNorm2d):
     whatever the surrounding code does with the layout.
     """
 
+    def __init__(self, num_features: int, *, weight_init: float = 1.0, **kwargs: Any) -> None:
+        self.weight_init = weight_init  # read by the reset that nn.BatchNorm2d.__init__ runs
+        super().__init__(num_features, **kwargs)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.affine:
+            nn.init.constant_(self.weight, self.weight_init)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x.contiguous())
         if y.requires_grad:
-            y.register_hook(torch.Tensor.contiguous)
+            y.register_hook(_contiguous_gradient)
         return y
 
 
@@ -75,48 +90,3 @@ def to_map(x: torch.Tensor, size: tuple[int, int] | None, dim: int) -> tuple[tor
 
 def from_map(y: torch.Tensor, tokens: bool) -> torch.Tensor:
     return y.flatten(1, 2) if tokens else y
-
-
-def pad_map(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
-    """Zero-pad a ``(B, H, W, C)`` map at the bottom/right to multiples of the given sizes."""
-    pad_h = -x.shape[1] % multiple_h
-    pad_w = -x.shape[2] % multiple_w
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
-
-
-def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> ``(B * H/wh * W/ww, wh * ww, C)``: contiguous windows, batch-major."""
-    batch, height, width, channels = x.shape
-    x = x.reshape(batch, height // wh, wh, width // ww, ww, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, channels)
-
-
-def window_reverse(w: torch.Tensor, wh: int, ww: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition` for a ``height x width`` map."""
-    channels = w.shape[-1]
-    x = w.reshape(-1, height // wh, width // ww, wh, ww, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
-
-
-def neighbourhood(
-    x: torch.Tensor, kernel: tuple[int, int], dilation: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``kh x kw`` window centred on every position of ``(B, H, W, C)``, zero-padded.
-
-    Returns ``(B, H, W, kh*kw, C)`` (slots row-major over the kernel, as ``nn.Unfold``) and a
-    ``(H, W, kh*kw)`` bool map of which slots lie inside the image.
-    """
-    kh, kw = kernel
-    height, width = x.shape[1], x.shape[2]
-    ph, pw = dilation * (kh // 2), dilation * (kw // 2)
-    padded = F.pad(x, (0, 0, pw, pw, ph, ph))
-    inside = F.pad(x.new_ones(height, width, dtype=torch.bool), (pw, pw, ph, ph))
-    slots, valid = [], []
-    for ty in range(kh):
-        for tx in range(kw):
-            oy, ox = ty * dilation, tx * dilation
-            slots.append(padded[:, oy : oy + height, ox : ox + width])
-            valid.append(inside[oy : oy + height, ox : ox + width])
-    return torch.stack(slots, dim=3), torch.stack(valid, dim=-1)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from headwise._checks import check_bool, check_real
-from headwise.layers._init import check_input, reset_submodules
+from headwise.layers._init import TruncNormalLinear, check_input, reset_submodules
 from headwise.layers.vision._common import (
     check_divisible,
     check_positive,
@@ -21,6 +21,7 @@ from headwise.layers.vision._common import (
     to_map,
 )
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 def relative_indices(height: int, width: int) -> torch.Tensor:
@@ -29,6 +30,38 @@ def relative_indices(height: int, width: int) -> torch.Tensor:
     dx = xs.flatten()[None, :] - xs.flatten()[:, None]
     dy = ys.flatten()[None, :] - ys.flatten()[:, None]
     return torch.stack([dx, dy, dx * dx + dy * dy], dim=-1).float()
+
+
+class _IdentityLinear(nn.Linear):
+    """GPSA's value projection: ``W_v = I`` (square), bias 0."""
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.out_features, self.in_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _LocalityProjection(nn.Linear):
+    """GPSA's ``pos_proj: Linear(3, h)`` with the locality init: with ``K = ⌊√h⌋``,
+    ``c = (K-1)/2``, row ``p = h₁ + K·h₂ < K²`` is ``α·(2(h₂ - c), 2(h₁ - c), -1)``; rows beyond
+    ``K²`` (``h`` not a square) trunc-normal(0.02)·α; bias 0."""
+
+    def __init__(self, num_heads: int, locality_strength: float) -> None:
+        self.locality_strength = locality_strength  # read by the reset of nn.Linear.__init__
+        super().__init__(3, num_heads)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
+        side = math.isqrt(self.out_features)
+        center = (side - 1) / 2
+        for h1 in range(side):
+            for h2 in range(side):
+                p = h1 + side * h2
+                self.weight[p] = torch.tensor([2 * (h2 - center), 2 * (h1 - center), -1])
+        self.weight.mul_(self.locality_strength)
 
 
 class GatedPositionalSelfAttention(nn.Module):
@@ -68,7 +101,7 @@ class GatedPositionalSelfAttention(nn.Module):
         *,
         qkv_bias: bool = False,
         locality_strength: float = 1.0,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -78,35 +111,26 @@ class GatedPositionalSelfAttention(nn.Module):
         self.locality_strength = check_real("locality_strength", locality_strength)
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
         self.head_dim = dim // num_heads
-        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.pos_proj = nn.Linear(3, num_heads)
-        self.gating_param = nn.Parameter(torch.empty(num_heads))
-        self.reset_parameters()
+        # each child carries its init (see headwise.layers._init): any reset order gives it
+        self.qk = TruncNormalLinear(dim, 2 * dim, bias=qkv_bias)
+        self.v = _IdentityLinear(dim, dim, bias=qkv_bias)
+        self.proj = TruncNormalLinear(dim, dim)
+        self.pos_proj = _LocalityProjection(num_heads, self.locality_strength)
+        self.gating_param = nn.Parameter(torch.ones(num_heads))
 
     def reset_parameters(self) -> None:
         """The locality init above (``W_v = I``, conv-tap ``w_h``, ``λ = 1``, trunc-normal)."""
         reset_submodules(self)
-        for linear in (self.qk, self.v, self.proj, self.pos_proj):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
         nn.init.ones_(self.gating_param)
-        self.local_init(self.locality_strength)
 
-    @torch.no_grad()
     def local_init(self, locality_strength: float = 1.0) -> None:
-        """Make ``W_v`` the identity and head ``p`` prefer offset ``(h₂ - c, h₁ - c)``."""
+        """Re-initialise ``v`` and ``pos_proj`` as above with strength ``locality_strength`` (kept
+        for later resets): ``W_v = I``, head ``p`` prefers offset ``(h₂ - c, h₁ - c)``. The other
+        parameters keep their values."""
         self.locality_strength = check_real("locality_strength", locality_strength)
-        self.v.weight.copy_(torch.eye(self.dim))
-        side = math.isqrt(self.num_heads)
-        center = (side - 1) / 2
-        for h1 in range(side):
-            for h2 in range(side):
-                p = h1 + side * h2
-                self.pos_proj.weight[p] = torch.tensor([2 * (h2 - center), 2 * (h1 - center), -1])
-        self.pos_proj.weight.mul_(locality_strength)
+        self.pos_proj.locality_strength = self.locality_strength
+        self.v.reset_parameters()
+        self.pos_proj.reset_parameters()
 
     def positional_attention(self, height: int, width: int) -> torch.Tensor:
         """The dense positional map ``softmax_j(w_hᵀ r_ij + b_h)``: ``(h, N, N)``."""

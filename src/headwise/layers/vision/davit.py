@@ -12,16 +12,10 @@ from torch import nn
 
 from headwise._checks import check_bool
 from headwise.layers._init import check_input, reset_submodules
-from headwise.layers.vision._common import (
-    check_divisible,
-    check_positive,
-    from_map,
-    pad_map,
-    to_map,
-    window_partition,
-    window_reverse,
-)
+from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise.layers.vision.windows import windowed_attention
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 class ChannelAttention(nn.Module):
@@ -49,7 +43,7 @@ class ChannelAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, backend: str = "auto"
+        self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, backend: Backend = "auto"
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -87,7 +81,8 @@ class WindowAttention(nn.Module):
     Per window, ``h`` heads of ``d = C/h``: ``y = W_o softmax(d^-1/2 Q Kᵀ) V`` with no relative
     position bias and no shift. Sides that are not multiples of ``w`` are zero-padded at the
     bottom/right and cropped after, without masking (as DaViT does: padded tokens carry the qkv
-    bias). Windows are folded into the batch for one :func:`headwise.attention` call.
+    bias). Windows are folded into the batch for one :func:`headwise.attention` call
+    (:func:`~headwise.layers.vision.windows.windowed_attention`).
 
     Args:
         dim: channels ``C``.
@@ -106,7 +101,7 @@ class WindowAttention(nn.Module):
         *,
         window_size: int = 7,
         qkv_bias: bool = True,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -129,12 +124,12 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
-        height, width = feature_map.shape[1:3]
-        w = self.window_size
-        padded = pad_map(feature_map, w, w)
-        windows = window_partition(padded, w, w)
-        head_dim = self.dim // self.num_heads
-        q, k, v = self.qkv(windows).reshape(-1, w * w, 3, self.num_heads, head_dim).unbind(2)
-        o = self.proj(attention(q, k, v, backend=self.backend).flatten(2))
-        y = window_reverse(o, w, w, padded.shape[1], padded.shape[2])[:, :height, :width]
+        y = windowed_attention(
+            feature_map,
+            self.window_size,
+            self.qkv,
+            self.proj,
+            self.num_heads,
+            backend=self.backend,
+        )
         return from_map(y, tokens)

@@ -12,17 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise._checks import check_int
-from headwise.layers._init import check_input, reset_submodules
-from headwise.layers.vision._common import (
-    check_divisible,
-    check_positive,
-    from_map,
-    pad_map,
-    to_map,
-    window_partition,
-    window_reverse,
-)
+from headwise.layers._init import TruncNormalLinear, check_input, reset_submodules
+from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise.layers.vision.windows import block_partition, block_reverse, pad_map
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 class HaloAttention(nn.Module):
@@ -65,7 +59,7 @@ class HaloAttention(nn.Module):
         halo_size: int = 3,
         dim_out: int | None = None,
         dim_head: int | None = None,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -79,20 +73,23 @@ class HaloAttention(nn.Module):
         self.window = block_size + 2 * halo_size
         self.dim_v = dim_out // num_heads
         self.dim_qk = self.dim_v if dim_head is None else check_positive("dim_head", dim_head)
-        self.q = nn.Linear(dim, num_heads * self.dim_qk, bias=False)
-        self.kv = nn.Linear(dim, num_heads * (self.dim_qk + self.dim_v), bias=False)
+        self.q = TruncNormalLinear(dim, num_heads * self.dim_qk, bias=False, std=dim**-0.5)
+        kv_width = num_heads * (self.dim_qk + self.dim_v)
+        self.kv = TruncNormalLinear(dim, kv_width, bias=False, std=dim**-0.5)
         span = 2 * self.window - 1
         self.height_rel = nn.Parameter(torch.empty(span, self.dim_qk))
         self.width_rel = nn.Parameter(torch.empty(span, self.dim_qk))
         index = torch.empty(block_size, self.window, dtype=torch.long)
         self.register_buffer("relative_index", index, persistent=False)
-        self.reset_parameters()
+        self._reset_own()
 
     def reset_parameters(self) -> None:
         """The init above, and the ``(b, w)`` table of window offsets ``x_j - x_i + w - 1``."""
         reset_submodules(self)
-        nn.init.trunc_normal_(self.q.weight, std=self.dim**-0.5)
-        nn.init.trunc_normal_(self.kv.weight, std=self.dim**-0.5)
+        self._reset_own()
+
+    def _reset_own(self) -> None:
+        # the tensors this module owns; q and kv carry their own init
         nn.init.trunc_normal_(self.height_rel, std=self.dim_qk**-0.5)
         nn.init.trunc_normal_(self.width_rel, std=self.dim_qk**-0.5)
         device = self.relative_index.device
@@ -117,7 +114,7 @@ class HaloAttention(nn.Module):
         b, r, w, h = self.block_size, self.halo_size, self.window, self.num_heads
         padded = pad_map(feature_map, b, b)
         padded_h, padded_w = padded.shape[1:3]
-        q = window_partition(self.q(padded), b, b).reshape(-1, b, b, h, self.dim_qk)
+        q = block_partition(self.q(padded), b).reshape(-1, b, b, h, self.dim_qk)
         kv = F.pad(self.kv(padded), (0, 0, r, r, r, r))
         # (B, nH, nW, h(d_qk + d_v), w, w): the block plus its halo, stride b
         kv = kv.unfold(1, w, b).unfold(2, w, b)
@@ -131,5 +128,5 @@ class HaloAttention(nn.Module):
             bias=self._position_logits(q),
             backend=self.backend,
         )
-        y = window_reverse(o.flatten(2), b, b, padded_h, padded_w)[:, :height, :width]
+        y = block_reverse(o.flatten(2), b, padded_h, padded_w)[:, :height, :width]
         return from_map(y, tokens)

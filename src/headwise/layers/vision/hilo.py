@@ -13,16 +13,10 @@ from torch import nn
 
 from headwise._checks import check_bool, check_real
 from headwise.layers._init import check_input, reset_submodules
-from headwise.layers.vision._common import (
-    check_divisible,
-    check_positive,
-    from_map,
-    pad_map,
-    to_map,
-    window_partition,
-    window_reverse,
-)
+from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise.layers.vision.windows import pad_map, windowed_attention
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 class HiLoAttention(nn.Module):
@@ -61,7 +55,7 @@ class HiLoAttention(nn.Module):
         window_size: int = 2,
         alpha: float = 0.5,
         qkv_bias: bool = False,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -90,11 +84,9 @@ class HiLoAttention(nn.Module):
         reset_submodules(self)
 
     def _hifi(self, x: torch.Tensor) -> torch.Tensor:
-        s, d = self.window_size, self.head_dim
-        windows = window_partition(x, s, s)
-        q, k, v = self.h_qkv(windows).reshape(-1, s * s, 3, self.hi_heads, d).unbind(2)
-        o = attention(q, k, v, backend=self.backend).flatten(2)
-        return window_reverse(self.h_proj(o), s, s, x.shape[1], x.shape[2])
+        return windowed_attention(
+            x, self.window_size, self.h_qkv, self.h_proj, self.hi_heads, backend=self.backend
+        )
 
     def _lofi(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape

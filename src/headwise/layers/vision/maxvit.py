@@ -10,45 +10,11 @@ import torch
 from torch import nn
 
 from headwise._checks import check_bool, check_choice
+from headwise._deprecated import moved
 from headwise.layers._init import check_input, reset_submodules
-from headwise.layers.vision._common import (
-    check_divisible,
-    check_positive,
-    from_map,
-    pad_map,
-    to_map,
-    window_partition,
-    window_reverse,
-)
-from headwise.ops.attention import attention
-
-PARTITIONS = ("block", "grid")
-
-
-def block_partition(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> ``(B·(H/P)·(W/P), P², C)``: contiguous ``P x P`` windows."""
-    return window_partition(x, size, size)
-
-
-def block_reverse(windows: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`block_partition`."""
-    return window_reverse(windows, size, size, height, width)
-
-
-def grid_partition(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> ``(B·(H/G)·(W/G), G², C)``: window ``(a, b)`` holds the tokens
-    ``(i·H/G + a, j·W/G + b)`` for ``i, j < G``, ordered by ``(i, j)`` (strided, not contiguous).
-    """
-    batch, height, width, channels = x.shape
-    x = x.reshape(batch, size, height // size, size, width // size, channels)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, size * size, channels)
-
-
-def grid_reverse(windows: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`grid_partition`."""
-    channels = windows.shape[-1]
-    x = windows.reshape(-1, height // size, width // size, size, size, channels)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(-1, height, width, channels)
+from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
+from headwise.layers.vision.windows import PARTITIONS, windowed_attention
+from headwise.types import Backend
 
 
 class MultiAxisAttention(nn.Module):
@@ -66,7 +32,8 @@ class MultiAxisAttention(nn.Module):
     MBConv, then block attention (+FFN), then grid attention (+FFN), each attention with its own
     parameters: use two modules. Sides that are not multiples of ``P`` are zero-padded at the
     bottom/right and the padded keys masked out (an extension: MaxViT requires ``P | H, W``).
-    Windows are folded into the batch for one :func:`headwise.attention` call.
+    Windows are folded into the batch for one :func:`headwise.attention` call
+    (:func:`~headwise.layers.vision.windows.windowed_attention`).
 
     Args:
         dim: channels ``C``.
@@ -87,7 +54,7 @@ class MultiAxisAttention(nn.Module):
         partition_size: int = 7,
         dim_head: int = 32,
         qkv_bias: bool = True,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -106,11 +73,15 @@ class MultiAxisAttention(nn.Module):
         self.register_buffer(
             "relative_index", torch.empty(length, length, dtype=torch.long), persistent=False
         )
-        self.reset_parameters()
+        self._reset_own()
 
     def reset_parameters(self) -> None:
         """Default Linear init, ``T`` normal(0.02), and the ``(P², P²)`` index into ``T``."""
         reset_submodules(self)
+        self._reset_own()
+
+    def _reset_own(self) -> None:
+        # the tensors this module owns (the Linears hold their own init)
         nn.init.normal_(self.relative_position_bias_table, std=0.02)
         axis = torch.arange(self.size, device=self.relative_index.device)
         coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij")).flatten(1)
@@ -122,32 +93,23 @@ class MultiAxisAttention(nn.Module):
         """``(h, P², P²)``: the bias added to the scores of every window."""
         return self.relative_position_bias_table.flatten(1)[:, self.relative_index]
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        if self.partition == "block":
-            return block_partition(x, self.size)
-        return grid_partition(x, self.size)
-
-    def _merge(self, windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if self.partition == "block":
-            return block_reverse(windows, self.size, height, width)
-        return grid_reverse(windows, self.size, height, width)
-
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         feature_map, tokens = to_map(check_input("x", x, self), size, self.dim)
-        batch, height, width, _ = feature_map.shape
-        padded = pad_map(feature_map, self.size, self.size)
-        padded_h, padded_w = padded.shape[1:3]
-        windows = self._split(padded)
-        length = self.size * self.size
-        q, k, v = self.qkv(windows).reshape(-1, length, 3, self.num_heads, self.dim_head).unbind(2)
-        bias = self.relative_bias().to(x.dtype)[None]
-        if (padded_h, padded_w) != (height, width):
-            real = torch.zeros(1, padded_h, padded_w, 1, dtype=x.dtype, device=x.device)
-            real[:, :height, :width] = 1
-            hidden = self._split(real).reshape(1, -1, 1, 1, length) == 0
-            mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device)
-            mask = mask.masked_fill(hidden, float("-inf")).expand(batch, -1, -1, -1, -1)
-            bias = bias + mask.reshape(-1, 1, 1, length)
-        o = attention(q, k, v, bias=bias, backend=self.backend).flatten(2)
-        y = self._merge(self.proj(o), padded_h, padded_w)[:, :height, :width]
+        y = windowed_attention(
+            feature_map,
+            self.size,
+            self.qkv,
+            self.proj,
+            self.num_heads,
+            partition=self.partition,
+            bias=self.relative_bias().to(x.dtype)[None],
+            mask_padding=True,
+            backend=self.backend,
+        )
         return from_map(y, tokens)
+
+
+_MOVED = ("block_partition", "block_reverse", "grid_partition", "grid_reverse")
+
+
+__getattr__ = moved(__name__, {name: "headwise.layers.vision.windows" for name in _MOVED})

@@ -17,20 +17,16 @@ from headwise.layers.vision._common import (
     to_map,
 )
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 class _ConvBN(nn.Sequential):
+    """1x1 conv (default init, no bias) then BatchNorm with initial weight ``bn_weight``."""
+
     def __init__(self, dim_in: int, dim_out: int, bn_weight: float = 1.0) -> None:
         super().__init__()
-        self.bn_weight = bn_weight
         self.c = nn.Conv2d(dim_in, dim_out, 1, bias=False)
-        self.bn = BatchNorm2d(dim_out)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Default conv init; BN weight ``bn_weight``, bias 0, fresh running statistics."""
-        reset_submodules(self)
-        nn.init.constant_(self.bn.weight, self.bn_weight)
+        self.bn = BatchNorm2d(dim_out, weight_init=bn_weight)
 
 
 class SingleHeadAttention(nn.Module):
@@ -62,7 +58,7 @@ class SingleHeadAttention(nn.Module):
         *,
         partial_dim: int | None = None,
         qk_dim: int = 16,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise._checks import check_bool
-from headwise.layers._init import check_input, reset_submodules
+from headwise.layers._init import (
+    FanOutConv2d,
+    TruncNormalLinear,
+    check_input,
+    reset_submodules,
+)
 from headwise.layers.vision._common import (
     BatchNorm2d,
     check_divisible,
@@ -56,30 +61,20 @@ class ScaleAwareModulation(nn.Module):
         check_bool("qkv_bias", qkv_bias)
         self.dim, self.heads = dim, ca_num_heads
         split = dim // ca_num_heads
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.s = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = TruncNormalLinear(dim, dim, bias=qkv_bias)
+        self.s = TruncNormalLinear(dim, dim, bias=qkv_bias)
         self.local_conv = nn.ModuleList(
-            nn.Conv2d(split, split, 3 + 2 * i, padding=1 + i, groups=split)
+            FanOutConv2d(split, split, 3 + 2 * i, padding=1 + i, groups=split)
             for i in range(ca_num_heads)
         )
-        self.proj0 = nn.Conv2d(dim, dim * expand_ratio, 1, groups=split)
+        self.proj0 = FanOutConv2d(dim, dim * expand_ratio, 1, groups=split)
         self.bn = BatchNorm2d(dim * expand_ratio)
-        self.proj1 = nn.Conv2d(dim * expand_ratio, dim, 1)
-        self.proj = nn.Linear(dim, dim)
-        self.reset_parameters()
+        self.proj1 = FanOutConv2d(dim * expand_ratio, dim, 1)
+        self.proj = TruncNormalLinear(dim, dim)
 
     def reset_parameters(self) -> None:
         """The init above (BatchNorm at its default)."""
         reset_submodules(self)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, std=(2.0 * module.groups / fan_out) ** 0.5)
-                nn.init.zeros_(module.bias)
 
     def modulator(self, s: torch.Tensor) -> torch.Tensor:
         """``M`` for the channels-first ``s: (B, C, H, W)``."""

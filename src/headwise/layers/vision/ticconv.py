@@ -17,10 +17,11 @@ from headwise.layers.vision._common import (
     check_pair,
     check_positive,
     from_map,
-    neighbourhood,
     to_map,
 )
+from headwise.layers.vision.windows import neighborhood_windows
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 class MSAConv(nn.Module):
@@ -62,7 +63,7 @@ class MSAConv(nn.Module):
         stride: int = 1,
         num_heads: int = 1,
         depthwise: bool = False,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -98,8 +99,9 @@ class MSAConv(nn.Module):
         batch, _, height, width = image.shape
         h, d = self.num_heads, self.dim // self.num_heads
         q, k, v = self.qkv(image).permute(0, 2, 3, 1).chunk(3, dim=-1)
-        keys, _ = neighbourhood(k, self.kernel, self.dilation)  # (B, H, W, K, C); zeros outside
-        values, _ = neighbourhood(v, self.kernel, self.dilation)
+        # (B, H, W, K, C); zeros outside
+        keys, _ = neighborhood_windows(k, self.kernel, self.dilation)
+        values, _ = neighborhood_windows(v, self.kernel, self.dilation)
         slots = keys.shape[3]
         o = attention(
             q.reshape(-1, 1, h, d),

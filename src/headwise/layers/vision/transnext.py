@@ -14,16 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise._checks import check_bool
-from headwise.layers._init import check_input, reset_submodules
+from headwise.layers._init import (
+    FanOutConv2d,
+    TruncNormalLinear,
+    check_input,
+    reset_submodules,
+)
 from headwise.layers.vision._common import (
     check_divisible,
     check_pair,
     check_positive,
     from_map,
-    neighbourhood,
     to_map,
 )
+from headwise.layers.vision.windows import neighborhood_windows
 from headwise.ops.attention import attention
+from headwise.types import Backend
 
 
 def _log_coords(delta: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,7 @@ class AggregatedAttention(nn.Module):
         sr_ratio: int = 8,
         qkv_bias: bool = True,
         pretrain_size: tuple[int, int] | None = None,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -94,36 +100,34 @@ class AggregatedAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.window_size, self.sr_ratio, self.pretrain_size = window_size, sr_ratio, pretrain_size
         h, d, slots = num_heads, self.head_dim, window_size * window_size
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = TruncNormalLinear(dim, dim, bias=qkv_bias)
+        self.kv = TruncNormalLinear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = TruncNormalLinear(dim, dim)
         self.query_embedding = nn.Parameter(torch.empty(h, d))
         self.temperature = nn.Parameter(torch.empty(h))
-        self.cpb_fc1 = nn.Linear(2, 512)
-        self.cpb_fc2 = nn.Linear(512, h)
+        self.cpb_fc1 = TruncNormalLinear(2, 512)
+        self.cpb_fc2 = TruncNormalLinear(512, h)
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, 1)
+            self.sr = FanOutConv2d(dim, dim, 1)
             self.norm = nn.LayerNorm(dim)
             self.relative_pos_bias_local = nn.Parameter(torch.empty(h, slots))
             self.learnable_tokens = nn.Parameter(torch.empty(h, d, slots))
             self.learnable_bias = nn.Parameter(torch.empty(h, slots))
-        self.reset_parameters()
+        self._reset_own()
 
     def reset_parameters(self) -> None:
         """The init above (LayerNorm at its default)."""
         reset_submodules(self)
+        self._reset_own()
+
+    def _reset_own(self) -> None:
+        # the tensors this module owns; each submodule carries its own init
         nn.init.trunc_normal_(self.query_embedding, std=0.02)
         nn.init.constant_(self.temperature, math.log(math.expm1(1 / 0.24)))
         if self.sr_ratio > 1:
             nn.init.trunc_normal_(self.relative_pos_bias_local, std=4e-4)
             nn.init.trunc_normal_(self.learnable_tokens, std=0.02)
             nn.init.zeros_(self.learnable_bias)
-            nn.init.normal_(self.sr.weight, std=math.sqrt(2.0 / self.dim))
-            nn.init.zeros_(self.sr.bias)
-        for linear in (self.q, self.kv, self.proj, self.cpb_fc1, self.cpb_fc2):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
 
     def pool_size(self, height: int, width: int) -> tuple[int, int]:
         return max(1, height // self.sr_ratio), max(1, width // self.sr_ratio)
@@ -169,8 +173,8 @@ class AggregatedAttention(nn.Module):
         q_hat = F.normalize(self.q(x).reshape(batch, height, width, h, d), dim=-1)
         k, v = self.kv(x).reshape(batch, height, width, 2, h, d).unbind(3)
         window = (self.window_size, self.window_size)
-        k_loc, valid = neighbourhood(F.normalize(k, dim=-1).flatten(3), window)
-        v_loc, _ = neighbourhood(v.flatten(3), window)
+        k_loc, valid = neighborhood_windows(F.normalize(k, dim=-1).flatten(3), window)
+        v_loc, _ = neighborhood_windows(v.flatten(3), window)
         k_loc = k_loc.reshape(batch, tokens, -1, h, d)
         v_loc = v_loc.reshape(batch, tokens, -1, h, d)
         valid = valid.reshape(tokens, -1)

@@ -8,12 +8,18 @@ tensors are ``(T, H, D)``. Output ``(B, Lq, H, Dv)``; LSE ``(B, H, Lq)`` in floa
     O = softmax(S) V,  lse = logsumexp(S)
 
 Rows with no visible key give O = 0 and lse = -inf.
+
+Files: ``reference.py`` (the oracle), ``problem.py`` (validation), ``dispatch.py`` and
+``backends.py`` (which backend serves a call), ``blockwise/`` and ``native/`` (headwise's own
+kernels), ``mods.py`` (score mods: softcap, ALiBi slopes, relative-position bias), ``merge.py``
+(the LSE merge of partial results), ``varlen.py``, ``gather.py``, ``neighborhood.py``, ``api.py``.
 """
 
 from headwise.ops.attention.api import Backend, attention, attention_varlen, explain
 from headwise.ops.attention.backends import BACKENDS, REFERENCE_AUTO_LIMIT
 from headwise.ops.attention.dispatch import Explanation
 from headwise.ops.attention.gather import gathered_attention
+from headwise.ops.attention.merge import merge_partials
 from headwise.ops.attention.neighborhood import neighborhood_attention
 from headwise.ops.attention.varlen import Packed, pack, unpack
 
@@ -27,6 +33,7 @@ __all__ = [
     "attention_varlen",
     "explain",
     "gathered_attention",
+    "merge_partials",
     "neighborhood_attention",
     "pack",
     "unpack",

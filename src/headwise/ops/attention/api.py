@@ -2,11 +2,17 @@
 
 Non-finite inputs follow one rule on every backend (the reference obeys it too): when some key
 can be hidden from some row (a pattern other than full, a bias or a ``score_mod``), a non-finite
-entry of key/value ``j`` sets to NaN (out and lse) exactly the rows that give key ``j`` a positive
-weight, and a non-finite query row only itself; every other row, and every gradient reaching it,
-is what it would be with the bad entries replaced by any finite value. Poisoned rows pass no
-gradient. With full attention and no bias or ``score_mod`` every row sees every key: nothing is
-checked (decoding pays nothing) and a bad entry reaches every row by IEEE arithmetic.
+entry of key/value ``j`` sets to NaN (out and lse) exactly the rows that give the bad keys a
+weight (softmax probability, summed over them, computed in float32, float64 for float64 inputs)
+of at least ``POISON_WEIGHT`` = 2^-126, float32's smallest normal number (about e^-87.3), and a
+non-finite query row only itself; every other row, and every gradient reaching it, is what it
+would be with the bad entries replaced by any finite value (up to that weight times the value).
+The threshold, not ``weight > 0``, is what every backend can compute alike: a kernel may flush
+subnormal weights to 0 (``native`` does), and half-precision outputs round tiny weights away. A
+bias of ``-inf`` or ``finfo(dtype).min`` (Hugging Face's padding) gives weight 0: never
+poisoned. Poisoned rows pass no gradient. With full attention and no bias or ``score_mod``
+every row sees every key: nothing is checked (decoding pays nothing) and a bad entry reaches
+every row by IEEE arithmetic.
 """
 
 from __future__ import annotations
@@ -16,11 +22,10 @@ import torch
 from headwise._checks import check_bool
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dispatch import Explanation, choose
-from headwise.ops.attention.problem import ScoreMod, check_problem, check_scale, hides_keys
+from headwise.ops.attention.problem import check_problem, check_scale, hides_keys
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.patterns import Pattern, documents
-
-Backend = str | tuple[str, ...]
+from headwise.types import Backend, ScoreMod
 
 
 def attention(
@@ -80,11 +85,16 @@ def has_non_finite(*tensors: torch.Tensor) -> bool:
     )
 
 
+#: a row giving bad keys at least this weight is poisoned (module docstring): 2^-126
+POISON_WEIGHT = torch.finfo(torch.float32).tiny
+
+
 def run_poisoned(run, q, k, v, pattern, scale, bias, score_mod):
     """``run`` under the non-finite rule (module docstring): the backend sees copies with every
-    non-finite entry replaced by 0, then a second, gradient-free pass of the same backend with
-    ``v`` = 1 at bad keys and 0 elsewhere gives each row the weight it puts on bad keys, and the
-    rows where that weight is positive (or whose query is bad) become NaN."""
+    non-finite entry replaced by 0, then a second, gradient-free pass of the same backend, in
+    float32 at least, with ``v`` = 1 at bad keys and 0 elsewhere gives each row the weight it
+    puts on bad keys, and the rows where that weight is at least :data:`POISON_WEIGHT` (or whose
+    query is bad) become NaN."""
     bad_q = ~torch.isfinite(q).all(-1)  # (B, Lq, H)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Lk, H_kv)
     if not (bad_q.any() or bad_kv.any()):
@@ -92,10 +102,14 @@ def run_poisoned(run, q, k, v, pattern, scale, bias, score_mod):
     q, k, v = (torch.where(torch.isfinite(t), t, 0) for t in (q, k, v))
     out, lse = run(q, k, v, pattern, scale, bias, score_mod)
     with torch.no_grad():
-        marks = bad_kv[..., None].to(v.dtype).expand(v.shape).contiguous()
-        fixed_bias = None if bias is None else bias.detach()
-        weight_on_bad, _ = run(q.detach(), k.detach(), marks, pattern, scale, fixed_bias, score_mod)
-        poisoned = (weight_on_bad[..., 0] > 0) | bad_q  # (B, Lq, H)
+        wide = torch.promote_types(q.dtype, torch.float32)
+        marks = bad_kv[..., None].to(wide).expand(v.shape).contiguous()
+        qw, kw = q.detach().to(wide), k.detach().to(wide)
+        fixed_bias = None
+        if bias is not None:
+            fixed_bias = bias.detach().to(torch.promote_types(bias.dtype, wide))
+        weight_on_bad, _ = run(qw, kw, marks, pattern, scale, fixed_bias, score_mod)
+        poisoned = (weight_on_bad[..., 0] >= POISON_WEIGHT) | bad_q  # (B, Lq, H)
     out = out.masked_fill(poisoned[..., None], float("nan"))
     if lse is not None:
         lse = lse.masked_fill(poisoned.transpose(1, 2), float("nan"))

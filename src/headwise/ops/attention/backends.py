@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from headwise.ops.attention.blockwise import blockwise_attention
+from headwise.ops.attention.native import available as native_available
+from headwise.ops.attention.native import native_attention
+from headwise.ops.attention.native import why_not as native_why_not
 from headwise.ops.attention.problem import AttentionProblem, bias_4d
 from headwise.ops.attention.reference import reference_attention
-from headwise.ops.attention.tiles import available as tiles_available
 from headwise.patterns import Pattern
-from headwise.patterns.library import Causal, Full
 
-#: the reference backend materialises B*H*Lq*Lk scores; ``auto`` refuses it above this size
+#: the reference backend materializes B*H*Lq*Lk scores; ``auto`` refuses it above this size
 REFERENCE_AUTO_LIMIT = 1 << 24
 try:
     from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
@@ -48,7 +49,7 @@ class Backend:
 
 class ReferenceBackend(Backend):
     name = "reference"
-    summary = "plain PyTorch, float32 accumulation, materialises B*H*Lq*Lk scores (the oracle)"
+    summary = "plain PyTorch, float32 accumulation, materializes B*H*Lq*Lk scores (the oracle)"
 
     def reasons(self, problem):
         return []
@@ -59,11 +60,9 @@ class ReferenceBackend(Backend):
 
 def _sdpa_causal_kind(pattern: Pattern | None) -> str | None:
     """``"none"``, ``"top_left"`` or ``"bottom_right"`` for patterns SDPA takes natively."""
-    if pattern is None or isinstance(pattern, Full):
+    if pattern is None or pattern.is_full:
         return "none"
-    if isinstance(pattern, Causal):
-        return pattern.align
-    return None
+    return pattern.causal_align
 
 
 class SdpaBackend(Backend):
@@ -183,7 +182,8 @@ def flex_call(fn, q, k, v, pattern, scale, bias, score_mod, *, want_lse, block_s
     """Run ``fn`` (FlexAttention, compiled or not) on ``(B, L, H, D)`` inputs; ``(out, lse)``."""
     block_mask = None
     if pattern is not None:
-        block_mask = pattern.block_mask(
+        # the cached mask (read, never written): the same mask_mod object, no recompilation
+        block_mask = pattern._shared_block_mask(
             q.shape[1], k.shape[1], block_size=block_size, device=q.device
         )
     mod = _with_bias(score_mod, bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
@@ -257,11 +257,8 @@ class NativeBackend(Backend):
                 "score_mod (but a neighborhood's relative-position table) is not supported by "
                 "the native tile kernel"
             )
-        if not reasons and not tiles_available():
-            reasons.append(
-                "the native tile kernel is not available: HEADWISE_NATIVE=0, or no C compiler "
-                "($CC, cc, gcc, clang) could build tiles.c"
-            )
+        if not reasons and not native_available():
+            reasons.append(f"the native tile kernel is not available: {native_why_not()}")
         return reasons
 
     def run(self, q, k, v, pattern, scale, bias, score_mod):
@@ -269,9 +266,7 @@ class NativeBackend(Backend):
         # the casts): more accurate than the inputs and, on CPU, faster than half-precision math
         dtype = q.dtype
         q, k, v = (t.float() for t in (q, k, v))
-        out, lse = blockwise_attention(
-            q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, native=True
-        )
+        out, lse = native_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
         return out.to(dtype), lse
 
 

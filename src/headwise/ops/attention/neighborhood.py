@@ -6,40 +6,20 @@ positional bias (NAT/DiNAT's ``rpb``, which NATTEN >= 0.20 removed).
 ``N(i)`` is :func:`headwise.patterns.neighborhood`'s window (NATTEN's border rule, dilation groups,
 per-axis causal and stride); the offset ``(j - i) / d`` is taken per axis in dilation-group units,
 so the table has ``2k - 1`` entries per axis. The work runs through :func:`headwise.attention`
-with the pattern, and the bias as a ``score_mod`` that reads the table, so no L x L bias is built
-and the table's gradient is computed block by block.
+with the pattern, and the bias as a ``score_mod`` that reads the table
+(:func:`headwise.ops.attention.mods.relative_position_bias`), so no L x L bias is built and the
+table's gradient is computed block by block.
 """
 
 from __future__ import annotations
 
 import torch
 
-from headwise._checks import ArgumentTypeError
+from headwise._deprecated import moved
+from headwise.ops.attention import mods
 from headwise.ops.attention.api import attention
-from headwise.ops.attention.problem import RelativePositionTable, ScoreMod
-from headwise.patterns.neighborhood import Neighborhood, neighborhood
-
-
-def relative_position_bias(pattern: Neighborhood, table: torch.Tensor) -> ScoreMod:
-    """A ``score_mod`` adding ``table[h, (j - i)/d + k - 1 per axis]`` to the scores; it carries
-    the table as ``score_mod.relative_position`` (:class:`RelativePositionTable`)."""
-    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
-        got = table.dtype if isinstance(table, torch.Tensor) else type(table).__name__
-        raise ArgumentTypeError(f"rpb must be a floating-point tensor; got {got}")
-    expected = tuple(2 * k - 1 for k in pattern.kernel_size)
-    if table.dim() != 1 + len(expected) or tuple(table.shape[1:]) != expected:
-        raise ValueError(
-            f"rpb must be (heads, {', '.join(map(str, expected))}) for kernel_size "
-            f"{pattern.kernel_size}; got {tuple(table.shape)}"
-        )
-    if any(s > 1 for s in pattern.stride):
-        raise ValueError(f"rpb is defined for stride 1 only; got stride={pattern.stride}")
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + table.flatten(1)[h, pattern.relative_index(q_idx, kv_idx)].to(score.dtype)
-
-    score_mod.relative_position = RelativePositionTable(pattern, table)
-    return score_mod
+from headwise.patterns.neighborhood import neighborhood
+from headwise.types import Backend
 
 
 def neighborhood_attention(
@@ -53,7 +33,7 @@ def neighborhood_attention(
     causal: bool | tuple[bool, ...] = False,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str | tuple[str, ...] = "auto",
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Neighborhood attention; ``q``, ``k``, ``v`` are ``(B, *spatial, H, D)`` with 1-3 spatial
     axes (``k``/``v`` may have fewer heads, GQA). ``rpb`` is ``(H, 2k_1 - 1, ...)``.
@@ -75,7 +55,7 @@ def neighborhood_attention(
     pattern = neighborhood(spatial, kernel_size, dilation, causal, stride=stride)
     score_mod = None
     if rpb is not None:
-        score_mod = relative_position_bias(pattern, rpb)
+        score_mod = mods.relative_position_bias(pattern, rpb)
         if rpb.shape[0] != q.shape[-2]:
             raise ValueError(
                 f"rpb must have one table per head ({q.shape[-2]}); got {tuple(rpb.shape)}"
@@ -88,3 +68,6 @@ def neighborhood_attention(
         flat(q), flat(k), flat(v), pattern, scale=scale, score_mod=score_mod, backend=backend
     )
     return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+__getattr__ = moved(__name__, {"relative_position_bias": "headwise.ops.attention.mods"})

@@ -6,39 +6,16 @@ that names the argument and the shapes or values it got, raised before any kerne
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from headwise._checks import ArgumentTypeError, Unsupported, check_bool, check_real
+from headwise.ops.attention.mods import relative_position_of
 from headwise.patterns import Pattern
-from headwise.patterns.library import Full
-
-ScoreMod = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
-]
+from headwise.types import ScoreMod
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True, eq=False)
-class RelativePositionTable:
-    """What a relative-position-bias ``score_mod`` adds (``score_mod.relative_position``), in a
-    form a kernel can take without calling it: ``table`` ``(H, 2k_1 - 1, ...)`` read at
-    ``pattern.relative_index(q_idx, kv_idx)`` (:func:`headwise.ops.attention.neighborhood.
-    relative_position_bias`; the ``native`` backend uses it)."""
-
-    pattern: Pattern
-    table: torch.Tensor
-
-
-def relative_position_of(score_mod: ScoreMod | None, pattern: Pattern | None):
-    """The :class:`RelativePositionTable` ``score_mod`` carries for ``pattern``, else ``None``."""
-    relative = getattr(score_mod, "relative_position", None)
-    if isinstance(relative, RelativePositionTable) and relative.pattern == pattern:
-        return relative
-    return None
 
 
 @dataclass(frozen=True)
@@ -170,7 +147,7 @@ def hides_keys(pattern: Pattern | None, bias: torch.Tensor | None, score_mod) ->
     """Whether some row may be kept from seeing some key: a pattern other than full, a bias or a
     ``score_mod`` (either can give ``-inf`` scores). Only then can a non-finite key or value be
     hidden from a row, and only then is it looked for (:func:`headwise.ops.attention.attention`)."""
-    return (pattern is not None and not isinstance(pattern, Full)) or (
+    return (pattern is not None and not pattern.is_full) or (
         bias is not None or score_mod is not None
     )
 

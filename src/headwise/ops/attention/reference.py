@@ -8,7 +8,8 @@ autograd. Every fast backend is tested against this function.
 
 Non-finite inputs, when some key can be hidden from some row (a pattern other than full, a bias or
 a ``score_mod``): the scores are computed with every non-finite entry of Q, K, V replaced by 0,
-then the rows that give a non-finite key or value a positive weight P_ij > 0, and the rows whose
+then the rows whose weights on non-finite keys or values add up to at least 2^-126 (float32's
+smallest normal number: every backend computes that alike, see :mod:`.api`), and the rows whose
 own query is non-finite, are set to NaN (out and lse). A key a row does not see never reaches it,
 forward or backward; :func:`headwise.ops.attention.attention` gives every backend this rule.
 """
@@ -17,14 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from headwise.ops.attention.problem import (
-    ScoreMod,
-    apply_score_mod,
-    bias_4d,
-    hides_keys,
-    score_indices,
-)
+from headwise.ops.attention.problem import apply_score_mod, bias_4d, hides_keys, score_indices
 from headwise.patterns import Pattern
+from headwise.types import ScoreMod
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,7 +94,8 @@ def reference_attention(
     if bad_q is not None:
         weights = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
         bad_keys = bad_kv.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, H, Lk)
-        sees_bad = ((weights > 0) & bad_keys[:, :, None]).any(-1) | bad_q.transpose(1, 2)
+        on_bad = (weights * bad_keys[:, :, None]).sum(-1)
+        sees_bad = (on_bad >= torch.finfo(torch.float32).tiny) | bad_q.transpose(1, 2)
         out = out.masked_fill(sees_bad[..., None], float("nan"))
         lse = lse.masked_fill(sees_bad, float("nan"))
     return out.transpose(1, 2).to(q.dtype), lse

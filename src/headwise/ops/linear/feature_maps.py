@@ -87,7 +87,7 @@ class InLineFeatureMap:
         w_ij = 1/N + (s/N) * phi(q_i) . (phi(k_j) - kbar),   kbar = mean_t phi(k_t)
 
     Every row of ``w`` sums to exactly 1 and ``w`` is not invariant to rescaling ``q`` (the map
-    is injective, unlike normalised linear attention). It factorises as
+    is injective, unlike normalized linear attention). It factorizes as
     ``w_ij = query(q)_i . key(k)_j`` with ``query(q) = [sqrt(s) phi(q), 1]`` and
     ``key(k) = [sqrt(s) (phi(k) - kbar), 1] / N``, so ``linear_attention(..., causal=False)``
     with this map and ``normalize=False`` computes ``o_i = sum_j w_ij v_j`` in linear time.
@@ -112,8 +112,8 @@ class InLineFeatureMap:
     def key(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-3]
         phi = self.kernel.key(x)
-        centred = (phi - phi.mean(dim=-3, keepdim=True)) * math.sqrt(self._scale(x))
-        return torch.cat([centred, torch.ones_like(phi[..., :1])], dim=-1) / max(n, 1)
+        centered = (phi - phi.mean(dim=-3, keepdim=True)) * math.sqrt(self._scale(x))
+        return torch.cat([centered, torch.ones_like(phi[..., :1])], dim=-1) / max(n, 1)
 
     def __repr__(self) -> str:
         return f"InLineFeatureMap(kernel={self.kernel!r}, scale={self.scale})"

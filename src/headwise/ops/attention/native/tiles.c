@@ -1,5 +1,5 @@
 /* Exact softmax attention, forward and backward, for tiles of up to LANES queries, in plain C
- * with vector extensions. headwise compiles this file on first use (tiles.py).
+ * with vector extensions. headwise compiles this file on first use (build.py).
  *
  * A tile's queries sit in the lanes of one vector; its keys are runs ("segments") of consecutive
  * positions; a key entry may carry a bit per lane saying which of the tile's queries see it.
@@ -42,7 +42,7 @@
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
-/* the tiles of one pattern (tiles.py: TilePlan) */
+/* the tiles of one pattern (plan.py: TilePlan) */
 struct plan {
     int64_t tiles;
     const int32_t *rows;        /* [tiles][LANES] query positions, -1: empty lane */
@@ -648,7 +648,7 @@ static int run(const struct problem *p, int backward, int64_t items, int threads
 }
 
 /* Entry points. With OpenMP, `threads` threads of the runtime PyTorch already loaded; without,
- * the *_range entries let tiles.py split the items among Python threads (ctypes releases the
+ * the *_range entries let call.py split the items among Python threads (ctypes releases the
  * GIL). Each returns 0, or -1 when scratch memory could not be allocated. */
 int headwise_tiles_forward(const struct problem *p, int threads) {
     return run(p, 0, p->batch * p->tile_offsets[p->n_heads], threads);

@@ -1,0 +1,32 @@
+"""The blockwise backend's entry point: :func:`blockwise_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.ops.attention.blockwise.function import BlockwiseFunction, captured_leaves
+from headwise.ops.attention.blockwise.heads import head_passes
+from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
+from headwise.patterns import Pattern
+from headwise.types import ScoreMod
+
+
+def blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | None = None,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    score_mod: ScoreMod | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
+
+    ``lse`` is float32 (float64 for float64 inputs); queries run in groups of about ``block``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
+    head_groups = head_passes(pattern, q.shape[1], k.shape[1], block)
+    return BlockwiseFunction.apply(q, k, v, bias, head_groups, scale, score_mod, block, *captured)

@@ -1,0 +1,151 @@
+"""The blockwise autograd Function: forward and backward over head groups and their plans.
+
+Each head group ``(pattern, heads)`` runs on views of its heads with its pattern's plan, on the
+fused CPU path (:mod:`.fused`) where it applies, else step by step (:mod:`.stepwise`), and writes
+into one output, so the backward pass fills one gradient per input. The backward pass keeps only
+``out`` and ``lse`` and recomputes each group, in groups :data:`~.plan.BACKWARD_BLOCK_FACTOR`
+times larger. It is hand-written and not differentiable: a backward pass that builds a graph
+(``create_graph=True``) raises :class:`headwise._checks.Unsupported` instead of returning second
+derivatives that treat the first ones as constants.
+
+Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
+slopes; :func:`captured_leaves`) are inputs of the Function, so they get their gradients too, by
+local autograd on each recomputed block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.ops.attention.blockwise.fused import fused_backward, fused_forward, use_fused
+from headwise.ops.attention.blockwise.heads import (
+    head_index,
+    head_views,
+    renumber_heads,
+    select_heads,
+)
+from headwise.ops.attention.blockwise.plan import (
+    BACKWARD_BLOCK_FACTOR,
+    add_rows,
+    plan_for,
+    put_rows,
+)
+from headwise.ops.attention.blockwise.stepwise import stepwise_backward, stepwise_forward
+from headwise.ops.attention.problem import bias_4d, refuse_double_backward
+
+
+class BlockwiseFunction(torch.autograd.Function):
+    """``head_groups``: ``((pattern, heads), ...)``; ``heads`` ``None`` means every head. Each
+    group runs on views of its heads and writes into one output, so the backward pass fills one
+    gradient per input instead of a zero-padded one per group."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, *captured):
+        ctx.fused = use_fused(q, v, score_mod)
+        parts = []
+        for pattern, heads in head_groups:
+            qs, ks, vs, bs = head_views(q, k, v, bias, heads)
+            plan = plan_for(pattern, q.shape[1], k.shape[1], block, str(q.device))
+            if ctx.fused:
+                parts.append(fused_forward(qs, ks, vs, bs, pattern, scale, plan))
+            else:
+                sub_mod = renumber_heads(score_mod, heads)
+                parts.append(stepwise_forward(qs, ks, vs, bs, pattern, scale, sub_mod, plan))
+        if head_groups[0][1] is None:
+            out, lse = parts[0]
+        else:
+            out = parts[0][0].new_empty(*q.shape[:3], v.shape[3])
+            lse = parts[0][1].new_empty(q.shape[0], q.shape[2], q.shape[1])
+            for (_, heads), (sub_out, sub_lse) in zip(head_groups, parts):
+                put_rows(out, head_index(heads, out.device), sub_out, 2)
+                put_rows(lse, head_index(heads, lse.device), sub_lse, 1)
+        ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
+        ctx.params = (head_groups, scale, score_mod, block)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        refuse_double_backward("the 'blockwise' backend")
+        q, k, v, bias, out, lse, *captured = ctx.saved_tensors
+        bias = bias.detach() if bias is not None else None
+        head_groups, scale, score_mod, block = ctx.params
+        # Backward in groups twice as large: the kernel's dK, dV per group overlap less.
+        plans = [
+            plan_for(pattern, q.shape[1], k.shape[1], BACKWARD_BLOCK_FACTOR * block, str(q.device))
+            for pattern, _ in head_groups
+        ]
+        need_bias_grad = bias is not None and ctx.needs_input_grad[3]
+        fused = ctx.fused and not need_bias_grad and (grad_lse is None or not grad_lse.any())
+        if head_groups[0][1] is None:
+            (pattern, _), plan = head_groups[0], plans[0]
+            parts = (grad_out, grad_lse, q, k, v, bias, out, lse)
+            grads = _backward(
+                fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad
+            )
+            grad_q, grad_k, grad_v, grad_bias, d_captured = grads
+            return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_bias = torch.zeros_like(bias) if need_bias_grad else None
+        d_captured = [torch.zeros_like(t) for t in captured]
+        group_size = q.shape[2] // k.shape[2]
+        for (pattern, heads), plan in zip(head_groups, plans):
+            parts = (
+                select_heads(grad_out, heads, 2),
+                None if grad_lse is None else select_heads(grad_lse, heads, 1),
+                *head_views(q, k, v, bias, heads),
+                select_heads(out, heads, 2),
+                select_heads(lse, heads, 1),
+            )
+            sub_mod = renumber_heads(score_mod, heads)
+            grads = _backward(fused, parts, pattern, scale, sub_mod, plan, captured, need_bias_grad)
+            dq, dk, dv, dbias, d_leaves = grads
+            kv_heads = [h // group_size for h in heads]
+            put_rows(grad_q, head_index(heads, grad_q.device), dq, 2)
+            # GQA: heads sharing a K/V head repeat in kv_heads, and their dK, dV add up
+            add_rows(grad_k, head_index(kv_heads, grad_k.device), dk, 2)
+            add_rows(grad_v, head_index(kv_heads, grad_v.device), dv, 2)
+            if dbias is not None:
+                full = bias_4d(grad_bias)
+                if full.shape[1] > 1:
+                    put_rows(full, head_index(heads, full.device), dbias, 1)
+                else:
+                    full += dbias
+            for total, part in zip(d_captured, d_leaves):
+                total += part
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+
+
+def _backward(fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad):
+    """Gradients ``(dq, dk, dv, dbias, d_captured)`` of one head group."""
+    if fused:
+        grad_out, _, q, k, v, bias, out, lse = parts
+        dq, dk, dv = fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse)
+        return dq, dk, dv, None, [torch.zeros_like(t) for t in captured]
+    return stepwise_backward(parts, pattern, scale, score_mod, plan, captured, need_bias_grad)
+
+
+def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
+    """Tensors requiring grad that ``fn`` closes over (e.g. learnable ALiBi slopes or a relative
+    position table), including the parameters of a captured ``nn.Module``. Their gradients are
+    computed block by block in the backward pass."""
+    if fn is None:
+        return ()
+    found: dict[int, torch.Tensor] = {}
+    owners = [getattr(fn, "__self__", None)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            owners.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    for owner in owners:
+        if isinstance(owner, torch.Tensor):
+            tensors = [owner]
+        elif isinstance(owner, torch.nn.Module):
+            tensors = list(owner.parameters())
+        else:
+            continue
+        for t in tensors:
+            if t.requires_grad:
+                found[id(t)] = t
+    return tuple(found.values())

@@ -1,0 +1,151 @@
+"""The native kernel's plans: query tiles of at most :func:`~.build.lanes` rows, their key runs
+and per-key lane bits, cached per pattern and lengths.
+
+A tile is filled from the pattern's own query groups (:meth:`Pattern.key_panels`: spatial tiles
+for a 2-D neighborhood), so its queries' windows overlap; its keys are the union of what they
+may see, stored as runs of consecutive positions, and a per-key bit per query lane says who may
+see it (omitted when every query sees every key of the tile). A neighborhood's relative-position
+table is read through a per-entry index built once per plan (:func:`relative_index_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from headwise.ops.attention.native.build import PlanStruct, lanes
+from headwise.ops.attention.plan_cache import PlanCache
+from headwise.patterns import Pattern
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Query tiles of at most :func:`lanes` rows (``rows``: -1 pads), each with its keys as runs of
+    consecutive positions and, when some of its queries may not see some of them, lane bits per
+    key (bit ``i``: query ``i`` of the tile sees it) for each head of the pattern."""
+
+    rows: torch.Tensor  # int32 (tiles, lanes)
+    seg_offsets: torch.Tensor  # int64 (tiles + 1,)
+    seg_start: torch.Tensor  # int32
+    seg_len: torch.Tensor  # int32
+    bit_offsets: torch.Tensor  # int64 (tiles,), -1: every key visible to every query
+    bits: torch.Tensor  # int32 (H_p, entries)
+    max_keys: int
+    key_offsets: torch.Tensor  # int64 (tiles + 1,): each tile's first key entry, then the total
+
+    def as_struct(self, rpb_index: torch.Tensor | None = None) -> PlanStruct:
+        pointers = (self.rows, self.seg_offsets, self.seg_start, self.seg_len, self.bit_offsets)
+        return PlanStruct(
+            len(self.rows),
+            *[t.data_ptr() for t in pointers],
+            self.bits.data_ptr(),
+            self.bits.shape[1] if self.bits.shape[0] > 1 else 0,
+            self.key_offsets.data_ptr(),
+            None if rpb_index is None else rpb_index.data_ptr(),
+        )
+
+    def key_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key entry in kernel order: its position and its tile."""
+        lengths = self.seg_len.long()
+        starts = torch.repeat_interleave(self.seg_start.long(), lengths)
+        first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        positions = starts + torch.arange(len(starts)) - first
+        per_tile = self.key_offsets.diff()
+        return positions, torch.repeat_interleave(torch.arange(len(self.rows)), per_tile)
+
+    @property
+    def entries(self) -> int:
+        return self.bits.numel() + 2 * self.seg_start.numel() + self.rows.numel()
+
+
+#: plans stay cached up to this many, while they hold at most this many int32 entries (512 MiB)
+PLANS: PlanCache[TilePlan] = PlanCache(
+    max_plans=256, max_size=1 << 27, size=lambda plan: plan.entries
+)
+
+
+def tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
+    """The plan of ``pattern`` for these lengths: the caller's own copy of the cached one (which
+    every equal pattern shares, so no caller may change it)."""
+    plan = _shared_tile_plan(pattern, q_len, kv_len)
+    fields = [getattr(plan, f.name) for f in dataclasses.fields(plan)]
+    return TilePlan(*[x.clone() if isinstance(x, torch.Tensor) else x for x in fields])
+
+
+def _shared_tile_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
+    """The cached plan itself, for the kernel, which only reads it."""
+    return PLANS.get((pattern, q_len, kv_len), lambda: _build_plan(pattern, q_len, kv_len))
+
+
+def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
+    pattern.check_lengths(q_len, kv_len)
+    plan = _tiles_of(pattern, q_len, kv_len)
+    # the kernel indexes q and k, v rows with these: each must be in range
+    rows, ends = plan.rows, plan.seg_start + plan.seg_len
+    if rows.numel() and (rows.max() >= q_len or (len(ends) and ends.max() > kv_len)):
+        raise ValueError(
+            f"pattern {pattern} names positions beyond q_len={q_len}, kv_len={kv_len}"
+        )
+    return plan
+
+
+def _tiles_of(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
+    rows_list, starts, lengths, seg_counts, bit_offsets, bits = [], [], [], [0], [], []
+    entries, max_keys, key_counts = 0, 1, [0]
+    width = lanes()
+    for panel_keys, groups in pattern.key_panels(q_len, kv_len, width):
+        candidates = torch.arange(kv_len) if panel_keys is None else panel_keys
+        for group in groups:
+            positions = torch.arange(group.start, group.stop) if isinstance(group, slice) else group
+            for rows in positions.split(width):
+                visible = pattern.visible(rows, candidates, q_len, kv_len)
+                seen = visible.any(0).any(0)
+                keys, order = torch.sort(candidates[seen])
+                visible = visible[:, :, seen][:, :, order]
+                breaks = torch.nonzero(keys.diff() != 1).flatten() + 1
+                edges = torch.cat([torch.tensor([0]), breaks, torch.tensor([len(keys)])])
+                if len(keys) == 0:
+                    edges = edges[:1]
+                starts.append(keys[edges[:-1]])
+                lengths.append(edges.diff())
+                seg_counts.append(len(edges) - 1)
+                padded = torch.full((width,), -1, dtype=torch.int32)
+                padded[: len(rows)] = rows
+                rows_list.append(padded)
+                max_keys = max(max_keys, len(keys))
+                key_counts.append(len(keys))
+                if bool(visible.all()):
+                    bit_offsets.append(-1)
+                    continue
+                lane_bits = torch.arange(len(rows)).view(1, -1, 1)
+                bits.append((visible.to(torch.int32) << lane_bits).sum(1, dtype=torch.int32))
+                bit_offsets.append(entries)
+                entries += len(keys)
+    heads = max((b.shape[0] for b in bits), default=1)
+    return TilePlan(
+        rows=torch.stack(rows_list),
+        seg_offsets=torch.tensor(seg_counts).cumsum(0),
+        seg_start=torch.cat(starts).to(torch.int32),
+        seg_len=torch.cat(lengths).to(torch.int32),
+        bit_offsets=torch.tensor(bit_offsets, dtype=torch.int64),
+        bits=torch.cat([b.expand(heads, -1) for b in bits], 1)
+        if bits
+        else torch.zeros(1, 1, dtype=torch.int32),
+        max_keys=max_keys,
+        key_offsets=torch.tensor(key_counts).cumsum(0),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def relative_index_plan(pattern: Pattern, q_len: int, kv_len: int) -> tuple[torch.Tensor, int]:
+    """``(entries, lanes)`` int32: per key entry of the plan and query lane, the flat index into
+    a head's relative-position table (``pattern.relative_index``; empty lanes read index 0, they
+    are never written); and the entries a head's table must have for every index to be in it."""
+    plan = _shared_tile_plan(pattern, q_len, kv_len)
+    positions, tile = plan.key_entries()
+    rows = plan.rows[tile].long().clamp(min=0)
+    index = pattern.relative_index(rows, positions[:, None]).to(torch.int32).contiguous()
+    return index, int(index.max()) + 1 if index.numel() else 0
