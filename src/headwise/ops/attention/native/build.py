@@ -111,9 +111,17 @@ def _others_can_write(path: Path) -> str | None:
     return None
 
 
-def _private_cache() -> Path | None:
-    """The cache directory (created ``0700``) when only this user can write to it, else
-    ``None`` after a warning."""
+_KERNEL_FALLBACK = (
+    "the kernel is compiled in a private temporary directory for this process instead"
+)
+
+
+def private_cache(fallback: str = _KERNEL_FALLBACK) -> Path | None:
+    """The headwise cache directory (``$HEADWISE_CACHE/headwise``, else
+    ``$XDG_CACHE_HOME/headwise``, else ``~/.cache/headwise``; created ``0700``) when only this
+    user can write to it; else ``None`` after one warning naming the directory, why, and
+    ``fallback`` (what the caller does instead). Other headwise caches (converted models)
+    keep their files in subdirectories of it under the same rule."""
     path = _cache_dir()
     try:
         real = Path(os.path.realpath(path))
@@ -123,15 +131,14 @@ def _private_cache() -> Path | None:
         reason = f"it cannot be created: {error}"
     if reason is None:
         return real
-    _cache_unusable(path, reason)
+    _cache_unusable(path, reason, fallback)
     return None
 
 
-def _cache_unusable(path: Path, reason: str) -> None:
+def _cache_unusable(path: Path, reason: str, fallback: str = _KERNEL_FALLBACK) -> None:
     warnings.warn(
-        f"headwise: the native kernel's cache {path} is not used ({reason}); the kernel is "
-        "compiled in a private temporary directory for this process instead. Set "
-        "HEADWISE_CACHE to a directory of your own to keep the build.",
+        f"headwise: the cache {path} is not used ({reason}); {fallback}. Set "
+        "HEADWISE_CACHE to a directory of your own to keep what is cached there.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -278,7 +285,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     native = [*base, "-march=native"]
     extra = shlex.split(os.environ.get("HEADWISE_NATIVE_FLAGS", ""))  # e.g. -mno-avx512f
     variants = ([*native, "-fopenmp"], native, [*base, "-fopenmp"], base)
-    machine, cache = _machine(), _private_cache()
+    machine, cache = _machine(), private_cache()
     why = f"the C compiler {compiler} could not build {SOURCE.name}"
     with contextlib.ExitStack() as stack:
         build = None
