@@ -3,7 +3,10 @@ padding on real English text, and greedy ``generate`` gives eager's tokens."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +68,27 @@ def test_greedy_generate_equals_eager_and_answers(smollm2):
     assert torch.equal(tokens["headwise"], tokens["eager"])
     answer = tokenizer.decode(tokens["headwise"][0], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def _bench(name: str):
+    path = Path(__file__).parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pruning_bench_importance_order_runs(smollm2):
+    """bench/bench_pruning.py's helpers on a small case: Michel et al.'s importance order over
+    all 270 heads, and finite held-out perplexities with 10% of them removed."""
+    bench = _bench("bench_pruning")
+    model, tokenizer = smollm2
+    with implementation(model, "headwise"):
+        calibration = bench.disjoint_streams(tokenizer, 2, 64, seed=0)
+        held_out = bench.disjoint_streams(tokenizer, 2, 64, seed=100, avoid=calibration)
+        order, scores = bench.importance_order(model, calibration)
+        curve = bench.pruning_curve(model, held_out, order, [0, 27])
+    assert len(order) == len(set(order)) == 270
+    norms = torch.stack([s.norm() for s in scores.values()])
+    assert torch.allclose(norms, torch.ones(30)), "scores are L2-normalized per layer"
+    assert all(math.isfinite(p) and p > 1 for p in curve), curve

@@ -6,7 +6,7 @@
 * :func:`place_heads` / :func:`s2_attention` - S2-Attention heads placed so each rank keeps only
   the KV blocks its heads read, with a per-rank KV memory report.
 * :func:`balance`, :class:`BalancedBatchSampler`, :func:`exchange_balanced` - Unpadded BERT's
-  length-balanced packing over data-parallel ranks, with the global loss normaliser.
+  length-balanced packing over data-parallel ranks, with the global loss normalizer.
 * :func:`context_parallel` - a :class:`headwise.MultiHeadAttention` on a sharded sequence;
   :func:`hf_context_parallel` - a Hugging Face model (through :mod:`headwise.hf`) the same way.
 * :func:`init_distributed` / :class:`PeerTimeoutError` - finite timeouts: a dead or missing rank

@@ -67,7 +67,7 @@ def init_distributed(
 
 
 def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
-    """This process's rank in ``group`` and the group's size (``(0, 1)`` when not initialised)."""
+    """This process's rank in ``group`` and the group's size (``(0, 1)`` when not initialized)."""
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)

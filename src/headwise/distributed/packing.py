@@ -11,7 +11,7 @@ variable-length samples a step lasts as long as the rank with the most tokens. T
 Rank ``r``'s ``i``-th sample is at least as long as rank ``r + 1``'s ``i``-th, which is at least as
 long as rank ``r``'s ``(i + 1)``-th, so token counts never increase with the rank and any two
 ranks differ by **at most the longest sample**; sample counts differ by at most one; no sample is
-lost. Ranks now hold different token counts, so a per-token loss must be normalised by the
+lost. Ranks now hold different token counts, so a per-token loss must be normalized by the
 global count: ``loss = sum_of_token_losses / global_tokens`` (times ``P`` when the gradients are
 averaged over ranks, as DDP does), not by the local count.
 
@@ -75,7 +75,7 @@ def balance(lengths: Sequence[int] | torch.Tensor, world_size: int) -> Assignmen
 class PackedBatch:
     """Samples concatenated without padding: ``tokens`` ``(T, ...)``, ``cu_seqlens`` ``(n + 1,)``
     int32 (for :func:`headwise.attention_varlen`), ``ids`` of the samples in that order, and
-    ``global_tokens``, the loss normaliser (``-1`` when unknown to a local collate)."""
+    ``global_tokens``, the loss normalizer (``-1`` when unknown to a local collate)."""
 
     tokens: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -107,7 +107,7 @@ class BalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Yields this rank's dataset indices, longest first. Every rank draws the same global batch
     (same ``seed`` and epoch) and computes the same assignment, so nothing is exchanged.
-    ``global_tokens(step)`` gives the loss normaliser of a step.
+    ``global_tokens(step)`` gives the loss normalizer of a step.
     """
 
     def __init__(
@@ -174,7 +174,7 @@ def exchange_balanced(
     Every rank passes its samples ``(L_i, ...)`` (same trailing shape and dtype everywhere, any
     count, possibly none). Lengths are all-gathered, :func:`balance` is computed identically on
     every rank, and token rows move with one ``all_to_all``. ``ids`` of the result are global
-    sample ids ``source_rank * max_count + local_index``; ``global_tokens`` is the normaliser.
+    sample ids ``source_rank * max_count + local_index``; ``global_tokens`` is the normalizer.
     """
     rank, world = rank_and_size(group)
     if not samples:

@@ -190,7 +190,7 @@ class SequenceAttention(nn.Module):
         self.hook_z, self.hook_result = HookPoint(), HookPoint()
 
     def reset_parameters(self) -> None:
-        """Re-initialise every projection and qk-norm (PyTorch's defaults: Kaiming-uniform
+        """Re-initialize every projection and qk-norm (PyTorch's defaults: Kaiming-uniform
         weights, uniform biases, unit norm scales), e.g. after meta construction + ``to_empty``."""
         reset_submodules(self)
 

@@ -3,11 +3,11 @@ submodules that carry their own init.
 
 A layer validates its tensor inputs with :func:`check_input` (after its shape checks), so a
 dtype or device mismatch is one clear error naming the input instead of a failure deep inside a
-projection. Its ``reset_parameters`` calls :func:`reset_submodules` and then re-initialises its
+projection. Its ``reset_parameters`` calls :func:`reset_submodules` and then re-initializes its
 own parameters and buffers in construction order, so that a layer built on the meta device,
-materialised with ``to_empty`` and reset under a seed equals a fresh layer built under that seed.
+materialized with ``to_empty`` and reset under a seed equals a fresh layer built under that seed.
 
-The init of a tensor lives in the module that owns it, never in a parent: FSDP1 materialises a
+The init of a tensor lives in the module that owns it, never in a parent: FSDP1 materializes a
 meta model module by module (parents first, ``to_empty(recurse=False)`` + ``reset_parameters()``
 on each module owning tensors directly, PyTorch's convention that a reset touches only the
 module's own tensors), so an init a parent writes into a child's weight would be overwritten by
@@ -73,7 +73,7 @@ def reset_submodules(module: nn.Module) -> None:
 
 
 class TruncNormalLinear(nn.Linear):
-    """``nn.Linear`` initialised as timm's vision transformers: weight trunc-normal(``std``) on
+    """``nn.Linear`` initialized as timm's vision transformers: weight trunc-normal(``std``) on
     ``[-2, 2]``, bias 0 (instead of PyTorch's Kaiming-uniform weight and uniform bias)."""
 
     def __init__(

@@ -75,7 +75,7 @@ class MultiBranchAttentionPooling(nn.Module):
         self.attention_w = nn.Linear(hidden_dim, num_branches)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the gated attention network (PyTorch's ``nn.Linear`` default)."""
+        """Re-initialize the gated attention network (PyTorch's ``nn.Linear`` default)."""
         reset_submodules(self)
 
     def extra_repr(self) -> str:

@@ -80,7 +80,7 @@ class BasedAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, **factory)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the projections (PyTorch's ``nn.Linear`` default, as zoology)."""
+        """Re-initialize the projections (PyTorch's ``nn.Linear`` default, as zoology)."""
         reset_submodules(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

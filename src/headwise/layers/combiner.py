@@ -34,7 +34,7 @@ def _merge(
 
 class CombinerAttention(nn.Module):
     """Combiner attention: direct attention inside a region plus indirect attention to region
-    summaries, normalised by **one** softmax, so every token of the support gets weight.
+    summaries, normalized by **one** softmax, so every token of the support gets weight.
 
     For query ``i`` with direct set ``Ω_i^0`` and regions ``Ω^r``::
 
@@ -135,7 +135,7 @@ class CombinerAttention(nn.Module):
         return self.dim
 
     def reset_parameters(self) -> None:
-        """Re-initialise the projections (and the axial summary's projection and LayerNorm)
+        """Re-initialize the projections (and the axial summary's projection and LayerNorm)
         with PyTorch's defaults."""
         reset_submodules(self)
 

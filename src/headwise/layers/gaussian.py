@@ -35,12 +35,12 @@ class GaussianAdaptiveAttention(nn.Module):
         num_heads: ``H`` chunks along ``axis``; each must hold at least 2 positions (unbiased
             variance).
         num_gaussians: ``G`` per head.
-        axis: the axis weighted and normalised (default 1: the sequence axis of ``(B, L, E)``).
-        eps: variance floor and normaliser floor (official 1e-8).
+        axis: the axis weighted and normalized (default 1: the sequence axis of ``(B, L, E)``).
+        eps: variance floor and normalizer floor (official 1e-8).
         padding_value: positions of ``x`` equal to it are zeroed for the statistics ``mu`` and
             ``var`` (still counted in their denominators) and pass through unchanged. As in the
             official code the Gaussians are evaluated on the raw ``x``, padding included, so
-            padding positions still count in the normaliser ``sum(w)`` (with a padding value far
+            padding positions still count in the normalizer ``sum(w)`` (with a padding value far
             from the data, e.g. -1e9, their weight is 0).
 
     Parameters: ``mean_offsets`` ``(H, G)`` (init 0), ``scales`` ``(H, G)`` (init ``exp(N(0,1))``).

@@ -27,7 +27,7 @@ class InLineAttention(nn.Module):
         W    = Conv1d(C, 9C, 1, groups=h)(GELU(Conv1d(C, C, 1, groups=h)(mean_tokens(x))))
         y    = W_o (concat_heads(o) + DWConv3x3_W(V))    (a per-sample depthwise 3x3 kernel)
 
-    The weights are injective in ``q`` (``q`` and ``2q`` attend differently), unlike normalised
+    The weights are injective in ``q`` (``q`` and ``2q`` attend differently), unlike normalized
     linear attention. Identity ``phi`` gives sign-indefinite weights by design.
 
     Args:
@@ -62,7 +62,7 @@ class InLineAttention(nn.Module):
         self.kernel_out = nn.Conv1d(dim, 9 * dim, 1, groups=num_heads)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the projections and the kernel generator (PyTorch's defaults)."""
+        """Re-initialize the projections and the kernel generator (PyTorch's defaults)."""
         reset_submodules(self)
 
     def local_kernels(self, x: torch.Tensor) -> torch.Tensor:

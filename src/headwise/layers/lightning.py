@@ -37,7 +37,7 @@ class LightningAttention(nn.Module):
 
     ``lam_h = exp(-s_h (1 - l / (N_layers - 1) + 1e-5))`` with ALiBi slopes ``s_h``
     (:func:`headwise.ops.linear.tnl_decay`): a fixed buffer, not learned. There is no softmax and
-    no ``1/sqrt(d)`` scale; SRMSNorm (no gain, eps 1e-6) normalises after the operator. The
+    no ``1/sqrt(d)`` scale; SRMSNorm (no gain, eps 1e-6) normalizes after the operator. The
     optional LRPE of the paper is not included.
 
     Args:
@@ -83,7 +83,7 @@ class LightningAttention(nn.Module):
         self.register_buffer("decay", tnl_decay(*self._schedule).to(device), persistent=False)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the projections (PyTorch's ``nn.Linear`` default) and recompute the
+        """Re-initialize the projections (PyTorch's ``nn.Linear`` default) and recompute the
         decay buffer."""
         reset_submodules(self)
         self.decay = tnl_decay(*self._schedule).to(self.decay.device)

@@ -74,7 +74,7 @@ class MoHAttention(SequenceAttention):
         num_shared: ``h_s`` always-active heads (the first ones), ``0 <= h_s <= H``.
         top_k: ``k`` routed heads per token, ``1 <= k <= h_r`` (ignored when ``h_s = H``).
         router: ``"learned"`` or ``"query_norm"`` (needs ``h_r >= 2`` for the std).
-        eps: floor of the renormalisation denominator.
+        eps: floor of the renormalization denominator.
 
     ``forward(x)`` or ``forward(x_packed, cu_seqlens=cu)`` returns a :class:`MoHOutput`. The
     steps and hook points are those of :class:`~headwise.layers._attention.SequenceAttention`;
@@ -147,7 +147,7 @@ class MoHAttention(SequenceAttention):
         )
 
     def reset_parameters(self) -> None:
-        """Re-initialise the projections and qk-norms as :class:`MultiHeadAttention` does and the
+        """Re-initialize the projections and qk-norms as :class:`MultiHeadAttention` does and the
         routers with PyTorch's ``nn.Linear`` default (Kaiming-uniform), as the official code."""
         reset_submodules(self)
 

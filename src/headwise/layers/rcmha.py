@@ -29,7 +29,7 @@ class RelativeConvAttention(nn.Module):
         y = softmax(S / sqrt(D), j <= i) V W_o
 
     ``u`` ``(H, D)``, ``r`` ``(max_len, H, D)`` and ``b`` ``(max_len, H)`` are learnable and
-    zero-initialised (the official tables span ``2P`` offsets to cover Transformer-XL memory;
+    zero-initialized (the official tables span ``2P`` offsets to cover Transformer-XL memory;
     without memory only the distances ``0..L-1`` are used, so the tables hold ``max_len``).
 
     The content term runs on :func:`headwise.attention` with a causal pattern; the relative term

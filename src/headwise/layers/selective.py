@@ -93,7 +93,7 @@ class SelectiveMultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
 
     def reset_parameters(self) -> None:
-        """Re-initialise the router and projections (PyTorch's ``nn.Linear`` default)."""
+        """Re-initialize the router and projections (PyTorch's ``nn.Linear`` default)."""
         reset_submodules(self)
 
     def extra_repr(self) -> str:

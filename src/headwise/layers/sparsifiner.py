@@ -130,7 +130,7 @@ class SparsifinerAttention(nn.Module):
         nn.init.trunc_normal_(self.basis, std=0.02)
 
     def reset_parameters(self) -> None:
-        """Re-initialise: projections with PyTorch's ``nn.Linear`` default, ``P_n`` and
+        """Re-initialize: projections with PyTorch's ``nn.Linear`` default, ``P_n`` and
         ``P_back`` trunc-normal(std 0.02) (official)."""
         reset_submodules(self)
         self._reset_bases()

@@ -33,14 +33,14 @@ def attention_influence(
     """Per-head loss influence of each ``block x block`` tile of attention (MoA §3.3).
 
     ``probs`` ``A`` and ``grad`` ``G = dLoss/dA``, both ``(B, H, Lq, Lk)``. Masking entry
-    ``(i, j)`` and renormalising its row changes the loss, to first order, by::
+    ``(i, j)`` and renormalizing its row changes the loss, to first order, by::
 
         E_ij = -A_ij (G_ij - sum_n A_in G_in) / (1 - A_ij + delta)
         E_ij = -A_ij G_ij                                 where A_ij = 1
 
     as thu-nics/MoA's profiler (``modify_llama_profile.py``): ``delta`` is the machine epsilon of
     ``grad``'s dtype, and an entry holding its whole row (the first row of a causal profile)
-    cannot be renormalised away, so its removal costs ``-A_ij G_ij``.
+    cannot be renormalized away, so its removal costs ``-A_ij G_ij``.
 
     ``E`` is made absolute (``absolute``), restricted to causal entries (bottom-right aligned,
     ``causal``), averaged over the batch and summed into tiles: returns ``(H, nQ, nK)`` float64

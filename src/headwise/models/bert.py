@@ -152,7 +152,7 @@ class BertLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def reset_parameters(self) -> None:
-        """Re-initialise every sublayer (PyTorch's defaults; a loaded checkpoint replaces them)."""
+        """Re-initialize every sublayer (PyTorch's defaults; a loaded checkpoint replaces them)."""
         reset_submodules(self)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ class UnpaddedBert(nn.Module):
         )
 
     def reset_parameters(self) -> None:
-        """Re-initialise every parameter with PyTorch's defaults (embeddings ``N(0, 1)`` with a
+        """Re-initialize every parameter with PyTorch's defaults (embeddings ``N(0, 1)`` with a
         zero padding row, ``nn.Linear`` Kaiming-uniform, LayerNorm ones and zeros), e.g. after
         meta-device construction + ``to_empty`` and before loading a checkpoint."""
         reset_submodules(self)

@@ -1,5 +1,5 @@
 """ConViT gated positional self-attention (GPSA): content and positional attention mixed by a
-learnable per-head gate, with a locality initialisation that makes every head a convolution tap.
+learnable per-head gate, with a locality initialization that makes every head a convolution tap.
 
 d'Ascoli et al., "ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases"
 (ICML 2021); official code facebookresearch/convit, ported in timm ``convit.py``.
@@ -124,7 +124,7 @@ class GatedPositionalSelfAttention(nn.Module):
         nn.init.ones_(self.gating_param)
 
     def local_init(self, locality_strength: float = 1.0) -> None:
-        """Re-initialise ``v`` and ``pos_proj`` as above with strength ``locality_strength`` (kept
+        """Re-initialize ``v`` and ``pos_proj`` as above with strength ``locality_strength`` (kept
         for later resets): ``W_v = I``, head ``p`` prefers offset ``(h₂ - c, h₁ - c)``. The other
         parameters keep their values."""
         self.locality_strength = check_real("locality_strength", locality_strength)

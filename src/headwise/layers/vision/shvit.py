@@ -37,7 +37,7 @@ class SingleHeadAttention(nn.Module):
         x₁'      = GroupNorm(1, C_p)(x₁)                       (LayerNorm over C_p, H, W)
         q, k, v  = split(BN(Conv1x1(x₁')), [d_qk, d_qk, C_p])
         x₁''     = softmax(d_qk^-1/2 · q kᵀ) v                 one head, all N tokens
-        y        = BN(Conv1x1(ReLU(concat[x₁'', x₂])))        (BN weight initialised to 0)
+        y        = BN(Conv1x1(ReLU(concat[x₁'', x₂])))        (BN weight initialized to 0)
 
     ``x₂`` reaches the output projection raw (no norm, no mixing), and the mixer outputs 0 at
     init (the block's residual is added outside). Attention runs through

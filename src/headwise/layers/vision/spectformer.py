@@ -20,8 +20,8 @@ class SpectralGating(nn.Module):
         y = irfft2(X ⊙ K, s=(H, W), norm="ortho")  K ∈ ℂ^{H x (⌊W/2⌋+1) x C}, learnable
 
     Equivalently a per-channel *circular* convolution over the whole map with the spatial kernel
-    ``irfft2(K, s=(H, W))`` (torch's default normalisation). ``K`` is stored as a real
-    ``(H, ⌊W/2⌋+1, C, 2)`` tensor, both parts initialised ``0.02·randn``. The FFT runs in at
+    ``irfft2(K, s=(H, W))`` (torch's default normalization). ``K`` is stored as a real
+    ``(H, ⌊W/2⌋+1, C, 2)`` tensor, both parts initialized ``0.02·randn``. The FFT runs in at
     least float32 (AMP safety) and the output is cast back to the input dtype.
 
     Args:

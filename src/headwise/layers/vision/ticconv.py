@@ -33,7 +33,7 @@ class MSAConv(nn.Module):
         o_p = Σ_t softmax_t( d^-1/2 · q_pᵀ k_{p+t} ) v_{p+t}
         y   = ReLU( Conv_{k_h x k_w}(o + x) )            ("same" padding, optional stride)
 
-    Out-of-image neighbours are zero vectors and are *not* masked (they get logit 0 and take
+    Out-of-image neighbors are zero vectors and are *not* masked (they get logit 0 and take
     softmax mass), as in the released operator. The release uses one head (``d = C``) and
     attention dropout 0.1; dropout is not included here. ``depthwise=True`` makes the closing
     convolution depthwise (the paper's depthwise variant). The windows are gathered and folded

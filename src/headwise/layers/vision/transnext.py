@@ -68,7 +68,7 @@ class AggregatedAttention(nn.Module):
         window_size: ``k`` (odd; 3 in TransNeXt).
         sr_ratio: pooling ratio ``sr`` (8/4/2 in stages 1-3; 1 = full attention in stage 4).
         qkv_bias: bias in the q/kv projections (True in TransNeXt).
-        pretrain_size: ``(H_pre, W_pre)`` normalising the bias coordinates; default the input's.
+        pretrain_size: ``(H_pre, W_pre)`` normalizing the bias coordinates; default the input's.
         backend: passed to :func:`headwise.attention` (``sr_ratio = 1``).
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``, or ``(B, N, C)`` with ``size=(H, W)``.
