@@ -18,7 +18,7 @@ from torch import nn
 from headwise import patterns
 from headwise._checks import Unsupported, check_bool, check_choice, check_int, check_real
 from headwise.hooks import HookPoint
-from headwise.layers._init import reset_submodules
+from headwise.layers._init import head_dim_of, reset_submodules
 from headwise.ops.attention import attention, attention_varlen
 from headwise.patterns import Pattern
 from headwise.types import Backend
@@ -130,14 +130,7 @@ class SequenceAttention(nn.Module):
         super().__init__()
         embed_dim = check_int("embed_dim", embed_dim, minimum=1)
         num_heads = check_int("num_heads", num_heads, minimum=1)
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(
-                    f"num_heads must divide embed_dim when head_dim is not given; got "
-                    f"embed_dim={embed_dim}, num_heads={num_heads}"
-                )
-            head_dim = embed_dim // num_heads
-        head_dim = check_int("head_dim", head_dim, minimum=1)
+        head_dim = head_dim_of("embed_dim", embed_dim, num_heads, head_dim)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         num_kv_heads = check_int("num_kv_heads", num_kv_heads, minimum=1)
         if num_heads % num_kv_heads:

@@ -23,7 +23,20 @@ import math
 import torch
 from torch import nn
 
-from headwise._checks import ArgumentTypeError
+from headwise._checks import ArgumentTypeError, check_int
+
+
+def head_dim_of(width_name: str, width: int, num_heads: int, head_dim: int | None) -> int:
+    """``head_dim``, or ``width // num_heads`` when it is not given (``num_heads`` must divide
+    ``width`` then); ``width_name`` names the layer's width argument in the error."""
+    if head_dim is None:
+        if width % num_heads:
+            raise ValueError(
+                f"num_heads must divide {width_name} when head_dim is not given; got "
+                f"{width_name}={width}, num_heads={num_heads}"
+            )
+        head_dim = width // num_heads
+    return check_int("head_dim", head_dim, minimum=1)
 
 
 def check_input(name: str, x: object, like: nn.Module | torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from headwise import patterns
 from headwise._checks import ArgumentTypeError, check_bool, check_choice, check_int, check_real
-from headwise.layers._init import check_input, reset_submodules
+from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
 from headwise.types import Backend
 
@@ -109,14 +109,7 @@ class CombinerAttention(nn.Module):
         check_choice("variant", variant, ("fixed", "axial"))
         causal, bias = check_bool("causal", causal), check_bool("bias", bias)
         scale = None if scale is None else check_real("scale", scale)
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(
-                    f"num_heads must divide dim when head_dim is not given; got "
-                    f"dim={dim}, num_heads={num_heads}"
-                )
-            head_dim = dim // num_heads
-        head_dim = check_int("head_dim", head_dim, minimum=1)
+        head_dim = head_dim_of("dim", dim, num_heads, head_dim)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.segment_len, self.variant, self.causal = segment_len, variant, causal
         self.scale, self.backend = scale, backend

@@ -12,7 +12,7 @@ from torch import nn
 
 from headwise import patterns
 from headwise._checks import check_bool, check_int, check_real
-from headwise.layers._init import check_input, reset_submodules
+from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
 from headwise.types import Backend
 
@@ -72,14 +72,7 @@ class SelectiveMultiHeadAttention(nn.Module):
             check_int(name, value, minimum=1)
         causal, bias = check_bool("causal", causal), check_bool("bias", bias)
         scale = None if scale is None else check_real("scale", scale)
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(
-                    f"num_heads must divide embed_dim when head_dim is not given; got "
-                    f"embed_dim={embed_dim}, num_heads={num_heads}"
-                )
-            head_dim = embed_dim // num_heads
-        head_dim = check_int("head_dim", head_dim, minimum=1)
+        head_dim = head_dim_of("embed_dim", embed_dim, num_heads, head_dim)
         top_k = max(1, num_heads // 2) if top_k is None else check_int("top_k", top_k)
         if not 1 <= top_k <= num_heads:
             raise ValueError(f"top_k must be in [1, num_heads={num_heads}]; got {top_k!r}")
