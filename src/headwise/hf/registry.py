@@ -24,6 +24,11 @@ eager accepts them; anything else (learned sinks ``s_aux``/``sinks``, ``head_mas
 ``cu_seq_lens_*``, keywords of future models) raises :class:`~headwise._checks.Unsupported`
 naming the module class and the keyword.
 
+A call whose ``key``/``value`` are the tensors a :class:`headwise.hf.cache.PatternCache` update
+just returned (its kept slots, told apart by identity through :data:`pending_update`) attends
+with that cache's pattern at the slots' absolute positions, and the model's mask gathered at
+those positions.
+
 Hooks (capture, scores, interventions) attach to a model with :func:`attach`, which names every
 attention module after TransformerLens (``blocks.3.attn``; towers of multi-tower models get a
 prefix such as ``vision_model.blocks.1.attn``) and installs these sites for the hook engine of
@@ -32,6 +37,8 @@ prefix such as ``vision_model.blocks.1.attn``) and installs these sites for the 
 """
 
 from __future__ import annotations
+
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -45,12 +52,18 @@ from headwise.hooks import (
     choose_sites,
     install,
     run_attention,
+    site_of,
     sites_of,
 )
 from headwise.ops.attention import mods
 from headwise.patterns import causal
 
 NAME = "headwise"
+
+#: the last update of a :class:`headwise.hf.cache.PatternCache` layer, set by the cache and taken
+#: by the attention call it feeds: an object with ``length`` (cache positions seen) and
+#: ``attention(module, key, value, mask, q_len) -> (mask, pattern, hidden)``
+pending_update: ContextVar = ContextVar("headwise_pending_update", default=None)
 
 
 def register() -> None:
@@ -328,32 +341,44 @@ def attention_forward(
     from the LSE when transformers records attentions (``output_attentions=True``). Keywords: see
     the module docstring.
     """
+    cached = pending_update.get()
+    if cached is not None:  # taken before anything can raise: the next update starts afresh
+        pending_update.set(None)
     opts = _keywords(module, kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     q_len, kv_len = q.shape[1], k.shape[1]
     scale = opts.get("scaling", q.shape[-1] ** -0.5)
     softcap = opts.get("softcap")
     window = opts.get("sliding_window")
-    if attention_mask is None and window is not None and kv_len > window:
+    span = kv_len if cached is None else cached.length
+    if attention_mask is None and window is not None and span > window:
         raise _refuse(
             module,
             "sliding_window",
             window,
-            f"the window hides some of the {kv_len} keys but the call has no mask to apply it",
+            f"the window hides some of the {span} keys but the call has no mask to apply it",
         )
 
     bias = None
     pattern = None
+    hidden = None
+    if cached is not None:
+        attention_mask, pattern, hidden = cached.attention(
+            module, key, value, attention_mask, q_len
+        )
     if attention_mask is None:
         is_causal = opts.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        if is_causal and q_len > 1:
+        if is_causal and q_len > 1 and cached is None:
             pattern = causal("top_left")
     elif attention_mask.dtype == torch.bool:
         bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~attention_mask, torch.finfo(q.dtype).min)
     else:
         bias = attention_mask.to(q.dtype)
+    if hidden is not None:
+        # the cache's pattern and empty slots: -inf, as keys that are not there
+        bias = hidden.to(q.dtype) if bias is None else bias + hidden.to(q.dtype)
     position_bias = opts.get("position_bias")
     if position_bias is not None:
         # T5: eager adds it to the scores next to the mask (the mask's dtype minimum absorbs it)
@@ -362,6 +387,16 @@ def attention_forward(
 
     score_mod = None if softcap is None else mods.softcap(softcap)
     weights = _weights_wanted(module, opts.get("output_attentions"))
+    if cached is not None and not cached.complete:
+        site = site_of(module)
+        if weights or (site is not None and site.hooks):
+            # hooks and attention weights index keys by position; these are kept slots
+            wanted = "attention weights (output_attentions)" if weights else "hooks"
+            raise Unsupported(
+                f"{type(module).__name__}: a PatternCache that has dropped keys attends over its "
+                f"kept slots, not over the key positions that {wanted} are indexed by; use "
+                "swap_pattern with the default cache for them"
+            )
     return run_attention(
         module,
         q,
@@ -389,6 +424,4 @@ _MOVED = {
 }
 
 
-__getattr__ = moved(
-    __name__, {old: f"headwise.hooks:{new}" for old, new in _MOVED.items()}
-)
+__getattr__ = moved(__name__, {old: f"headwise.hooks:{new}" for old, new in _MOVED.items()})
