@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+from pathlib import Path
 
 import torch
 
@@ -67,3 +68,22 @@ def token_stream(tokenizer: object, tokens: int, seed: int = 0) -> torch.Tensor:
     if ids.shape[1] < tokens:
         raise ValueError(f"tokens must be at most {ids.shape[1]} for this corpus; got {tokens}")
     return ids[:, :tokens]
+
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def licenses(directory: str | Path = LICENSES) -> dict[str, str]:
+    """The license texts Debian ships (``/usr/share/common-licenses``: GPL, LGPL, Apache, MPL,
+    ...), name to text, each text once (aliases such as ``GPL`` -> ``GPL-3`` dropped), sorted by
+    name: real English legal prose disjoint from :func:`corpus`, e.g. for calibration."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"directory must hold the license texts; {root} is not a directory")
+    texts: dict[str, str] = {}
+    for path in sorted(root.iterdir()):
+        if path.is_file() and not path.is_symlink():
+            texts[path.name] = path.read_text(errors="replace").strip()
+    if not texts:
+        raise ValueError(f"no license texts in {root}")
+    return texts

@@ -8,14 +8,17 @@ gates and pruning (Michel et al.: :mod:`~headwise.hf.importance`, :mod:`~headwis
 :mod:`~headwise.hf.pruning`), VAR sinks and redistribution (:mod:`~headwise.hf.sinks`,
 :mod:`~headwise.hf.var`), VHD/VHR (:mod:`~headwise.hf.vhr`), PAINT (:mod:`~headwise.hf.paint`),
 rollout/flow (:mod:`~headwise.hf.rollout`), VL-SAM (:mod:`~headwise.hf.vlsam`), pattern swaps
-(:mod:`~headwise.hf.swap`). Requires the optional ``transformers`` dependency
-(``pip install headwise[hf]``); the report needs ``matplotlib``.
+(:mod:`~headwise.hf.swap`), MoA plans for a model (:mod:`~headwise.hf.moa`) and a KV cache that
+follows a pattern in ``generate`` (:class:`~headwise.hf.cache.PatternCache`, imported on first
+use). Requires the optional ``transformers`` dependency (``pip install headwise[hf]``); the
+report needs ``matplotlib``.
 """
 
 from headwise._deprecated import moved
 from headwise.hf.ablation import ablate_heads, gate_heads
 from headwise.hf.capture import ActivationCache, capture
 from headwise.hf.importance import head_importance_ablation, head_importance_gradient
+from headwise.hf.moa import moa_calibration, moa_plan, moa_profile
 from headwise.hf.paint import emphasize_tokens
 from headwise.hf.pruning import Pruning, prune_heads
 from headwise.hf.registry import NAME, attach, register, select_sites
@@ -42,6 +45,7 @@ __all__ = [
     "ActivationCache",
     "Drift",
     "Hook",
+    "PatternCache",
     "Pruning",
     "SinkTokens",
     "Site",
@@ -61,6 +65,9 @@ __all__ = [
     "head_importance_gradient",
     "massive_dimensions",
     "mean_attention_distance",
+    "moa_calibration",
+    "moa_plan",
+    "moa_profile",
     "pattern_drift",
     "prune_heads",
     "redistribute",
@@ -81,8 +88,18 @@ __all__ = [
 ]
 
 
-__getattr__ = moved(
+_moved = moved(
     __name__,
     {"Sinks": "headwise.hf.sinks:SinkTokens"},
     " (the result of find_sinks; headwise.patterns.Sinks is the attention pattern)",
 )
+
+
+def __getattr__(name: str) -> object:
+    # PatternCache subclasses transformers' Cache: imported on first use, so that headwise.hf
+    # itself imports without transformers
+    if name == "PatternCache":
+        from headwise.hf.cache import PatternCache
+
+        return PatternCache
+    return _moved(name)
