@@ -1,15 +1,19 @@
 """Prefill speed on a real LLM: SmolLM2-135M-Instruct's whole-model forward on one real-text
-sequence, dense vs StreamingLLM's sinks + window through headwise's ``native`` CPU kernel.
+sequence, dense vs StreamingLLM's sinks + window and MoA plans through headwise's ``native`` CPU
+kernel.
 
-Three configurations of the same model, timed in turn round by round (a slow phase of the machine
-then hits all of them alike), at each sequence length:
+Configurations of the same model, timed in turn round by round (a slow phase of the machine then
+hits all of them alike), at each sequence length:
 
 - ``sdpa``: the model's default dense attention (``model.set_attn_implementation("sdpa")``),
   the baseline every ratio is taken against;
 - ``headwise dense``: headwise attached, no pattern swapped (dense causal through
   :func:`headwise.attention`, which sends it to the ``sdpa`` backend);
 - ``headwise sinks+window``: ``sliding_window(w) | sinks(n)`` swapped into all 30 layers with
-  :func:`headwise.hf.swap_pattern` (``auto`` sends it to the ``native`` kernel on CPU).
+  :func:`headwise.hf.swap_pattern` (``auto`` sends it to the ``native`` kernel on CPU);
+- ``headwise MoA <name>``: one per ``--plan NAME=PATH`` (an MoA plan saved by ``MoAPlan.save``,
+  e.g. ``bench/results/moa-plan-smollm2-0.5.json``), its spans sized for the sequence's length
+  (:func:`headwise.evals.sized_swap`).
 
 A forward is a prefill as ``generate`` runs it: ``torch.no_grad()``, ``use_cache=False``, and
 logits for the last position only (``logits_to_keep=1``), so the 49152-word output projection is
@@ -21,6 +25,7 @@ The longest length runs only if its forward, extrapolated from the two shorter o
 ``--max-forward`` seconds; otherwise a note says it was skipped.
 
     python bench/bench_prefill.py [--lengths 2048 4096 8192] [--rounds 3] [--window 256]
+        [--plan moa-0.5=bench/results/moa-plan-smollm2-0.5.json]
 
 Writes ``bench/results/prefill-cpu-<date>.md`` with device, versions, date and every round.
 """
@@ -37,8 +42,9 @@ import torch
 
 import headwise.patterns as P
 from headwise import attention, explain
-from headwise.evals import smollm2_for_eval, token_stream
+from headwise.evals import sized_swap, smollm2_for_eval, token_stream
 from headwise.hf import attach, swap_pattern
+from headwise.layers import MoAPlan
 from headwise.measure import write_results
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,7 +66,9 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def prefill_calls(model, ids: torch.Tensor, pattern) -> dict[str, Callable[[], object]]:
+def prefill_calls(
+    model, ids: torch.Tensor, pattern, plans: dict[str, MoAPlan]
+) -> dict[str, Callable[[], object]]:
     def forward():
         with torch.no_grad():
             return model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -78,7 +86,16 @@ def prefill_calls(model, ids: torch.Tensor, pattern) -> dict[str, Callable[[], o
         with swap_pattern(model, pattern):
             return forward()
 
-    return {"sdpa": sdpa, "headwise dense": dense, "headwise sinks+window": sparse}
+    def moa(plan: MoAPlan):
+        def run():
+            attach(model)
+            with sized_swap(model, plan, ids.shape[1]):
+                return forward()
+
+        return run
+
+    calls = {"sdpa": sdpa, "headwise dense": dense, "headwise sinks+window": sparse}
+    return calls | {f"headwise MoA {name}": moa(plan) for name, plan in plans.items()}
 
 
 def attention_calls(length: int, pattern) -> tuple[dict[str, Callable[[], object]], str]:
@@ -127,7 +144,16 @@ def main() -> None:
         help="skip a length whose forward would be longer",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--plan", action="append", default=[], metavar="NAME=PATH", help="an MoA plan to time"
+    )
     args = parser.parse_args()
+    plans = {}
+    for spec in args.plan:
+        name, _, path = spec.partition("=")
+        if not path:
+            parser.error(f"--plan takes NAME=PATH; got {spec!r}")
+        plans[name] = MoAPlan.load(path)
     torch.manual_seed(args.seed)
     begin = time.perf_counter()
     model, tokenizer, env, load = smollm2_for_eval()
@@ -135,7 +161,7 @@ def main() -> None:
     pattern = P.sliding_window(args.window) | P.sinks(args.sinks)
 
     warm = token_stream(tokenizer, 128, args.seed)
-    for fn in prefill_calls(model, warm, pattern).values():
+    for fn in prefill_calls(model, warm, pattern, plans).values():
         fn()  # compiles the native kernel once, warms every path
     whole: dict[int, dict[str, list[float]]] = {}
     notes = []
@@ -154,7 +180,7 @@ def main() -> None:
                 notes.append(note)
                 continue
         ids = token_stream(tokenizer, length, args.seed)
-        whole[length] = rounds(prefill_calls(model, ids, pattern), args.rounds)
+        whole[length] = rounds(prefill_calls(model, ids, pattern, plans), args.rounds)
         print(f"{length}: " + ", ".join(f"{n} {median(t):.2f} s" for n, t in whole[length].items()))
     model.set_attn_implementation("sdpa")
 
@@ -176,6 +202,7 @@ def main() -> None:
         "- forward: torch.no_grad(), use_cache=False, logits_to_keep=1 (prefill as generate "
         "runs it), float32, batch 1",
         f"- pattern: sliding_window({args.window}) | sinks({args.sinks}) in all 30 layers",
+        *(f"- MoA {name}: {spec.partition('=')[2]}" for name, spec in zip(plans, args.plan)),
         f"- {args.rounds} rounds, configurations timed in turn within each round; one warm-up "
         "forward of 128 tokens per configuration before the first",
         f"- model load {load:.1f} s; whole run {total:.0f} s",
