@@ -40,17 +40,10 @@ from headwise.evals import smollm2_for_eval, token_stream
 from headwise.hf import attach
 from headwise.hf.cache import PatternCache
 from headwise.layers import MoAPlan
-from headwise.measure import write_results
+from headwise.measure import progress, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a convenience: pip install 'headwise[bench]'
-        return None
-    return tqdm(total=total, desc=desc)
 
 
 def kv_bytes(cache) -> int:
@@ -117,7 +110,7 @@ def main() -> None:
     warm = token_stream(tokenizer, 128, args.seed)
     for plan in plans.values():
         decode(model, warm, plan, 2)  # compiles the native kernel once, warms every path
-    bar = _progress(len(args.lengths) * args.rounds * len(plans), "decode")
+    bar = progress(len(args.lengths) * args.rounds * len(plans), "decode")
     runs: dict[int, dict[str, list[dict]]] = {}
     for length in args.lengths:
         ids = token_stream(tokenizer, length, args.seed)

@@ -48,18 +48,11 @@ from headwise.evals import (
 )
 from headwise.hf import attach
 from headwise.layers import MoAPlan
-from headwise.measure import write_results
+from headwise.measure import progress, write_results
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_PLANS = {f"moa-{d}": RESULTS / f"moa-plan-smollm2-{d}.json" for d in ("0.5", "0.25")}
 
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a convenience: pip install 'headwise[bench]'
-        return None
-    return tqdm(total=total, desc=desc)
 
 
 def kv_density(plan: MoAPlan | None, length: int) -> float:
@@ -350,7 +343,7 @@ def main() -> None:
         lines = lines_check(model, tokenizer, args.lengths, seed + 200)
         print("dense on LongEval lines:", lines)
     per_config = len(args.lengths) * args.contexts + sum(args.ppl_streams)
-    bar = _progress(per_config * len(todo), "configurations x (contexts + streams)")
+    bar = progress(per_config * len(todo), "configurations x (contexts + streams)")
     results = {}
     for name in plans:
         if name in todo:

@@ -37,7 +37,7 @@ from headwise.evals.text import licenses
 from headwise.hf.moa import moa_calibration, moa_profile
 from headwise.hf.pretrained import smollm2
 from headwise.layers.moa import MoAPlan
-from headwise.measure import environment, peak_memory, write_results
+from headwise.measure import environment, peak_memory, progress, write_results
 from headwise.moa import candidate_grid, plan_density, plan_loss, search_plan
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,13 +46,6 @@ CONSTRAINT_LENGTHS = (1024, 2048, 4096)
 BUDGETS = (0.5, 0.25)
 GROUP, MAX_SPANS, LOWER, ALPHA_STEP = 3, 2, 0.9, 128
 
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a convenience: pip install 'headwise[bench]'
-        return None
-    return tqdm(total=total, desc=desc)
 
 
 def _spans(plan: MoAPlan) -> list[str]:
@@ -87,7 +80,7 @@ def main() -> None:
     profiles, cost = {}, {}
     if args.profiles is not None and args.profiles.exists():
         profiles, cost = torch.load(args.profiles)
-    bar = _progress(2 * len(PROFILE_LENGTHS), "calibrate + profile")
+    bar = progress(2 * len(PROFILE_LENGTHS), "calibrate + profile")
     for length in [n for n in PROFILE_LENGTHS if n not in profiles]:
         start = time.perf_counter()
         batches = moa_calibration(

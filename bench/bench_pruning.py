@@ -37,7 +37,7 @@ from torch import nn
 
 from headwise.evals import smollm2_for_eval, token_stream
 from headwise.hf import ablate_heads, attach, head_importance_gradient, select_sites
-from headwise.measure import write_results
+from headwise.measure import progress, write_results
 
 RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -45,13 +45,6 @@ SPAN = 16  # held-out text may share no span this long with the calibration text
 
 Head = tuple[str, int]
 
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a convenience: pip install 'headwise[bench]'
-        return None
-    return tqdm(total=total, desc=desc)
 
 
 def _lm_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -174,7 +167,7 @@ def main() -> None:
     for s in range(args.random_seeds):
         orders[f"random {args.seed + s}"] = random_order(model, args.seed + s)
 
-    bar = _progress(len(orders) * len(counts), "perplexity")
+    bar = progress(len(orders) * len(counts), "perplexity")
     start = time.perf_counter()
     curves = {name: pruning_curve(model, held_out, o, counts, bar) for name, o in orders.items()}
     if bar is not None:

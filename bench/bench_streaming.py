@@ -46,17 +46,10 @@ from headwise.hf import (
     sink_share,
     swap_pattern,
 )
-from headwise.measure import write_results
+from headwise.measure import progress, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a convenience: pip install 'headwise[bench]'
-        return None
-    return tqdm(total=total, desc=desc)
 
 
 def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
@@ -132,7 +125,7 @@ def main() -> None:
         (f"window {w}", P.sliding_window(w)),
         (f"sinks {n} + window {w}", P.sliding_window(w) | P.sinks(n)),
     ]
-    bar = _progress(len(configs) * len(streams), "perplexity")
+    bar = progress(len(configs) * len(streams), "perplexity")
     start = time.perf_counter()
     nll = perplexities(model, streams, configs, bar)
     if bar is not None:

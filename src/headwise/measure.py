@@ -1,4 +1,5 @@
-"""Timing and peak-memory measurement shared by the CLI demo and the benchmark scripts.
+"""Timing and peak-memory measurement shared by the CLI demo and the benchmark scripts, and the
+results files and progress bars of those scripts.
 
 On CUDA, peak memory is ``torch.cuda.max_memory_allocated`` over the call. On CPU, where torch
 keeps no allocator statistics, a thread samples the bytes in use by the C allocator (glibc
@@ -153,3 +154,13 @@ def write_results(directory: Path, stem: str, env: dict[str, str], text: str) ->
     path.write_text(text)
     print(f"wrote {path}")
     return path
+
+
+def progress(total: int, desc: str):
+    """A ``tqdm`` progress bar for a long benchmark, or ``None`` without tqdm (the bar is a
+    convenience: ``pip install 'headwise[bench]'``)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc)

@@ -11,28 +11,13 @@ import pytest
 import torch
 
 from headwise.evals import PerplexityScore, perplexity, sized_swap, token_nll
-from headwise.hf import attach
 from headwise.layers import MoAPlan
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama  # noqa: E402  (needs transformers)
+
 # the module, not the function of the same name that headwise.evals exports
 perplexity_module = importlib.import_module("headwise.evals.perplexity")
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    attach(model)
-    return model
 
 
 def test_token_nll_equals_cross_entropy_of_logits(monkeypatch):

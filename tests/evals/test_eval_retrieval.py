@@ -16,10 +16,11 @@ from headwise.evals import (
     retrieval_contexts,
     sized_swap,
 )
-from headwise.hf import attach, swap_pattern
+from headwise.hf import swap_pattern
 from headwise.layers import MoAPlan
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama  # noqa: E402  (needs transformers)
 
 # heterogeneous spans on 8-token blocks: a 96-token sequence really hides keys
 PLAN = MoAPlan(
@@ -30,24 +31,6 @@ PLAN = MoAPlan(
     min_cache=8,
     max_new_tokens=0,
 )
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        # logits far apart: teacher forcing and greedy decoding then never split on a near-tie
-        initializer_range=0.2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    attach(model)
-    return model
 
 
 def greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -212,7 +195,7 @@ def test_sized_plan_continuation_equals_full_forward():
 
 def test_sized_swap_refuses_a_plan_of_other_depth():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="2 attention sites"):
+    with pytest.raises(ValueError, match="chooses 2 sites"):
         with sized_swap(model, MoAPlan.uniform(3, 4, alpha=0, beta=0.5), 64):
             pass
     with pytest.raises(ValueError, match="length"):

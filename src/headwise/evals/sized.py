@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from headwise._checks import check_int
-from headwise.hf import select_sites, swap_pattern
-from headwise.hf.swap import SwapPattern
+from headwise.hf import swap_pattern
+from headwise.hf.swap import SwapPattern, plan_sites
 from headwise.layers import MoAPlan
 
 
@@ -35,12 +35,7 @@ def sized_swap(model: nn.Module, config: SwapPattern | None, length: int) -> Ite
         yield
         return
     if isinstance(config, MoAPlan):
-        sites = select_sites(model)
-        if len(sites) != config.num_layers:
-            raise ValueError(
-                f"the MoA plan has {config.num_layers} layers but the model has {len(sites)} "
-                "attention sites"
-            )
+        sites = plan_sites(model, config)
         config = {
             site.name: config.pattern(site.heads, length=length, layer=i)
             for i, site in enumerate(sites)

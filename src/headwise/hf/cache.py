@@ -54,8 +54,8 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headwise._checks import ArgumentTypeError, Unsupported, check_int
-from headwise.hf.registry import NAME, language_sites, pending_update, select_sites
-from headwise.hf.swap import SwapPattern, _site_patterns
+from headwise.hf.registry import NAME, language_sites, pending_update
+from headwise.hf.swap import SwapPattern, _site_patterns, plan_sites
 from headwise.hooks import Layers, Site, site_of
 from headwise.layers import MoAPlan
 from headwise.layers.moa import MoASpan
@@ -473,12 +473,7 @@ class PatternCache(Cache):
         stack = language_sites(model)
         modules = {id(site_of(m)): m for m in model.modules() if site_of(m) is not None}
         if isinstance(pattern, MoAPlan):
-            chosen = select_sites(model, layers)
-            if len(chosen) != pattern.num_layers:
-                raise ValueError(
-                    f"the MoA plan has {pattern.num_layers} layers but layers={layers!r} chooses "
-                    f"{len(chosen)} sites {[s.name for s in chosen]}"
-                )
+            chosen = plan_sites(model, pattern, layers)
             rules: dict[str, tuple[_Rule, list]] = {}
             for i, site in enumerate(chosen):
                 spans = pattern.spans(i)

@@ -33,19 +33,25 @@ class _Swap(Hook):
 SwapPattern = Pattern | Mapping[str, Pattern] | MoAPlan
 
 
+def plan_sites(model: nn.Module, plan: MoAPlan, layers: Layers = None) -> list[Site]:
+    """The sites ``layers`` chooses, one per layer of ``plan`` (layer ``l`` for the ``l``-th)."""
+    sites = select_sites(model, layers)
+    if len(sites) != plan.num_layers:
+        raise ValueError(
+            f"the MoA plan has {plan.num_layers} layers but layers={layers!r} chooses "
+            f"{len(sites)} sites {[s.name for s in sites]}: pass layers= naming one per plan "
+            "layer (e.g. layers='language_model')"
+        )
+    return sites
+
+
 def _site_patterns(model: nn.Module, pattern: SwapPattern, layers: Layers) -> dict[str, Pattern]:
     """One pattern per site name: the same for every chosen site, the mapping's, or layer ``l``
     of an MoA plan for the ``l``-th chosen site (elastic spans, sized per call)."""
     if isinstance(pattern, Pattern):
         return {s.name: pattern for s in select_sites(model, layers)}
     if isinstance(pattern, MoAPlan):
-        sites = select_sites(model, layers)
-        if len(sites) != pattern.num_layers:
-            raise ValueError(
-                f"the MoA plan has {pattern.num_layers} layers but layers={layers!r} chooses "
-                f"{len(sites)} sites {[s.name for s in sites]}: pass layers= naming one per plan "
-                "layer (e.g. layers='language_model')"
-            )
+        sites = plan_sites(model, pattern, layers)
         return {s.name: pattern.pattern(s.heads, layer=i) for i, s in enumerate(sites)}
     if not isinstance(pattern, Mapping):
         raise ArgumentTypeError(
