@@ -53,6 +53,9 @@ TEXTS = passages(3, 3000, seed=1)
 
 def test_calibration_answers_are_the_dense_models_greedy_tokens_and_only_they_are_labeled():
     model, tok = _llama(), _CharTokenizer()
+    # a generation config's penalties would bend "greedy": calibration must ignore them
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
     batches = moa_calibration(model, tok, TEXTS, 96, samples=2, answer_tokens=8, seed=3)
     assert len(batches) == 2
     for batch in batches:

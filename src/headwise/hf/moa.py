@@ -106,6 +106,10 @@ def moa_calibration(
                 max_new_tokens=answer_tokens,
                 min_new_tokens=answer_tokens,
                 do_sample=False,
+                num_beams=1,
+                # greedy means argmax: no penalty the model's generation config may carry
+                repetition_penalty=1.0,
+                no_repeat_ngram_size=0,
                 pad_token_id=pad,
             )
         labels = full.clone()
