@@ -28,6 +28,7 @@ from headwise.distributed._comm import ProcessGroup, peer_errors, rank_and_size,
 from headwise.distributed.sharding import AtPositions, Runs
 from headwise.ops.attention import Backend, attention
 from headwise.patterns import EMPTY, Pattern
+from headwise.patterns.base import check_pattern
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,7 @@ def place_heads(
             f"S2 head sharding gives each rank whole KV heads: num_kv_heads must divide by the "
             f"world size; got H_kv={num_kv_heads} on {world_size} ranks"
         )
-    if pattern.num_heads not in (None, num_heads):
-        raise ValueError(f"pattern is per-head for {pattern.num_heads} heads; got {num_heads}")
+    check_pattern(pattern, num_heads, "num_heads")
     layout = pattern.block_layout(seq_len, seq_len, block)[:, -1] != EMPTY  # (H_p, nK)
     per_query = layout.expand(num_heads, -1)
     needs = per_query.view(num_kv_heads, num_heads // num_kv_heads, -1).any(1)

@@ -60,7 +60,7 @@ from headwise.hooks import Layers, Site, site_of
 from headwise.layers import MoAPlan
 from headwise.layers.moa import MoASpan
 from headwise.patterns import Pattern, causal, per_head, sinks, sliding_window
-from headwise.patterns.base import _Intersection
+from headwise.patterns.base import _Intersection, check_pattern
 from headwise.patterns.library import Causal, Full, PerHead, Sinks, SlidingWindow, Strided
 
 #: ``(prefill pattern, decode pattern)`` of a layer, given the length of its first update
@@ -103,12 +103,7 @@ def _checked(pattern: Pattern, where: str, heads: int) -> Pattern:
         raise ValueError(f"PatternCache cannot follow the pattern of {where}: {why}")
     if pattern.num_heads is not None and pattern.head_patterns() is None:
         raise ValueError(f"PatternCache cannot split the pattern of {where} per head: {pattern!r}")
-    if pattern.num_heads not in (None, heads):
-        raise ValueError(
-            f"the pattern of {where} has {pattern.num_heads} heads; the layer has {heads} "
-            f"query heads: {pattern!r}"
-        )
-    return pattern
+    return check_pattern(pattern, heads, "query heads", f"the pattern of {where}")
 
 
 def _head_rules(pattern: Pattern, heads: int) -> list[object]:

@@ -21,6 +21,7 @@ from headwise.hooks import HookPoint
 from headwise.layers._init import head_dim_of, reset_submodules
 from headwise.ops.attention import attention, attention_varlen
 from headwise.patterns import Pattern
+from headwise.patterns.base import check_pattern
 from headwise.types import Backend
 
 QKNorm = Literal["rms", "layer"]
@@ -148,14 +149,7 @@ class SequenceAttention(nn.Module):
         rope_base = check_real("rope_base", rope_base, positive=True)
         scale = None if scale is None else check_real("scale", scale)
         if pattern is not None:
-            if not isinstance(pattern, Pattern):
-                raise ValueError(
-                    f"pattern must be a headwise Pattern; got {type(pattern).__name__}"
-                )
-            if pattern.num_heads is not None and pattern.num_heads != num_heads:
-                raise ValueError(
-                    f"pattern is per-head for {pattern.num_heads} heads; got num_heads={num_heads}"
-                )
+            check_pattern(pattern, num_heads, "num_heads")
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headwise._checks import check_int
+from headwise._checks import ArgumentTypeError, check_int
 from headwise.types import Align
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -405,3 +405,13 @@ def _make_block_mask(
 
 
 _flex_block_mask = functools.lru_cache(maxsize=64)(_make_block_mask)
+
+
+def check_pattern(pattern: object, heads: int, label: str, name: str = "pattern") -> Pattern:
+    """``pattern`` if it is a :class:`Pattern` that fits ``heads`` heads (``label`` names them in
+    the message, e.g. ``"num_heads"``); raises ``ArgumentTypeError`` / ``ValueError`` otherwise."""
+    if not isinstance(pattern, Pattern):
+        raise ArgumentTypeError(f"{name} must be a headwise Pattern; got {type(pattern).__name__}")
+    if pattern.num_heads is not None and pattern.num_heads != heads:
+        raise ValueError(f"{name} is per-head for {pattern.num_heads} heads; got {label}={heads}")
+    return pattern

@@ -13,6 +13,7 @@ import torch
 from headwise._checks import ArgumentTypeError, Unsupported, check_bool, check_real
 from headwise.ops.attention.mods import relative_position_of
 from headwise.patterns import Pattern
+from headwise.patterns.base import check_pattern
 from headwise.types import ScoreMod
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -97,15 +98,7 @@ def check_problem(
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if pattern is not None:
-        if not isinstance(pattern, Pattern):
-            raise ArgumentTypeError(
-                f"pattern must be a headwise Pattern; got {type(pattern).__name__}"
-            )
-        if pattern.num_heads is not None and pattern.num_heads != heads:
-            raise ValueError(
-                f"pattern is per-head for {pattern.num_heads} heads; q has {heads} heads"
-            )
-        pattern.check_lengths(q_len, kv_len)
+        check_pattern(pattern, heads, "heads of q").check_lengths(q_len, kv_len)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
