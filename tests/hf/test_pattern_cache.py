@@ -121,6 +121,34 @@ def test_windows_equal_reference_every_step_and_keep_only_visible_keys(tiny, bat
     assert cache.nbytes() == LAYERS * batch * (5 + 8) * 8 * 2 * 4
 
 
+def test_bfloat16_cache_errs_no_more_than_the_bfloat16_reference(tiny):
+    """In bfloat16 the cache and the masked reference round differently (they reduce over other
+    key sets), so both are held against the float32 reference: the cache's error is at most
+    twice the bfloat16 reference's own, plus bfloat16's rounding of the logits."""
+    import copy
+
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    pattern = windows_pattern()
+    ids, mask = prompt(1)
+    runs = {}
+    for name, net, cache in (
+        ("fp32", tiny, transformers.DynamicCache(config=tiny.config)),
+        ("bf16", model, transformers.DynamicCache(config=model.config)),
+        ("cache", model, PatternCache(model, pattern)),
+    ):
+        swap = None if name == "cache" else pattern
+        step_ids, step_mask, logits = ids, mask, []
+        for i in range(12):
+            out = step(net, step_ids, step_mask, cache, swap)[:, -1].float()
+            logits.append(out)
+            step_ids = ids[:, i : i + 1]  # the same tokens fed to all three
+            step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], 1)
+        runs[name] = torch.stack(logits)
+    error = {n: float((runs[n] - runs["fp32"]).abs().max()) for n in ("bf16", "cache")}
+    rounding = float(runs["fp32"].abs().max()) * 2**-8
+    assert error["cache"] <= 2 * error["bf16"] + 2 * rounding, error
+
+
 def test_moa_plan_prefill_spans_then_decode_rule(tiny):
     """Prefill with each head's block-granular ``MoASpan(length=N)``, decoding with MoA's
     token-granular ``sinks(sink) | sliding_window(local - 1)``, each against its own mask."""
