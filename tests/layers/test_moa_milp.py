@@ -229,3 +229,12 @@ def test_bad_candidates_and_non_finite_tiles_are_named(kwargs, error, match):
     influence = kwargs.pop("influence", [torch.rand(2, 8, 8).tril()])
     with pytest.raises(error, match=match):
         search_plan(influence, 512, 0.5, **kwargs)
+
+
+def test_a_time_limit_hit_before_any_plan_says_so():
+    """Stopped by ``time_limit`` before a feasible point, the search says so (not that the
+    budget is infeasible)."""
+    torch.manual_seed(0)
+    influence = [torch.rand(32, 16, 16).tril() for _ in range(8)]
+    with pytest.raises(RuntimeError, match="time_limit"):
+        search_plan(influence, 1024, 0.5, lower=0.95, max_spans=2, time_limit=1e-6)
