@@ -45,7 +45,6 @@ from headwise.measure import progress, write_results
 RESULTS = Path(__file__).parent / "results"
 
 
-
 def kv_bytes(cache) -> int:
     """Bytes of the keys and values a cache stores, over all layers."""
     if isinstance(cache, PatternCache):

@@ -54,7 +54,6 @@ RESULTS = Path(__file__).parent / "results"
 DEFAULT_PLANS = {f"moa-{d}": RESULTS / f"moa-plan-smollm2-{d}.json" for d in ("0.5", "0.25")}
 
 
-
 def kv_density(plan: MoAPlan | None, length: int) -> float:
     """Mean over heads of the kept keys (sink + local, at most ``length``) over ``length``."""
     if plan is None:

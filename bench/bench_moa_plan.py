@@ -47,7 +47,6 @@ BUDGETS = (0.5, 0.25)
 GROUP, MAX_SPANS, LOWER, ALPHA_STEP = 3, 2, 0.9, 128
 
 
-
 def _spans(plan: MoAPlan) -> list[str]:
     rows = []
     for layer, (alphas, betas) in enumerate(zip(plan.alphas, plan.betas)):

@@ -46,7 +46,6 @@ SPAN = 16  # held-out text may share no span this long with the calibration text
 Head = tuple[str, int]
 
 
-
 def _lm_loss(model: nn.Module, batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 

@@ -37,43 +37,17 @@ from pathlib import Path
 import torch
 
 import headwise.patterns as P
-from headwise.evals import smollm2_for_eval, token_stream
+from headwise.evals import perplexity, smollm2_for_eval, token_stream
 from headwise.hf import (
     attach,
     capture,
     find_sinks,
     massive_dimensions,
     sink_share,
-    swap_pattern,
 )
 from headwise.measure import progress, write_results
 
 RESULTS = Path(__file__).parent / "results"
-
-
-
-def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """``(L - 1,)`` negative log-likelihood of token ``t + 1`` given ``0..t``."""
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-
-
-def perplexities(model, streams, configs, bar) -> dict[str, torch.Tensor]:
-    """Per config, the ``(streams, L - 1)`` NLL of every predicted token."""
-    nll = {}
-    for name, pattern in configs:
-        rows = []
-        for ids in streams:
-            if pattern is None:
-                rows.append(token_nll(model, ids))
-            else:
-                with swap_pattern(model, pattern):
-                    rows.append(token_nll(model, ids))
-            if bar is not None:
-                bar.update()
-        nll[name] = torch.stack(rows)
-    return nll
 
 
 def sink_table(model, tokenizer, sinks: int, length: int, seed: int) -> tuple[list, list[int]]:
@@ -127,7 +101,7 @@ def main() -> None:
     ]
     bar = progress(len(configs) * len(streams), "perplexity")
     start = time.perf_counter()
-    nll = perplexities(model, streams, configs, bar)
+    nll = {name: perplexity(model, streams, pattern, bar).nll for name, pattern in configs}
     if bar is not None:
         bar.close()
     ppl_time = time.perf_counter() - start
