@@ -1,0 +1,113 @@
+"""Attention dropout's keep mask: one counter-based definition that every backend shares.
+
+Dropout acts on the softmax probabilities (the LSE stays the undropped one), as in
+``nn.MultiheadAttention``, SDPA and FlashAttention (Dao et al., 2022):
+
+    O_i = sum_j P_ij Z_ij / (1 - p) V_j,   Z_ij in {0, 1}
+
+The mask ``Z`` is a pure function of ``(seed, b, h, i, j)``, so a backward pass regenerates it
+instead of storing it (FlashAttention keeps Philox's state for the same reason). For a call with
+``H`` query heads and lengths ``Lq``, ``Lk``, element ``(b, h, i, j)`` takes the counter
+``c = ((b H + h) Lq + i) Lk + j`` through SplitMix64's output function (Steele et al., 2014), a
+counter-based generator in the spirit of Philox (Salmon et al., 2011):
+
+    z = seed + (c + 1) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)                       (all mod 2^64, logical shifts)
+    keep  iff  z >> 40 >= round(p * 2^24)
+
+The C tile kernel implements the same function; tests check the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headwise._checks import ArgumentTypeError, check_int, check_real
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+#: the uniform draw has this many bits
+UNIFORM_BITS = 24
+
+
+def _signed(value: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``z`` (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def threshold(p: float) -> int:
+    """Draws below this (of ``2^24``) are dropped."""
+    return round(check_dropout(p) * (1 << UNIFORM_BITS))
+
+
+def check_dropout(p: object, name: str = "dropout_p") -> float:
+    """``p`` as a float in ``[0, 1)``; a ``ValueError``/``TypeError`` naming ``name`` otherwise."""
+    value = check_real(name, p, minimum=0.0)
+    if not value < 1:
+        raise ValueError(f"{name} must be in [0, 1); got {p!r}")
+    return value
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh 62-bit seed from ``generator`` (torch's default CPU generator when ``None``), so
+    ``torch.manual_seed`` fixes the masks."""
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=generator))
+
+
+def keep_mask(
+    seed: int,
+    p: float,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    rows: torch.Tensor | slice | None = None,
+    keys: torch.Tensor | slice | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The keep mask ``Z`` ``(batch, heads, len(rows), len(keys))`` (bool) of a call with these
+    sizes; ``rows``/``keys`` pick query rows and key positions (all when ``None``), so a block of
+    the mask is generated without the rest."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentTypeError(f"seed must be an int; got {type(seed).__name__}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64); got {seed}")
+    cut = threshold(p)
+    sizes = [
+        check_int(name, value, minimum=0)
+        for name, value in (
+            ("batch", batch),
+            ("heads", heads),
+            ("q_len", q_len),
+            ("kv_len", kv_len),
+        )
+    ]
+    batch, heads, q_len, kv_len = sizes
+    i = _positions(rows, q_len, device)
+    j = _positions(keys, kv_len, device)
+    b = torch.arange(batch, device=device, dtype=torch.int64)
+    h = torch.arange(heads, device=device, dtype=torch.int64)
+    counter = (b.view(-1, 1, 1, 1) * heads + h.view(1, -1, 1, 1)) * q_len + i.view(1, 1, -1, 1)
+    counter = counter * kv_len + j.view(1, 1, 1, -1)
+    z = _signed(seed) + (counter + 1) * _signed(_GOLDEN)
+    z = (z ^ _shift(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shift(z, 27)) * _signed(_MIX2)
+    z = z ^ _shift(z, 31)
+    return _shift(z, 64 - UNIFORM_BITS) >= cut
+
+
+def _positions(index, length: int, device) -> torch.Tensor:
+    if index is None:
+        return torch.arange(length, device=device, dtype=torch.int64)
+    if isinstance(index, slice):
+        return torch.arange(length, device=device, dtype=torch.int64)[index]
+    return torch.as_tensor(index, device=device).to(torch.int64)
