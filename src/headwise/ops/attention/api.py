@@ -12,7 +12,16 @@ subnormal weights to 0 (``native`` does), and half-precision outputs round tiny 
 bias of ``-inf`` or ``finfo(dtype).min`` (Hugging Face's padding) gives weight 0: never
 poisoned. Poisoned rows pass no gradient. With full attention and no bias or ``score_mod``
 every row sees every key: nothing is checked (decoding pays nothing) and a bad entry reaches
-every row by IEEE arithmetic.
+every row by IEEE arithmetic. Attention dropout does not change which rows are poisoned: the
+weights are the undropped ones, so a row is NaN whether or not its bad keys were dropped.
+
+Attention dropout (``dropout_p``) follows :mod:`headwise.ops.attention.dropout`: the softmax
+probabilities are multiplied by a keep mask ``Z / (1 - p)`` (the LSE stays the undropped one).
+``blockwise`` and ``reference`` draw ``Z`` from :func:`~headwise.ops.attention.dropout.keep_mask`
+with the call's seed (``dropout_seed``, else one drawn from torch's default generator, so
+``torch.manual_seed`` fixes it); ``sdpa`` draws its own mask from torch's generator (another mask
+than ``keep_mask``'s, with the same keep rate) and so serves no call with a ``dropout_seed``;
+``flex`` and ``native`` serve no call with dropout.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from headwise._checks import check_bool
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dispatch import Explanation, choose
+from headwise.ops.attention.dropout import Dropout, draw_seed
 from headwise.ops.attention.problem import check_problem, check_scale, hides_keys
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.patterns import Pattern, documents
@@ -39,6 +49,8 @@ def attention(
     score_mod: ScoreMod | None = None,
     return_lse: bool = False,
     backend: Backend = "auto",
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ):
     """Softmax attention of ``q`` over ``k``/``v`` under ``pattern``.
 
@@ -54,20 +66,31 @@ def attention(
         backend: ``"auto"``, one of ``"sdpa"``, ``"flex"``, ``"native"``, ``"blockwise"``,
             ``"reference"``, or a tuple of names to restrict ``auto`` to. :func:`explain`
             tells what ``auto`` picks.
+        dropout_p: attention dropout rate in ``[0, 1)``, applied whenever it is above 0 (as
+            SDPA's ``dropout_p``: the caller passes 0 outside training). 0 runs exactly the
+            no-dropout path.
+        dropout_seed: the seed of the keep mask (an int in ``[0, 2^64)``; module docstring);
+            ``None`` draws one from torch's default generator. ``sdpa`` cannot follow it.
 
     Returns:
         ``out`` ``(B, Lq, H, Dv)``, or ``(out, lse)`` when ``return_lse``.
     """
     scale = check_scale(scale)
-    problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse)
+    problem = check_problem(
+        q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed
+    )
     choice = choose(problem, backend)
     if choice.backend is None:
         raise ValueError(f"no attention backend can serve this call:\n{choice}")
     run = BACKENDS[choice.backend].run
+    dropout = None
+    if problem.dropout_p > 0:
+        seed = draw_seed() if dropout_seed is None else dropout_seed
+        dropout = Dropout(problem.dropout_p, seed)
     if hides_keys(pattern, bias, score_mod) and has_non_finite(q, k, v):
-        out, lse = run_poisoned(run, q, k, v, pattern, scale, bias, score_mod)
+        out, lse = run_poisoned(run, q, k, v, pattern, scale, bias, score_mod, dropout)
     else:
-        out, lse = run(q, k, v, pattern, scale, bias, score_mod)
+        out, lse = run(q, k, v, pattern, scale, bias, score_mod, dropout)
     return (out, lse) if return_lse else out
 
 
@@ -89,18 +112,18 @@ def has_non_finite(*tensors: torch.Tensor) -> bool:
 POISON_WEIGHT = torch.finfo(torch.float32).tiny
 
 
-def run_poisoned(run, q, k, v, pattern, scale, bias, score_mod):
+def run_poisoned(run, q, k, v, pattern, scale, bias, score_mod, dropout=None):
     """``run`` under the non-finite rule (module docstring): the backend sees copies with every
-    non-finite entry replaced by 0, then a second, gradient-free pass of the same backend, in
-    float32 at least, with ``v`` = 1 at bad keys and 0 elsewhere gives each row the weight it
-    puts on bad keys, and the rows where that weight is at least :data:`POISON_WEIGHT` (or whose
-    query is bad) become NaN."""
+    non-finite entry replaced by 0, then a second, gradient-free pass of the same backend without
+    dropout, in float32 at least, with ``v`` = 1 at bad keys and 0 elsewhere gives each row the
+    weight it puts on bad keys, and the rows where that weight is at least :data:`POISON_WEIGHT`
+    (or whose query is bad) become NaN."""
     bad_q = ~torch.isfinite(q).all(-1)  # (B, Lq, H)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Lk, H_kv)
     if not (bad_q.any() or bad_kv.any()):
-        return run(q, k, v, pattern, scale, bias, score_mod)
+        return run(q, k, v, pattern, scale, bias, score_mod, dropout)
     q, k, v = (torch.where(torch.isfinite(t), t, 0) for t in (q, k, v))
-    out, lse = run(q, k, v, pattern, scale, bias, score_mod)
+    out, lse = run(q, k, v, pattern, scale, bias, score_mod, dropout)
     with torch.no_grad():
         wide = torch.promote_types(q.dtype, torch.float32)
         marks = bad_kv[..., None].to(wide).expand(v.shape).contiguous()
@@ -108,7 +131,7 @@ def run_poisoned(run, q, k, v, pattern, scale, bias, score_mod):
         fixed_bias = None
         if bias is not None:
             fixed_bias = bias.detach().to(torch.promote_types(bias.dtype, wide))
-        weight_on_bad, _ = run(qw, kw, marks, pattern, scale, fixed_bias, score_mod)
+        weight_on_bad, _ = run(qw, kw, marks, pattern, scale, fixed_bias, score_mod, None)
         poisoned = (weight_on_bad[..., 0] >= POISON_WEIGHT) | bad_q  # (B, Lq, H)
     out = out.masked_fill(poisoned[..., None], float("nan"))
     if lse is not None:
@@ -126,9 +149,13 @@ def explain(
     score_mod: ScoreMod | None = None,
     return_lse: bool = False,
     backend: Backend = "auto",
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> Explanation:
     """Which backend :func:`attention` would use for these arguments, and why not the others."""
-    problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse)
+    problem = check_problem(
+        q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed
+    )
     return choose(problem, backend)
 
 
@@ -145,12 +172,16 @@ def attention_varlen(
     score_mod: ScoreMod | None = None,
     return_lse: bool = False,
     backend: Backend = "auto",
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ):
     """Attention over packed sequences: ``q`` ``(Tq, H, D)``, ``k``/``v`` ``(Tk, H_kv, D)``.
 
     Sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only to its own keys
     (``cu_seqlens_k``, default ``cu_seqlens``); ``causal`` is bottom-right aligned per sequence.
     An extra ``pattern`` (e.g. a sliding window) is intersected, in packed positions.
+    ``dropout_p``/``dropout_seed`` as in :func:`attention`; the keep mask is that of the packed
+    call (batch 1, packed positions).
     Empty sequences are allowed. Returns ``(Tq, H, Dv)`` (and LSE ``(H, Tq)``).
     """
     check_bool("causal", causal)
@@ -177,6 +208,8 @@ def attention_varlen(
         score_mod=score_mod,
         return_lse=return_lse,
         backend=backend,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
     if return_lse:
         return result[0][0], result[1][0]

@@ -3,8 +3,10 @@
 Each backend is a small class (after xFormers' operator classes) with
 
 * ``reasons(problem) -> list[str]``: why it cannot serve this problem (empty = it can);
-* ``run(q, k, v, pattern, scale, bias, score_mod) -> (out, lse)``: ``out`` ``(B, Lq, H, Dv)`` in
-  the input dtype and ``lse`` ``(B, H, Lq)`` (``None`` when the backend cannot produce it).
+* ``run(q, k, v, pattern, scale, bias, score_mod, dropout) -> (out, lse)``: ``out``
+  ``(B, Lq, H, Dv)`` in the input dtype and ``lse`` ``(B, H, Lq)`` (``None`` when the backend
+  cannot produce it); ``dropout`` is a :class:`~headwise.ops.attention.dropout.Dropout` or
+  ``None`` (no dropout: exactly the path without it).
 
 The dispatcher in :mod:`headwise.ops.attention.dispatch` walks them in priority order.
 """
@@ -43,7 +45,7 @@ class Backend:
     def reasons(self, problem: AttentionProblem) -> list[str]:
         raise NotImplementedError
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
         raise NotImplementedError
 
 
@@ -54,8 +56,10 @@ class ReferenceBackend(Backend):
     def reasons(self, problem):
         return []
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
-        return reference_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
+        return reference_attention(
+            q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, dropout=dropout
+        )
 
 
 def _sdpa_causal_kind(pattern: Pattern | None) -> str | None:
@@ -84,9 +88,14 @@ class SdpaBackend(Backend):
             reasons.append("score_mod is not supported by SDPA")
         if problem.return_lse:
             reasons.append("SDPA does not return the log-sum-exp")
+        if problem.dropout_p > 0 and problem.dropout_seeded:
+            reasons.append(
+                "SDPA draws its own dropout mask from torch's generator and cannot follow "
+                "dropout_seed"
+            )
         return reasons
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
         q_len, kv_len = q.shape[1], k.shape[1]
         head_dim, value_dim = q.shape[-1], v.shape[-1]
         if scale is None:
@@ -116,6 +125,7 @@ class SdpaBackend(Backend):
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=mask,
+            dropout_p=0.0 if dropout is None else dropout.p,
             is_causal=is_causal,
             scale=scale,
             enable_gqa=q.shape[2] != k.shape[2],
@@ -150,9 +160,11 @@ class FlexBackend(Backend):
             reasons.append(f"head_dim > 256 ({problem.head_dim}, {problem.value_dim})")
         if problem.dtype == torch.float64:
             reasons.append("float64 is not supported by compiled FlexAttention")
+        if problem.dropout_p > 0:
+            reasons.append("FlexAttention has no attention dropout")
         return reasons
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
         if q.device.type == "cpu":
             # torch refuses CPU inputs that require grad even under no_grad; reasons() already
             # made sure no gradient is needed here.
@@ -230,8 +242,10 @@ class BlockwiseBackend(Backend):
     def reasons(self, problem):
         return []
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
-        return blockwise_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
+        return blockwise_attention(
+            q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, dropout=dropout
+        )
 
 
 class NativeBackend(Backend):
@@ -257,11 +271,13 @@ class NativeBackend(Backend):
                 "score_mod (but a neighborhood's relative-position table) is not supported by "
                 "the native tile kernel"
             )
+        if problem.dropout_p > 0:
+            reasons.append("dropout in the native kernel lands separately")
         if not reasons and not native_available():
             reasons.append(f"the native tile kernel is not available: {native_why_not()}")
         return reasons
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
         # half precision is computed in float32 (copies of q, k, v; gradients flow back through
         # the casts): more accurate than the inputs and, on CPU, faster than half-precision math
         dtype = q.dtype

@@ -17,10 +17,13 @@ counter-based generator in the spirit of Philox (Salmon et al., 2011):
     z = z ^ (z >> 31)                       (all mod 2^64, logical shifts)
     keep  iff  z >> 40 >= round(p * 2^24)
 
-The C tile kernel implements the same function; tests check the two agree bit for bit.
+The C tile kernel implements the same function; tests check the two agree bit for bit. A call
+carries its dropout to a backend as a :class:`Dropout` (``p`` and the call's ``seed``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +59,15 @@ def check_dropout(p: object, name: str = "dropout_p") -> float:
     return value
 
 
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2^64)``; a ``ValueError``/``TypeError`` naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentTypeError(f"{name} must be an int; got {type(seed).__name__}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"{name} must be in [0, 2**64); got {seed}")
+    return seed
+
+
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """A fresh 62-bit seed from ``generator`` (torch's default CPU generator when ``None``), so
     ``torch.manual_seed`` fixes the masks."""
@@ -72,15 +84,13 @@ def keep_mask(
     *,
     rows: torch.Tensor | slice | None = None,
     keys: torch.Tensor | slice | None = None,
+    head_ids: torch.Tensor | slice | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The keep mask ``Z`` ``(batch, heads, len(rows), len(keys))`` (bool) of a call with these
-    sizes; ``rows``/``keys`` pick query rows and key positions (all when ``None``), so a block of
-    the mask is generated without the rest."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ArgumentTypeError(f"seed must be an int; got {type(seed).__name__}")
-    if not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be in [0, 2**64); got {seed}")
+    """The keep mask ``Z`` ``(batch, len(head_ids), len(rows), len(keys))`` (bool) of a call with
+    these sizes; ``rows``/``keys``/``head_ids`` pick query rows, key positions and query heads
+    (all when ``None``), so a block of the mask is generated without the rest."""
+    check_seed(seed)
     cut = threshold(p)
     sizes = [
         check_int(name, value, minimum=0)
@@ -95,7 +105,7 @@ def keep_mask(
     i = _positions(rows, q_len, device)
     j = _positions(keys, kv_len, device)
     b = torch.arange(batch, device=device, dtype=torch.int64)
-    h = torch.arange(heads, device=device, dtype=torch.int64)
+    h = _positions(head_ids, heads, device)
     counter = (b.view(-1, 1, 1, 1) * heads + h.view(1, -1, 1, 1)) * q_len + i.view(1, 1, -1, 1)
     counter = counter * kv_len + j.view(1, 1, 1, -1)
     z = _signed(seed) + (counter + 1) * _signed(_GOLDEN)
@@ -111,3 +121,41 @@ def _positions(index, length: int, device) -> torch.Tensor:
     if isinstance(index, slice):
         return torch.arange(length, device=device, dtype=torch.int64)[index]
     return torch.as_tensor(index, device=device).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """The dropout of one attention call, as backends receive it: rate ``p`` in ``(0, 1)`` and
+    the call's ``seed`` of :func:`keep_mask` (``sdpa`` draws its own mask and ignores it)."""
+
+    p: float
+    seed: int
+
+    def weights(
+        self,
+        batch: int,
+        heads: int,
+        q_len: int,
+        kv_len: int,
+        *,
+        rows: torch.Tensor | slice | None = None,
+        keys: torch.Tensor | slice | None = None,
+        head_ids: torch.Tensor | slice | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``Z / (1 - p)`` on a block of :func:`keep_mask` (same arguments), in ``dtype``: the
+        factor each probability is multiplied by."""
+        keep = keep_mask(
+            self.seed,
+            self.p,
+            batch,
+            heads,
+            q_len,
+            kv_len,
+            rows=rows,
+            keys=keys,
+            head_ids=head_ids,
+            device=device,
+        )
+        return keep.to(dtype) * (1 / (1 - self.p))

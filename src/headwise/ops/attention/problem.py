@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from headwise._checks import ArgumentTypeError, Unsupported, check_bool, check_real
+from headwise.ops.attention.dropout import check_dropout, check_seed
 from headwise.ops.attention.mods import relative_position_of
 from headwise.patterns import Pattern
 from headwise.patterns.base import check_pattern
@@ -40,6 +41,9 @@ class AttentionProblem:
     relative_position: bool
     return_lse: bool
     needs_grad: bool
+    #: attention dropout's rate (0: none) and whether the caller fixed its seed
+    dropout_p: float = 0.0
+    dropout_seeded: bool = False
 
     @property
     def score_elements(self) -> int:
@@ -61,6 +65,8 @@ def check_problem(
     bias: torch.Tensor | None,
     score_mod: ScoreMod | None,
     return_lse: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> AttentionProblem:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -113,6 +119,9 @@ def check_problem(
     if score_mod is not None:
         _probe_score_mod(score_mod, batch, heads, q_len, kv_len, q.dtype, q.device)
     check_bool("return_lse", return_lse)
+    dropout_p = check_dropout(dropout_p)
+    if dropout_seed is not None:
+        check_seed(dropout_seed, "dropout_seed")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )
@@ -133,6 +142,8 @@ def check_problem(
         relative_position=relative_position_of(score_mod, pattern) is not None,
         return_lse=return_lse,
         needs_grad=needs_grad,
+        dropout_p=dropout_p,
+        dropout_seeded=dropout_seed is not None,
     )
 
 

@@ -3,6 +3,9 @@
     S = score_mod(scale * Q K^T) + bias,   S[h, i, j] = -inf where the pattern hides key j
     lse_i = log sum_j exp(S_ij),            O_i = sum_j exp(S_ij - lse_i) V_j
 
+With attention dropout (:mod:`.dropout`) ``O_i = sum_j exp(S_ij - lse_i) Z_ij / (1 - p) V_j``
+with the whole keep mask ``Z`` of :func:`~.dropout.keep_mask`; ``lse`` is the undropped one.
+
 A row with no visible key returns O_i = 0 and lse_i = -inf (never NaN). Gradients come from
 autograd. Every fast backend is tested against this function.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from headwise.ops.attention.dropout import Dropout
 from headwise.ops.attention.problem import apply_score_mod, bias_4d, hides_keys, score_indices
 from headwise.patterns import Pattern
 from headwise.types import ScoreMod
@@ -28,18 +32,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def masked_softmax_av(
-    scores: torch.Tensor, values: torch.Tensor
+    scores: torch.Tensor, values: torch.Tensor, dropped: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(scores) @ values`` and the row log-sum-exp, safe for rows that are all ``-inf``.
 
     ``scores`` is ``(..., Lq, n)``, ``values`` is ``(..., n, Dv)`` (broadcastable batch dims).
+    ``dropped`` (shaped like ``scores``), when given, multiplies the probabilities before
+    ``values`` (dropout's ``Z / (1 - p)``); the log-sum-exp is the undropped one.
     """
     row_max = scores.amax(-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - row_max)
     total = weights.sum(-1, keepdim=True)
     visible = total > 0
-    out = (weights / torch.where(visible, total, torch.ones_like(total))) @ values
+    probs = weights / torch.where(visible, total, torch.ones_like(total))
+    out = (probs if dropped is None else probs * dropped) @ values
     lse = torch.where(
         visible,
         row_max + torch.log(torch.where(visible, total, torch.ones_like(total))),
@@ -57,10 +64,12 @@ def reference_attention(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     score_mod: ScoreMod | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (B, Lq, H, Dv) in q.dtype, lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
 
-    ``lse`` is float32 (float64 for float64 inputs).
+    ``lse`` is float32 (float64 for float64 inputs). ``dropout``: attention dropout's rate and
+    seed (``None``: none).
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -90,7 +99,10 @@ def reference_attention(
     if pattern is not None:
         visible = pattern.dense_mask(q_len, kv_len, device=q.device)
         scores = scores.masked_fill(~visible[None], float("-inf"))
-    out, lse = masked_softmax_av(scores, vh)
+    dropped = None
+    if dropout is not None:
+        dropped = dropout.weights(batch, heads, q_len, kv_len, device=q.device, dtype=dtype)
+    out, lse = masked_softmax_av(scores, vh, dropped)
     if bad_q is not None:
         weights = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
         bad_keys = bad_kv.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, H, Lk)

@@ -7,6 +7,7 @@ import torch
 from headwise.ops.attention.blockwise.function import BlockwiseFunction, captured_leaves
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
+from headwise.ops.attention.dropout import Dropout
 from headwise.patterns import Pattern
 from headwise.types import ScoreMod
 
@@ -21,12 +22,16 @@ def blockwise_attention(
     bias: torch.Tensor | None = None,
     score_mod: ScoreMod | None = None,
     block: int = DEFAULT_BLOCK,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))``; inputs ``(B, L, H, D)``.
 
     ``lse`` is float32 (float64 for float64 inputs); queries run in groups of about ``block``.
+    ``dropout``: attention dropout (``None``: none), its keep mask regenerated block by block.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
     head_groups = head_passes(pattern, q.shape[1], k.shape[1], block)
-    return BlockwiseFunction.apply(q, k, v, bias, head_groups, scale, score_mod, block, *captured)
+    return BlockwiseFunction.apply(
+        q, k, v, bias, head_groups, scale, score_mod, block, dropout, *captured
+    )

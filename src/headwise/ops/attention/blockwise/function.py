@@ -4,7 +4,9 @@ Each head group ``(pattern, heads)`` runs on views of its heads with its pattern
 fused CPU path (:mod:`.fused`) where it applies, else step by step (:mod:`.stepwise`), and writes
 into one output, so the backward pass fills one gradient per input. The backward pass keeps only
 ``out`` and ``lse`` and recomputes each group, in groups :data:`~.plan.BACKWARD_BLOCK_FACTOR`
-times larger. It is hand-written and not differentiable: a backward pass that builds a graph
+times larger. Attention dropout runs step by step (the fused kernel draws its own mask): each
+group's block of :func:`~headwise.ops.attention.dropout.keep_mask` is generated in the forward
+pass and generated again in the backward pass, never stored. It is hand-written and not differentiable: a backward pass that builds a graph
 (``create_graph=True``) raises :class:`headwise._checks.Unsupported` instead of returning second
 derivatives that treat the first ones as constants.
 
@@ -32,6 +34,7 @@ from headwise.ops.attention.blockwise.plan import (
 )
 from headwise.ops.attention.blockwise.stepwise import stepwise_backward, stepwise_forward
 from headwise.ops.attention.problem import bias_4d, refuse_double_backward
+from headwise.ops.attention.reference import compute_dtype
 
 
 class BlockwiseFunction(torch.autograd.Function):
@@ -40,8 +43,8 @@ class BlockwiseFunction(torch.autograd.Function):
     gradient per input instead of a zero-padded one per group."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, *captured):
-        ctx.fused = use_fused(q, v, score_mod)
+    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, dropout, *captured):
+        ctx.fused = use_fused(q, v, score_mod) and dropout is None
         parts = []
         for pattern, heads in head_groups:
             qs, ks, vs, bs = head_views(q, k, v, bias, heads)
@@ -50,7 +53,10 @@ class BlockwiseFunction(torch.autograd.Function):
                 parts.append(fused_forward(qs, ks, vs, bs, pattern, scale, plan))
             else:
                 sub_mod = renumber_heads(score_mod, heads)
-                parts.append(stepwise_forward(qs, ks, vs, bs, pattern, scale, sub_mod, plan))
+                dropped = dropout_blocks(dropout, q, k, heads)
+                parts.append(
+                    stepwise_forward(qs, ks, vs, bs, pattern, scale, sub_mod, plan, dropped)
+                )
         if head_groups[0][1] is None:
             out, lse = parts[0]
         else:
@@ -60,7 +66,7 @@ class BlockwiseFunction(torch.autograd.Function):
                 put_rows(out, head_index(heads, out.device), sub_out, 2)
                 put_rows(lse, head_index(heads, lse.device), sub_lse, 1)
         ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
-        ctx.params = (head_groups, scale, score_mod, block)
+        ctx.params = (head_groups, scale, score_mod, block, dropout)
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -68,7 +74,7 @@ class BlockwiseFunction(torch.autograd.Function):
         refuse_double_backward("the 'blockwise' backend")
         q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
-        head_groups, scale, score_mod, block = ctx.params
+        head_groups, scale, score_mod, block, dropout = ctx.params
         # Backward in groups twice as large: the kernel's dK, dV per group overlap less.
         plans = [
             plan_for(pattern, q.shape[1], k.shape[1], BACKWARD_BLOCK_FACTOR * block, str(q.device))
@@ -79,11 +85,12 @@ class BlockwiseFunction(torch.autograd.Function):
         if head_groups[0][1] is None:
             (pattern, _), plan = head_groups[0], plans[0]
             parts = (grad_out, grad_lse, q, k, v, bias, out, lse)
+            dropped = dropout_blocks(dropout, q, k, None)
             grads = _backward(
-                fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad
+                fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad, dropped
             )
             grad_q, grad_k, grad_v, grad_bias, d_captured = grads
-            return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+            return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
         grad_q = torch.empty_like(q)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_bias = torch.zeros_like(bias) if need_bias_grad else None
@@ -98,7 +105,10 @@ class BlockwiseFunction(torch.autograd.Function):
                 select_heads(lse, heads, 1),
             )
             sub_mod = renumber_heads(score_mod, heads)
-            grads = _backward(fused, parts, pattern, scale, sub_mod, plan, captured, need_bias_grad)
+            dropped = dropout_blocks(dropout, q, k, heads)
+            grads = _backward(
+                fused, parts, pattern, scale, sub_mod, plan, captured, need_bias_grad, dropped
+            )
             dq, dk, dv, dbias, d_leaves = grads
             kv_heads = [h // group_size for h in heads]
             put_rows(grad_q, head_index(heads, grad_q.device), dq, 2)
@@ -113,16 +123,43 @@ class BlockwiseFunction(torch.autograd.Function):
                     full += dbias
             for total, part in zip(d_captured, d_leaves):
                 total += part
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, *d_captured
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, *d_captured
 
 
-def _backward(fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad):
+def _backward(fused, parts, pattern, scale, score_mod, plan, captured, need_bias_grad, dropped):
     """Gradients ``(dq, dk, dv, dbias, d_captured)`` of one head group."""
     if fused:
         grad_out, _, q, k, v, bias, out, lse = parts
         dq, dk, dv = fused_backward(grad_out, q, k, v, bias, pattern, scale, plan, out, lse)
         return dq, dk, dv, None, [torch.zeros_like(t) for t in captured]
-    return stepwise_backward(parts, pattern, scale, score_mod, plan, captured, need_bias_grad)
+    return stepwise_backward(
+        parts, pattern, scale, score_mod, plan, captured, need_bias_grad, dropped
+    )
+
+
+def dropout_blocks(dropout, q, k, heads):
+    """``dropped(rows, keys)``: dropout's ``Z / (1 - p)`` on one group's block, for the query
+    heads ``heads`` (``None``: all), ``(B, len(heads), rows, keys)`` in the compute dtype;
+    ``None`` without dropout."""
+    if dropout is None:
+        return None
+    batch, q_len, n_heads, _ = q.shape
+    head_ids = None if heads is None else head_index(heads, q.device)
+
+    def dropped(rows, keys):
+        return dropout.weights(
+            batch,
+            n_heads,
+            q_len,
+            k.shape[1],
+            rows=rows,
+            keys=keys,
+            head_ids=head_ids,
+            device=q.device,
+            dtype=compute_dtype(q.dtype),
+        )
+
+    return dropped
 
 
 def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:

@@ -8,6 +8,10 @@ K/V per query head. Backward is FlashAttention-2 style from the saved ``out`` an
     dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,
     dV = P^T dO,  dbias = dS (reduced over broadcast dims).
 
+With attention dropout each group's block ``W = Z / (1 - p)`` of the keep mask is generated
+again in the backward pass (FlashAttention-2 with dropout): ``O = (P * W) V``, ``dP = W * dO V^T``,
+``dV = (P * W)^T dO``; ``rowsum(dO * O)`` and ``dS`` keep their form.
+
 Blocks are multiplied with ``torch.matmul``, whose BLAS may split one product among threads in
 another order: results agree across thread counts to a few ulps only.
 """
@@ -83,8 +87,15 @@ def _accumulate_bias_grad(dbias: torch.Tensor, d_scores: torch.Tensor, row: RowG
         dbias.index_add_(2, row.rows, d_scores)
 
 
-def stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan):
-    """The softmax written out group by group: ``(out (B, Lq, H, Dv), lse (B, H, Lq))``."""
+def _dropped_block(dropped, row, shape):
+    """Dropout's ``Z / (1 - p)`` for one group, shaped like its ``(B, Hkv, G, rows, keys)``
+    scores; ``None`` without dropout."""
+    return None if dropped is None else dropped(row.rows, row.keys).reshape(shape)
+
+
+def stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan, dropped=None):
+    """The softmax written out group by group: ``(out (B, Lq, H, Dv), lse (B, H, Lq))``;
+    ``dropped(rows, keys)`` gives dropout's block (``None``: no dropout)."""
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     dtype = compute_dtype(q.dtype)
@@ -98,13 +109,15 @@ def stepwise_forward(q, k, v, bias, pattern, scale, score_mod, plan):
         if count(row.keys) == 0:
             continue
         scores = _scores(qg, kg, bias, pattern, scale, score_mod, row, q_len, kv_len)
-        block_out, block_lse = masked_softmax_av(scores, vg[:, :, :, row.keys])
+        block_out, block_lse = masked_softmax_av(
+            scores, vg[:, :, :, row.keys], _dropped_block(dropped, row, scores.shape)
+        )
         out[:, :, :, row.rows] = block_out
         lse[:, :, row.rows] = block_lse.reshape(batch, heads, -1)
     return out.reshape(batch, heads, q_len, -1).transpose(1, 2), lse
 
 
-def stepwise_backward(parts, pattern, scale, score_mod, plan, captured, need_bias_grad):
+def stepwise_backward(parts, pattern, scale, score_mod, plan, captured, need_bias_grad, dropped):
     """Gradients ``(dq, dk, dv, dbias, d_captured)`` of one head group, group by group from the
     saved ``out`` and ``lse``; ``score_mod``'s own gradient (and that of the tensors it
     captures) by local autograd on each recomputed block."""
@@ -138,8 +151,13 @@ def stepwise_backward(parts, pattern, scale, score_mod, plan, captured, need_bia
             scores = _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len)
         probs = torch.exp(scores.detach() - safe_lse[:, :, :, rows, None])
         d_out = dout[:, :, :, rows]
-        dv_sel = (probs.transpose(-1, -2) @ d_out).sum(2)
         d_probs = d_out @ vg[:, :, :, row.keys].transpose(-1, -2)
+        kept = _dropped_block(dropped, row, probs.shape)
+        if kept is None:
+            dv_sel = (probs.transpose(-1, -2) @ d_out).sum(2)
+        else:
+            dv_sel = ((probs * kept).transpose(-1, -2) @ d_out).sum(2)
+            d_probs = d_probs * kept
         d_scores = probs * (d_probs - delta[:, :, :, rows, None])
         if dbias is not None:
             _accumulate_bias_grad(dbias, d_scores.reshape(batch, heads, *d_scores.shape[3:]), row)
