@@ -34,9 +34,13 @@ def neighborhood_attention(
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
     backend: Backend = "auto",
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
     """Neighborhood attention; ``q``, ``k``, ``v`` are ``(B, *spatial, H, D)`` with 1-3 spatial
     axes (``k``/``v`` may have fewer heads, GQA). ``rpb`` is ``(H, 2k_1 - 1, ...)``.
+    ``dropout_p``/``dropout_seed``: attention dropout as in :func:`headwise.attention` (the
+    keep mask of the flattened call).
 
     Returns ``(B, *spatial, H, Dv)``.
     """
@@ -65,7 +69,15 @@ def neighborhood_attention(
         return t.reshape(t.shape[0], -1, *t.shape[-2:])
 
     out = attention(
-        flat(q), flat(k), flat(v), pattern, scale=scale, score_mod=score_mod, backend=backend
+        flat(q),
+        flat(k),
+        flat(v),
+        pattern,
+        scale=scale,
+        score_mod=score_mod,
+        backend=backend,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
