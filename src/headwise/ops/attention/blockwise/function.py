@@ -4,11 +4,13 @@ Each head group ``(pattern, heads)`` runs on views of its heads with its pattern
 fused CPU path (:mod:`.fused`) where it applies, else step by step (:mod:`.stepwise`), and writes
 into one output, so the backward pass fills one gradient per input. The backward pass keeps only
 ``out`` and ``lse`` and recomputes each group, in groups :data:`~.plan.BACKWARD_BLOCK_FACTOR`
-times larger. Attention dropout runs step by step (the fused kernel draws its own mask): each
-group's block of :func:`~headwise.ops.attention.dropout.keep_mask` is generated in the forward
-pass and generated again in the backward pass, never stored. It is hand-written and not differentiable: a backward pass that builds a graph
+times larger. It is hand-written and not differentiable: a backward pass that builds a graph
 (``create_graph=True``) raises :class:`headwise._checks.Unsupported` instead of returning second
 derivatives that treat the first ones as constants.
+
+Attention dropout runs step by step (the fused kernel would draw its own mask): each group's
+block of :func:`~headwise.ops.attention.dropout.keep_mask` is generated in the forward pass and
+again in the backward pass, never stored.
 
 Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
 slopes; :func:`captured_leaves`) are inputs of the Function, so they get their gradients too, by
