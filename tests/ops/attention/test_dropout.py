@@ -1,7 +1,7 @@
 """Attention dropout (issue 16): ``reference`` and ``blockwise`` against autograd through an
-explicit keep mask from the same seed, keep-rate statistics on every backend that has dropout (``sdpa``
-included, with its own mask), determinism, the exact no-dropout path at p = 0, refusals, and the
-non-finite rule under dropout."""
+explicit keep mask from the same seed, keep-rate statistics on every backend that has dropout
+(``sdpa`` included, with its own mask), determinism, the exact no-dropout path at p = 0,
+refusals, and the non-finite rule under dropout."""
 
 from __future__ import annotations
 
