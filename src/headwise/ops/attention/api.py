@@ -76,9 +76,7 @@ def attention(
         ``out`` ``(B, Lq, H, Dv)``, or ``(out, lse)`` when ``return_lse``.
     """
     scale = check_scale(scale)
-    problem = check_problem(
-        q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed
-    )
+    problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed)
     choice = choose(problem, backend)
     if choice.backend is None:
         raise ValueError(f"no attention backend can serve this call:\n{choice}")
@@ -153,9 +151,7 @@ def explain(
     dropout_seed: int | None = None,
 ) -> Explanation:
     """Which backend :func:`attention` would use for these arguments, and why not the others."""
-    problem = check_problem(
-        q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed
-    )
+    problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed)
     return choose(problem, backend)
 
 

@@ -91,9 +91,7 @@ def reference_attention(
     if score_mod is not None:
         q_idx = torch.arange(q_len, device=q.device)
         kv_idx = torch.arange(kv_len, device=q.device)
-        scores = apply_score_mod(
-            score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx)
-        )
+        scores = apply_score_mod(score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx))
     if bias is not None:
         scores = scores + bias_4d(bias).to(dtype)
     if pattern is not None:

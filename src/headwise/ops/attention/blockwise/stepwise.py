@@ -53,9 +53,7 @@ def _finish_scores(raw, bias, pattern, score_mod, row, q_len, kv_len):
     q_idx = positions_of(row.rows, raw.device)
     kv_idx = positions_of(row.keys, raw.device)
     if score_mod is not None:
-        scores = apply_score_mod(
-            score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx)
-        )
+        scores = apply_score_mod(score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx))
     if bias is not None:
         scores = scores + bias_block(bias_4d(bias), row).to(scores.dtype)
     if pattern is not None and row.needs_mask:
