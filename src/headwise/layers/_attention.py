@@ -20,6 +20,7 @@ from headwise._checks import Unsupported, check_bool, check_choice, check_int, c
 from headwise.hooks import HookPoint
 from headwise.layers._init import head_dim_of, reset_submodules
 from headwise.ops.attention import attention, attention_varlen
+from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed
 from headwise.patterns import Pattern
 from headwise.patterns.base import check_pattern
 from headwise.types import Backend
@@ -90,7 +91,9 @@ class SequenceAttention(nn.Module):
                   (B, Lk, H_kv, D), norm = qk-norm per head over D (identity without qk_norm)
         position  Q, K <- rot(Q, p), rot(K, p)   if rotary (:func:`apply_rotary`)
         attend    Z_h = softmax(scale * Q_h K_g^T + bias, hidden where the pattern says no) V_g,
-                  g = h // (H / H_kv)            (B, Lq, H, D)
+                  g = h // (H / H_kv)            (B, Lq, H, D); in training mode the
+                  probabilities take attention dropout (``dropout``, :func:`headwise.attention`'s
+                  ``dropout_p``), as ``nn.MultiheadAttention``; none in ``eval()``
         merge     y = concat_h(Z_h) W_o + b_o    (B, Lq, E)
 
     Hook points (:class:`headwise.hooks.HookPoint`, TransformerLens names): ``hook_q``,
@@ -127,6 +130,7 @@ class SequenceAttention(nn.Module):
         causal: bool = False,
         scale: float | None = None,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         embed_dim = check_int("embed_dim", embed_dim, minimum=1)
@@ -148,6 +152,7 @@ class SequenceAttention(nn.Module):
             raise ValueError(f"rotary needs an even head_dim; got head_dim={head_dim}")
         rope_base = check_real("rope_base", rope_base, positive=True)
         scale = None if scale is None else check_real("scale", scale)
+        dropout = check_dropout(dropout, "dropout")
         if pattern is not None:
             check_pattern(pattern, num_heads, "num_heads")
 
@@ -162,6 +167,7 @@ class SequenceAttention(nn.Module):
         self.causal = causal
         self.scale = scale
         self.backend = backend
+        self.dropout = dropout
 
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
@@ -252,6 +258,7 @@ class SequenceAttention(nn.Module):
             causal=self.causal,
             scale=self.scale,
             backend=self.backend,
+            dropout_p=self.attention_dropout(),
         )
         return self.hook_z(z)
 
@@ -266,13 +273,26 @@ class SequenceAttention(nn.Module):
             return self.pattern
         return patterns.causal() if self.pattern is None else self.pattern & patterns.causal()
 
+    def attention_dropout(self) -> float:
+        """The attention dropout rate of a call: ``dropout`` in training mode, 0 in ``eval()``."""
+        return self.dropout if self.training else 0.0
+
     def _attention(self, q, k, v, pattern, bias) -> torch.Tensor:
         """``attend`` before ``hook_z`` (a layer that attends in pieces hooks their union)."""
         if self.hook_scores.is_hooked or self.hook_pattern.is_hooked:
             z = self._attend_explicit(q, k, v, pattern, bias)
             if z is not None:
                 return z
-        return attention(q, k, v, pattern, scale=self.scale, bias=bias, backend=self.backend)
+        return attention(
+            q,
+            k,
+            v,
+            pattern,
+            scale=self.scale,
+            bias=bias,
+            backend=self.backend,
+            dropout_p=self.attention_dropout(),
+        )
 
     def _attend_explicit(self, q, k, v, pattern, bias) -> torch.Tensor | None:
         """Scores and probabilities written out, through their hook points; ``Z`` from the
@@ -298,6 +318,10 @@ class SequenceAttention(nn.Module):
             patched, probs = patched or hooked is not probs, hooked
         if not patched:
             return None
+        p = self.attention_dropout()
+        if p > 0:  # the patched probabilities take the layer's dropout, as the core's would
+            keep = Dropout(p, draw_seed()).weights(*probs.shape, device=probs.device, dtype=dtype)
+            probs = probs.to(dtype) * keep
         vh = v.transpose(1, 2).to(dtype).repeat_interleave(group, dim=1)
         return (probs.to(dtype) @ vh).transpose(1, 2).to(q.dtype)
 

@@ -15,6 +15,7 @@ from torch import nn
 from headwise._checks import check_bool, check_int, check_ints
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 
 
 def agent_attention(
@@ -25,8 +26,10 @@ def agent_attention(
     agent_bias: torch.Tensor | None = None,
     query_bias: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """The two softmax stages of agent attention, per head.
+    """The two softmax stages of agent attention, per head; ``dropout_p``: attention dropout on
+    the probabilities of both (:func:`headwise.attention`).
 
     ``q: (B, N, H, D)``, ``k, v: (B, M, H, D)``, ``agents: (B, n, H, D)``; biases broadcastable to
     ``(B, H, n, M)`` (agent -> key) and ``(B, H, N, n)`` (query -> agent); ``s = scale``::
@@ -34,8 +37,8 @@ def agent_attention(
         V_A = softmax(s A K^T + B_1) V          agent aggregation  (B, n, H, D)
         O   = softmax(s Q A^T + B_2) V_A        agent broadcast    (B, N, H, D)
     """
-    agent_values = attention(agents, k, v, bias=agent_bias, scale=scale)
-    return attention(q, agents, agent_values, bias=query_bias, scale=scale)
+    agent_values = attention(agents, k, v, bias=agent_bias, scale=scale, dropout_p=dropout_p)
+    return attention(q, agents, agent_values, bias=query_bias, scale=scale, dropout_p=dropout_p)
 
 
 def _check_common(dim: int, num_heads: int, agent_num: int, qkv_bias: bool) -> None:
@@ -58,7 +61,7 @@ class AgentAttention2d(nn.Module):
 
     ``B_1 (h, n, N) = bilinear(an_bias: h x n x 7 x 7 -> H x W) + ah_bias (rows) + aw_bias (cols)``,
     ``B_2 (h, N, n) = bilinear(na_bias -> H x W)^T + ha_bias (rows) + wa_bias (cols)``; all biases
-    trunc-normal(std 0.02); ``align_corners=False``. Attention dropout is not included.
+    trunc-normal(std 0.02); ``align_corners=False``.
 
     Args:
         dim: channels ``C``.
@@ -66,6 +69,8 @@ class AgentAttention2d(nn.Module):
         resolution: ``(H, W)`` of the feature map (the row/column biases are sized by it).
         agent_num: ``n``, a perfect square (49 in Agent-Swin stages 3-4).
         qkv_bias: bias in the qkv projection (True in the official configs).
+        dropout: attention dropout in ``[0, 1)`` on both stages' probabilities, in training mode
+            only (the official code's ``attn_drop``, applied to both).
 
     Shapes: ``forward(x: (B, H*W, C)) -> (B, H*W, C)``.
     """
@@ -78,9 +83,11 @@ class AgentAttention2d(nn.Module):
         *,
         agent_num: int = 49,
         qkv_bias: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         _check_common(dim, num_heads, agent_num, qkv_bias)
+        self.dropout = check_dropout(dropout, "dropout")
         pool = math.isqrt(agent_num)
         if pool * pool != agent_num:
             raise ValueError(f"agent_num must be a perfect square; got {agent_num}")
@@ -147,6 +154,7 @@ class AgentAttention2d(nn.Module):
         o = agent_attention(
             q.reshape(heads), k.reshape(heads), v.reshape(heads), agents.reshape(heads),
             b1[None].to(x.dtype), b2[None].to(x.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
         local = self.dwc(v.transpose(1, 2).reshape(batch, channels, height, width))
         return self.proj(o.reshape(batch, tokens, channels) + local.flatten(2).transpose(1, 2))
@@ -165,15 +173,24 @@ class AgentAttention(nn.Module):
 
     Args:
         dim: channels ``C``; num_heads: ``h``; agent_num: ``n``; qkv_bias: as in the paper.
+        dropout: attention dropout in ``[0, 1)`` on both stages' probabilities, in training mode
+            only (the official code's ``attn_drop``, applied to both).
 
     Shapes: ``forward(x: (B, N, C)) -> (B, N, C)`` for any ``N >= 1``.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, *, agent_num: int = 16, qkv_bias: bool = True
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        agent_num: int = 16,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         _check_common(dim, num_heads, agent_num, qkv_bias)
+        self.dropout = check_dropout(dropout, "dropout")
         self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -210,6 +227,7 @@ class AgentAttention(nn.Module):
         o = agent_attention(
             q.reshape(heads), k.reshape(heads), v.reshape(heads), agents.reshape(heads),
             b1[None].to(x.dtype), b2[None].to(x.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
         local = self.dwc(v.transpose(1, 2)).transpose(1, 2)
         return self.proj(o.reshape(batch, tokens, channels) + local)

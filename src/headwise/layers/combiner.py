@@ -16,6 +16,7 @@ from headwise import patterns
 from headwise._checks import ArgumentTypeError, check_bool, check_choice, check_int, check_real
 from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 Variant = Literal["fixed", "axial"]
@@ -69,6 +70,9 @@ class CombinerAttention(nn.Module):
         bias: biases in the projections.
         scale: logit scale (default ``1 / sqrt(D)``), the same for direct and region logits.
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout in ``[0, 1)``, in training mode only, on the probabilities
+            of every softmax (local, summary and direct attention): their LSE merge keeps the
+            undropped normalizer, so the combined probabilities are dropped entry by entry.
 
     ``s = 1`` (fixed) and ``s = L`` (either variant) reduce exactly to softmax attention.
     """
@@ -85,6 +89,7 @@ class CombinerAttention(nn.Module):
         bias: bool = True,
         scale: float | None = None,
         backend: Backend = "auto",
+        dropout: float = 0.0,
         embed_dim: int | None = None,
     ) -> None:
         super().__init__()
@@ -113,6 +118,7 @@ class CombinerAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.segment_len, self.variant, self.causal = segment_len, variant, causal
         self.scale, self.backend = scale, backend
+        self.dropout = check_dropout(dropout, "dropout")
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=bias)
         self.k_proj = nn.Linear(dim, inner, bias=bias)
@@ -159,7 +165,15 @@ class CombinerAttention(nn.Module):
 
     def _attend(self, q, k, v, pattern=None, bias=None, lse=True):
         return attention(
-            q, k, v, pattern, scale=self.scale, bias=bias, return_lse=lse, backend=self.backend
+            q,
+            k,
+            v,
+            pattern,
+            scale=self.scale,
+            bias=bias,
+            return_lse=lse,
+            backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
 
     def _local(self, q, k, v, width):

@@ -70,7 +70,8 @@ class MoHAttention(SequenceAttention):
 
     Args:
         embed_dim, num_heads, num_kv_heads, head_dim, bias, qk_norm, rotary, rope_base, pattern,
-        causal, scale, backend: as :class:`headwise.layers.MultiHeadAttention` (self-attention).
+        causal, scale, backend, dropout: as :class:`headwise.layers.MultiHeadAttention`
+            (self-attention; ``dropout`` acts on the probabilities, before the gates).
         num_shared: ``h_s`` always-active heads (the first ones), ``0 <= h_s <= H``.
         top_k: ``k`` routed heads per token, ``1 <= k <= h_r`` (ignored when ``h_s = H``).
         router: ``"learned"`` or ``"query_norm"`` (needs ``h_r >= 2`` for the std).
@@ -100,6 +101,7 @@ class MoHAttention(SequenceAttention):
         causal: bool = False,
         scale: float | None = None,
         backend: Backend = "auto",
+        dropout: float = 0.0,
         eps: float = 1e-6,
     ) -> None:
         super().__init__(
@@ -115,6 +117,7 @@ class MoHAttention(SequenceAttention):
             causal=causal,
             scale=scale,
             backend=backend,
+            dropout=dropout,
         )
         check_choice("router", router, ("learned", "query_norm"))
         num_shared = check_int("num_shared", num_shared)
@@ -192,6 +195,7 @@ class MoHAttention(SequenceAttention):
             causal=mha.causal,
             scale=mha.scale,
             backend=mha.backend,
+            dropout=mha.dropout,
         ).to(dtype=weight.dtype, device=weight.device)
         missing, unexpected = moh.load_state_dict(mha.state_dict(), strict=False)
         if unexpected or any(not k.endswith("router.weight") for k in missing):

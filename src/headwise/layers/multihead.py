@@ -120,6 +120,9 @@ class MultiHeadAttention(SequenceAttention):
         causal: shortcut for ``patterns.causal()``, intersected with ``pattern`` if both given.
         scale: score scale (default ``1 / sqrt(D)``).
         backend: passed to :func:`headwise.ops.attention.attention`.
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (``nn.MultiheadAttention``'s ``dropout``; :func:`headwise.attention`'s
+            ``dropout_p``).
 
     Call as ``mha(x)``, ``mha(x, context)``, ``mha(x_packed, cu_seqlens=cu)`` with ``x_packed``
     ``(T, E)``, or step by step with ``cache = mha.new_cache(B, max_len)`` then
@@ -134,7 +137,8 @@ class MultiHeadAttention(SequenceAttention):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kv_dim={self.kv_dim}, "
-            f"rotary={self.rotary}, pattern={self.pattern}, causal={self.causal}"
+            f"rotary={self.rotary}, pattern={self.pattern}, causal={self.causal}, "
+            f"dropout={self.dropout}"
         )
 
     def new_cache(

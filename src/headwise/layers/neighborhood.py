@@ -8,7 +8,8 @@ positional bias whose gradient is computed.
 ``N(i)`` is the NATTEN window (border shift, dilation groups, per-axis causal, stride); see
 :func:`headwise.patterns.neighborhood`. Papers: Hassani et al., "Neighborhood Attention
 Transformer" (CVPR 2023); Hassani & Shi, "Dilated Neighborhood Attention Transformer" (2022);
-Hassani et al., "Faster Neighborhood Attention" (NeurIPS 2024).
+Hassani et al., "Faster Neighborhood Attention" (NeurIPS 2024). ``dropout`` (default 0) is
+attention dropout on the probabilities in training mode (NAT's ``attn_drop``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from headwise._checks import ArgumentTypeError, check_bool, check_int, check_real
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import neighborhood_attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -56,6 +58,7 @@ class _NeighborhoodAttention(nn.Module):
         qkv_bias: bool = True,
         scale: float | None = None,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ):
         super().__init__()
         check_int("dim", dim, minimum=1)
@@ -73,6 +76,7 @@ class _NeighborhoodAttention(nn.Module):
         check_bool("qkv_bias", qkv_bias)
         self.scale = None if scale is None else check_real("scale", scale)
         self.backend = backend
+        self.dropout = check_dropout(dropout, "dropout")
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.rpb = None
@@ -111,6 +115,7 @@ class _NeighborhoodAttention(nn.Module):
             rpb=self.rpb,
             scale=self.scale,
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(out.flatten(-2))
 

@@ -14,6 +14,7 @@ from headwise import patterns
 from headwise._checks import check_int
 from headwise.layers._init import check_input, reset_submodules
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -43,6 +44,8 @@ class RelativeConvAttention(nn.Module):
         kernel_size: ``k`` of the causal convolutions (official 3).
         max_len: longest sequence (size of the relative tables).
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (:func:`headwise.attention`'s ``dropout_p``).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class RelativeConvAttention(nn.Module):
         kernel_size: int = 3,
         max_len: int = 512,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -69,6 +73,7 @@ class RelativeConvAttention(nn.Module):
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.kernel_size, self.max_len, self.backend = kernel_size, max_len, backend
+        self.dropout = check_dropout(dropout, "dropout")
         d = self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -129,6 +134,7 @@ class RelativeConvAttention(nn.Module):
             scale=scale,
             bias=bias * scale,
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(out.reshape(b, length, self.embed_dim))
 

@@ -134,6 +134,13 @@ class LayerSpec:
         parameters = inspect.signature(self.cls).parameters.values()
         return any(p.name == "backend" or p.kind is p.VAR_KEYWORD for p in parameters)
 
+    @property
+    def has_dropout(self) -> bool:
+        """Whether the layer takes ``dropout=``: attention dropout on its softmax probabilities,
+        in training mode only; the layers with ``**kwargs`` pass it on to an attention layer."""
+        parameters = inspect.signature(self.cls).parameters.values()
+        return any(p.name == "dropout" or p.kind is p.VAR_KEYWORD for p in parameters)
+
 
 def _randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator)

@@ -14,6 +14,7 @@ from headwise import patterns
 from headwise._checks import check_bool, check_int, check_real
 from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -53,6 +54,8 @@ class SelectiveMultiHeadAttention(nn.Module):
         bias: biases in the projections.
         scale: logit scale (default ``1 / sqrt(D)``).
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (:func:`headwise.attention`'s ``dropout_p``).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SelectiveMultiHeadAttention(nn.Module):
         bias: bool = True,
         scale: float | None = None,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -78,6 +82,7 @@ class SelectiveMultiHeadAttention(nn.Module):
             raise ValueError(f"top_k must be in [1, num_heads={num_heads}]; got {top_k!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.top_k, self.causal, self.scale, self.backend = top_k, causal, scale, backend
+        self.dropout = check_dropout(dropout, "dropout")
         inner = num_heads * head_dim
         self.router = nn.Linear(embed_dim, num_heads)
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
@@ -140,6 +145,7 @@ class SelectiveMultiHeadAttention(nn.Module):
             scale=self.scale,
             bias=bias,
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         ).view(b, h, slots, d)
         w_out = self.out_proj.weight.view(e, h, d)
         contrib = torch.einsum("bhtd,ehd->bhte", out, w_out) * valid[..., None]
