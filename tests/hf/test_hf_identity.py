@@ -137,14 +137,6 @@ def test_model_level_keywords_are_accepted():
     assert out.shape == (1, 3, 2, 4)
 
 
-def test_dropout_in_training_is_refused_with_the_model_name():
-    model, inputs = build("t5")
-    attach(model)
-    model.train()
-    with pytest.raises(Unsupported, match=r"T5Attention.*dropout"):
-        model(**inputs)
-
-
 def _eager_attentions(family, output):
     if family == "t5":
         return {

@@ -17,12 +17,14 @@ HF hands attention functions ``(B, H, L, D)`` tensors; they are viewed as ``(B, 
 Every keyword a model passes is used or refused, never dropped: ``scaling``, ``softcap`` (as a
 ``score_mod``), ``position_bias`` (T5's relative bias, added to the mask: gradients flow into it),
 ``is_causal``, ``sliding_window`` (applied by the mask builder; a call whose window binds but that
-arrives without a mask is refused), ``dropout`` (0, or any value outside training, as eager) and
-``output_attentions`` (the probabilities are recomputed from the LSE, as capture does). Keywords
-that only steer other parts of the model (``position_ids``, ``use_cache``, ...) are accepted as
-eager accepts them; anything else (learned sinks ``s_aux``/``sinks``, ``head_mask``, flash-varlen
-``cu_seq_lens_*``, keywords of future models) raises :class:`~headwise._checks.Unsupported`
-naming the module class and the keyword.
+arrives without a mask is refused), ``dropout`` (attention dropout, applied in training mode only,
+as eager: :func:`headwise.attention`'s ``dropout_p``, refused with hooks or attention weights,
+which would see the undropped probabilities) and ``output_attentions`` (the probabilities are
+recomputed from the LSE, as capture does). Keywords that only steer other parts of the model
+(``position_ids``, ``use_cache``, ...) are accepted as eager accepts them; anything else
+(learned sinks ``s_aux``/``sinks``, ``head_mask``, flash-varlen ``cu_seq_lens_*``, keywords of
+future models) raises :class:`~headwise._checks.Unsupported` naming the module class and the
+keyword.
 
 A call whose ``key``/``value`` are the tensors a :class:`headwise.hf.cache.PatternCache` update
 just returned (its kept slots, told apart by identity through :data:`pending_update`) attends
@@ -56,6 +58,7 @@ from headwise.hooks import (
     sites_of,
 )
 from headwise.ops.attention import mods
+from headwise.ops.attention.dropout import check_dropout
 from headwise.patterns import causal
 
 NAME = "headwise"
@@ -289,7 +292,7 @@ def _keywords(module: nn.Module, kwargs: dict) -> dict:
         elif keyword == "dropout":
             p = check_real("dropout", value, minimum=0.0)
             if p > 0 and module.training:
-                raise _refuse(module, keyword, value, "headwise attention has no dropout yet")
+                used[keyword] = check_dropout(p, "dropout")
         elif keyword in ("is_causal", "output_attentions"):
             if value is not None and not isinstance(value, bool):
                 raise ArgumentTypeError(f"{keyword} must be True, False or None; got {value!r}")
@@ -408,6 +411,7 @@ def attention_forward(
         score_mod=score_mod,
         mask=attention_mask,
         return_probs=weights,
+        dropout_p=opts.get("dropout", 0.0),
     )
 
 

@@ -289,6 +289,7 @@ def run_attention(
     score_mod: ScoreMod | None = None,
     mask: torch.Tensor | None = None,
     return_probs: bool = False,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The attention of ``module`` through the hooks of its site (:func:`headwise.attention`
     alone when it has none and no probabilities are asked for).
@@ -298,10 +299,19 @@ def run_attention(
     ``pattern``). ``mask`` is the model's own mask over ``(Lq, Lk)`` (bool, ``True`` = attend, or
     additive), read only to tell the real query rows of a self-attention. Returns the output
     ``(B, Lq, H, Dv)`` and, with ``return_probs``, the probabilities ``(B, H, Lq, Lk)``
-    recomputed from the LSE in the dtype of ``q`` (else ``None``).
+    recomputed from the LSE in the dtype of ``q`` (else ``None``). ``dropout_p``: attention
+    dropout (:func:`headwise.attention`), only for a call without hooks or probabilities: those
+    see the undropped probabilities, so a call with both is refused.
     """
     site = site_of(module)
     hooks = site.hooks if site is not None else []
+    if dropout_p > 0 and (hooks or return_probs):
+        wanted = "hooks" if hooks else "attention weights (output_attentions)"
+        raise Unsupported(
+            f"{type(module).__name__}: attention dropout (dropout_p={dropout_p}) with {wanted} "
+            "is not supported: they are computed from the undropped probabilities; run the "
+            "model in eval() (no dropout) or without them"
+        )
     q_len, kv_len = q.shape[1], k.shape[1]
     if site is not None and site.heads != q.shape[2]:
         raise Unsupported(
@@ -322,7 +332,10 @@ def run_attention(
                 )
             return out, None
     if not hooks and not return_probs:
-        return attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod), None
+        out = attention(
+            q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, dropout_p=dropout_p
+        )
+        return out, None
     if site is not None and site.kind == "cross_attn":
         # its mask hides the other tower's padding keys: the queries are its layer's tokens
         source = site.queries_from

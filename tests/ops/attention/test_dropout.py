@@ -289,3 +289,18 @@ def test_non_finite_values_reach_only_the_rows_that_see_them(backend):
     d_want = torch.autograd.grad(want[0, :6].sum() + want[0, :, 0].sum(), (q, k))
     for a, b in zip(d_got, d_want):
         torch.testing.assert_close(a, b)
+
+
+def test_sdpa_on_cpu_draws_eager_attentions_mask():
+    """No seed is drawn for ``sdpa``: its mask is the one ``F.dropout`` would draw in eager
+    attention from the same generator state (what makes transformers' training reproducible)."""
+    q, k, v = make_inputs(2, 9, 9, 4, 2, 8, torch.float32)
+    torch.manual_seed(3)
+    got = attention(q, k, v, P.causal(), backend="sdpa", dropout_p=0.4)
+    torch.manual_seed(3)
+    qh, kh, vh = q.transpose(1, 2), *(t.transpose(1, 2).repeat_interleave(2, 1) for t in (k, v))
+    scores = (qh @ kh.transpose(-1, -2) * 8**-0.5).masked_fill(
+        ~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf")
+    )
+    want = torch.nn.functional.dropout(torch.softmax(scores, -1), 0.4) @ vh
+    torch.testing.assert_close(got, want.transpose(1, 2))

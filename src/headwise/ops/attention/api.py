@@ -20,8 +20,9 @@ probabilities are multiplied by a keep mask ``Z / (1 - p)`` (the LSE stays the u
 ``blockwise`` and ``reference`` draw ``Z`` from :func:`~headwise.ops.attention.dropout.keep_mask`
 with the call's seed (``dropout_seed``, else one drawn from torch's default generator, so
 ``torch.manual_seed`` fixes it); ``sdpa`` draws its own mask from torch's generator (another mask
-than ``keep_mask``'s, with the same keep rate) and so serves no call with a ``dropout_seed``;
-``flex`` and ``native`` serve no call with dropout.
+than ``keep_mask``'s, with the same keep rate; on CPU the very mask eager attention's
+``F.dropout`` draws from the same generator state) and so serves no call with a
+``dropout_seed``; ``flex`` and ``native`` serve no call with dropout.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def attention(
     run = BACKENDS[choice.backend].run
     dropout = None
     if problem.dropout_p > 0:
-        seed = draw_seed() if dropout_seed is None else dropout_seed
+        seed = dropout_seed
+        if seed is None and choice.backend != "sdpa":  # sdpa draws its own mask
+            seed = draw_seed()
         dropout = Dropout(problem.dropout_p, seed)
     if hides_keys(pattern, bias, score_mod) and has_non_finite(q, k, v):
         out, lse = run_poisoned(run, q, k, v, pattern, scale, bias, score_mod, dropout)

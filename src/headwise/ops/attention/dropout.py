@@ -126,10 +126,11 @@ def _positions(index, length: int, device) -> torch.Tensor:
 @dataclass(frozen=True)
 class Dropout:
     """The dropout of one attention call, as backends receive it: rate ``p`` in ``(0, 1)`` and
-    the call's ``seed`` of :func:`keep_mask` (``sdpa`` draws its own mask and ignores it)."""
+    the call's ``seed`` of :func:`keep_mask` (``None`` for ``sdpa``, which draws its own mask
+    from torch's generator)."""
 
     p: float
-    seed: int
+    seed: int | None
 
     def weights(
         self,
