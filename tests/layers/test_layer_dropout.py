@@ -15,10 +15,14 @@ DROPPING = [name for name in list_layers() if layer_spec(name).has_dropout]
 
 
 def _pair(name: str, p: float):
-    """The layer with dropout ``p`` and the same layer (same weights) without dropout."""
+    """The layer with dropout ``p`` (weights perturbed off the init) and the same layer (same
+    weights) without dropout."""
     spec = layer_spec(name)
     torch.manual_seed(0)
     dropping = spec.build(dropout=p)
+    with torch.no_grad():  # off the init: some layers start as the identity (zero output BN)
+        for parameter in dropping.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     plain = spec.build()
     plain.load_state_dict(dropping.state_dict())
     return spec, dropping, plain
@@ -33,7 +37,8 @@ def test_the_listed_layers_take_dropout():
     assert {
         "multihead", "moh", "moa", "s2", "cross", "conditional_cross", "global_local_cross",
         "pairwise_cross", "selective", "combiner", "relative_conv", "neighborhood",
-        "neighborhood_1d", "neighborhood_3d", "agent", "agent_2d",
+        "neighborhood_1d", "neighborhood_3d", "agent", "agent_2d", "window", "multi_axis", "hilo",
+        "halo", "single_head",
     } <= set(DROPPING)  # fmt: skip
 
 
@@ -57,7 +62,7 @@ def test_training_drops_reproducibly(name):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("name", ["multihead", "selective", "agent", "neighborhood"])
+@pytest.mark.parametrize("name", ["multihead", "selective", "agent", "neighborhood", "hilo"])
 @pytest.mark.parametrize(
     ("value", "error"), [(1.0, ValueError), (-0.1, ValueError), ("x", TypeError)]
 )

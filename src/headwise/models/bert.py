@@ -173,8 +173,9 @@ class UnpaddedBert(nn.Module):
     tokens anywhere in a row; position ids are the padded column index, as Hugging Face's), or
     ``model(input_ids, cu_seqlens=cu)`` on packed ``(T,)`` ids (positions restart at 0 in each
     sequence). Returns a :class:`BertOutput` whose hidden states are packed ``(T, E)``.
-    Attention-probability dropout is not applied (the core has none); in ``eval()`` the model
-    equals ``BertModel`` exactly, up to float rounding.
+    Attention-probability dropout is not applied (the config has no
+    ``attention_probs_dropout_prob``); in ``eval()`` the model equals ``BertModel`` exactly, up
+    to float rounding.
     """
 
     def __init__(

@@ -15,6 +15,7 @@ from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
 from headwise.layers.vision.windows import windowed_attention
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -90,6 +91,8 @@ class WindowAttention(nn.Module):
         window_size: ``w`` (7 in DaViT).
         qkv_bias: bias in the qkv projection.
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (:func:`headwise.attention`'s ``dropout_p``).
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``, or ``(B, N, C)`` with ``size=(H, W)``.
     """
@@ -102,6 +105,7 @@ class WindowAttention(nn.Module):
         window_size: int = 7,
         qkv_bias: bool = True,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -115,6 +119,7 @@ class WindowAttention(nn.Module):
             window_size,
             backend,
         )
+        self.dropout = check_dropout(dropout, "dropout")
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -131,5 +136,6 @@ class WindowAttention(nn.Module):
             self.proj,
             self.num_heads,
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return from_map(y, tokens)

@@ -16,6 +16,7 @@ from headwise.layers._init import TruncNormalLinear, check_input, reset_submodul
 from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
 from headwise.layers.vision.windows import block_partition, block_reverse, pad_map
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -46,6 +47,8 @@ class HaloAttention(nn.Module):
         halo_size: ``r`` (3 in HaloNet; 2 in timm's ``halonet26t``).
         dim_out: output channels ``h·d_v`` (default ``C``).
         dim_head: ``d_qk`` (default ``dim_out / h``).
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (:func:`headwise.attention`'s ``dropout_p``).
 
     Shapes: ``(B, H, W, C) -> (B, H, W, dim_out)``, or ``(B, N, C)`` with ``size=(H, W)``.
     """
@@ -60,6 +63,7 @@ class HaloAttention(nn.Module):
         dim_out: int | None = None,
         dim_head: int | None = None,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -69,6 +73,7 @@ class HaloAttention(nn.Module):
         dim_out = dim if dim_out is None else check_positive("dim_out", dim_out)
         check_divisible("dim_out", dim_out, "num_heads", num_heads)
         self.dim, self.dim_out, self.num_heads, self.backend = dim, dim_out, num_heads, backend
+        self.dropout = check_dropout(dropout, "dropout")
         self.block_size, self.halo_size = block_size, halo_size
         self.window = block_size + 2 * halo_size
         self.dim_v = dim_out // num_heads
@@ -127,6 +132,7 @@ class HaloAttention(nn.Module):
             scale=self.dim_qk**-0.5,
             bias=self._position_logits(q),
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         y = block_reverse(o.flatten(2), b, padded_h, padded_w)[:, :height, :width]
         return from_map(y, tokens)

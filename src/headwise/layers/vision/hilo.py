@@ -16,6 +16,7 @@ from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
 from headwise.layers.vision.windows import pad_map, windowed_attention
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -43,6 +44,8 @@ class HiLoAttention(nn.Module):
         alpha: ``α`` in ``[0, 1]`` (0.9 in the LITv2 configs).
         qkv_bias: bias in the q/kv projections.
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout in ``[0, 1)`` on both branches' probabilities, in training
+            mode only (:func:`headwise.attention`'s ``dropout_p``).
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``, or ``(B, N, C)`` with ``size=(H, W)``.
     """
@@ -56,6 +59,7 @@ class HiLoAttention(nn.Module):
         alpha: float = 0.5,
         qkv_bias: bool = False,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -67,6 +71,7 @@ class HiLoAttention(nn.Module):
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
         check_bool("qkv_bias", qkv_bias)
         self.dim, self.window_size, self.backend = dim, window_size, backend
+        self.dropout = check_dropout(dropout, "dropout")
         self.head_dim = dim // num_heads
         self.lo_heads = num_heads if window_size == 1 else int(num_heads * alpha)
         self.hi_heads = num_heads - self.lo_heads
@@ -85,7 +90,13 @@ class HiLoAttention(nn.Module):
 
     def _hifi(self, x: torch.Tensor) -> torch.Tensor:
         return windowed_attention(
-            x, self.window_size, self.h_qkv, self.h_proj, self.hi_heads, backend=self.backend
+            x,
+            self.window_size,
+            self.h_qkv,
+            self.h_proj,
+            self.hi_heads,
+            backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
 
     def _lofi(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +107,8 @@ class HiLoAttention(nn.Module):
         if s > 1:
             pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
         k, v = self.l_kv(pooled).reshape(batch, -1, 2, self.lo_heads, d).unbind(2)
-        o = attention(q, k, v, backend=self.backend).reshape(batch, height, width, -1)
+        p = self.dropout if self.training else 0.0
+        o = attention(q, k, v, backend=self.backend, dropout_p=p).reshape(batch, height, width, -1)
         return self.l_proj(o)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from headwise._deprecated import moved
 from headwise.layers._init import check_input, reset_submodules
 from headwise.layers.vision._common import check_divisible, check_positive, from_map, to_map
 from headwise.layers.vision.windows import PARTITIONS, windowed_attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -42,6 +43,8 @@ class MultiAxisAttention(nn.Module):
         dim_head: channels per head (32 in MaxViT); ``C % dim_head == 0``.
         qkv_bias: bias in the qkv projection.
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (:func:`headwise.attention`'s ``dropout_p``).
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``, or ``(B, N, C)`` with ``size=(H, W)``.
     """
@@ -55,6 +58,7 @@ class MultiAxisAttention(nn.Module):
         dim_head: int = 32,
         qkv_bias: bool = True,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -64,6 +68,7 @@ class MultiAxisAttention(nn.Module):
         check_choice("partition", partition, PARTITIONS)
         check_bool("qkv_bias", qkv_bias)
         self.dim, self.partition, self.size, self.backend = dim, partition, partition_size, backend
+        self.dropout = check_dropout(dropout, "dropout")
         self.num_heads, self.dim_head = dim // dim_head, dim_head
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -105,6 +110,7 @@ class MultiAxisAttention(nn.Module):
             bias=self.relative_bias().to(x.dtype)[None],
             mask_padding=True,
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return from_map(y, tokens)
 

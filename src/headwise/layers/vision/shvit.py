@@ -17,6 +17,7 @@ from headwise.layers.vision._common import (
     to_map,
 )
 from headwise.ops.attention import attention
+from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
 
@@ -48,6 +49,8 @@ class SingleHeadAttention(nn.Module):
         partial_dim: ``C_p`` (default ``C // 4``; SHViT-S4 uses 48/72/96 for 224/336/448).
         qk_dim: ``d_qk`` (16 in SHViT).
         backend: passed to :func:`headwise.attention`.
+        dropout: attention dropout on the probabilities in ``[0, 1)``, in training mode only
+            (:func:`headwise.attention`'s ``dropout_p``).
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``, or ``(B, N, C)`` with ``size=(H, W)``.
     """
@@ -59,6 +62,7 @@ class SingleHeadAttention(nn.Module):
         partial_dim: int | None = None,
         qk_dim: int = 16,
         backend: Backend = "auto",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive("dim", dim)
@@ -68,6 +72,7 @@ class SingleHeadAttention(nn.Module):
         if partial > dim:
             raise ValueError(f"partial_dim must be at most dim {dim}; got {partial}")
         self.dim, self.partial_dim, self.qk_dim, self.backend = dim, partial, qk_dim, backend
+        self.dropout = check_dropout(dropout, "dropout")
         self.pre_norm = nn.GroupNorm(1, partial)
         self.qkv = _ConvBN(partial, 2 * qk_dim + partial)
         self.proj = nn.Sequential(nn.ReLU(), _ConvBN(dim, dim, bn_weight=0.0))
@@ -87,7 +92,13 @@ class SingleHeadAttention(nn.Module):
         qkv = self.qkv(self.pre_norm(attended.contiguous()))
         qkv = qkv.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
         q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.partial_dim], dim=-1)
-        o = attention(q[:, :, None], k[:, :, None], v[:, :, None], backend=self.backend)
+        o = attention(
+            q[:, :, None],
+            k[:, :, None],
+            v[:, :, None],
+            backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         o = o.reshape(batch, height, width, self.partial_dim).permute(0, 3, 1, 2)
         y = self.proj(torch.cat([o, passed], dim=1)).permute(0, 2, 3, 1)
         return from_map(y, tokens)

@@ -88,6 +88,7 @@ def windowed_attention(
     bias: torch.Tensor | None = None,
     mask_padding: bool = False,
     backend: Backend = "auto",
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Multi-head attention inside the ``P x P`` windows of a map ``x: (B, H, W, C)``.
 
@@ -101,7 +102,7 @@ def windowed_attention(
     ``(n_windows·B, h, P², P²)``, e.g. a relative position bias ``(1, h, P², P²)``) is added to
     the scores of every window; ``mask_padding`` masks the padded keys out (``-inf``; otherwise
     they take part as zero inputs, as DaViT and LITv2 do). All windows go through one
-    :func:`headwise.attention` call.
+    :func:`headwise.attention` call (with attention dropout ``dropout_p``).
 
     Returns ``(B, H, W, C_out)`` with ``C_out`` the width of ``proj``'s output.
     """
@@ -121,7 +122,7 @@ def windowed_attention(
         mask = mask.masked_fill(hidden, float("-inf")).expand(batch, -1, -1, -1, -1)
         mask = mask.reshape(-1, 1, 1, length)
         bias = mask if bias is None else bias + mask
-    o = attention(q, k, v, bias=bias, backend=backend).flatten(2)
+    o = attention(q, k, v, bias=bias, backend=backend, dropout_p=dropout_p).flatten(2)
     y = reverse_windows(proj(o), size, padded_h, padded_w, partition)
     return y[:, :height, :width]
 
