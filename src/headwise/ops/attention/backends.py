@@ -261,13 +261,14 @@ class NativeBackend(Backend):
             reasons.append(f"the native tile kernel is not available: {native_why_not()}")
         return reasons
 
-    def run(self, q, k, v, pattern, scale, bias, score_mod):
-        # half precision is computed in float32 (copies of q, k, v; gradients flow back through
-        # the casts): more accurate than the inputs and, on CPU, faster than half-precision math
-        dtype = q.dtype
-        q, k, v = (t.float() for t in (q, k, v))
-        out, lse = native_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
-        return out.to(dtype), lse
+    def run(self, q, k, v, pattern, scale, bias, score_mod, dropout=None):
+        """``dropout``: ``(p, seed)`` for attention dropout (``seed`` ``None``: drawn from torch's
+        generator), or ``None``. Half precision is read by the kernel as it is and computed in
+        float32 (no float32 copies of q, k, v)."""
+        p, seed = (0.0, None) if dropout is None else dropout
+        return native_attention(
+            q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod, dropout_p=p, seed=seed
+        )
 
 
 BACKENDS: dict[str, Backend] = {
