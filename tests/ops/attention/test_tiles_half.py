@@ -12,8 +12,12 @@ from test_attention import make_inputs
 import headwise.patterns as P
 from headwise.ops.attention import attention
 from headwise.ops.attention.mods import relative_position_bias
-from headwise.ops.attention.native import available, native_attention, tiles_backward
-from headwise.ops.attention.native import tiles_forward
+from headwise.ops.attention.native import (
+    available,
+    native_attention,
+    tiles_backward,
+    tiles_forward,
+)
 from headwise.ops.attention.reference import reference_attention
 
 pytestmark = pytest.mark.skipif(not available(), reason="native tile kernel not built")

@@ -1,10 +1,11 @@
 """Calling the native kernel: operands checked and bound to ``struct problem``, then run.
 
 :func:`tiles_forward` and :func:`tiles_backward` take ``(B, L, H, D)`` CPU tensors of one
-dtype, float32, bfloat16 or float16 (GQA allowed) and a pattern or head groups ``((pattern, heads), ...)``, each with its own plan
-(:mod:`.plan`), all in one call. Every tensor handed to C is checked (dtype, device, shape,
-overlap) with an error naming it, and given to C with a contiguous last dim (copied where it is
-not, and copied back for outputs); results do not depend on the thread count.
+dtype, float32, bfloat16 or float16 (GQA allowed) and a pattern or head groups
+``((pattern, heads), ...)``, each with its own plan (:mod:`.plan`), all in one call. Every
+tensor handed to C is checked (dtype, device, shape, overlap) with an error naming it, and given
+to C with a contiguous last dim (copied where it is not, and copied back for outputs); results do
+not depend on the thread count.
 
 The kernel puts a tile's queries in the lanes of one vector register (16 floats with AVX-512,
 else 8) and, per key, computes every lane's score with one broadcast FMA per head dimension, so a
