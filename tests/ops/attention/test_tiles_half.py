@@ -70,6 +70,19 @@ def test_half_precision_is_the_float32_kernel_on_widened_inputs(case, dtype):
     tiles_backward(grad_out.float(), None, *wide, out.float(), lse, pattern, 0.3, grads32)
     for name, a, b in zip("qkv", grads, grads32):
         assert torch.equal(a, b), f"d{name}"
+    # gradients of the inputs' dtype: dQ rounded as written, dK and dV summed in float32 per
+    # K/V head and rounded once, so they are the float32 gradients rounded
+    rounded = [torch.zeros(t.shape, dtype=dtype) for t in (q, k, v)]
+    tiles_backward(grad_out, None, q, k, v, out, lse, pattern, 0.3, rounded)
+    for name, a, b in zip("qkv", rounded, grads32):
+        assert torch.equal(_bits(a), _bits(b.to(dtype))), f"d{name} in {dtype}"
+    # ... and added to what the buffers hold
+    start = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2)) for t in (k, v)]
+    added = [rounded[0], *(t.to(dtype) for t in start)]
+    tiles_backward(grad_out, None, q, k, v, out, lse, pattern, 0.3, added)
+    for name, a, b, c in zip("kv", added[1:], start, grads32[1:]):
+        expected = (b.to(dtype).float() + c).to(dtype)
+        assert torch.equal(_bits(a), _bits(expected)), f"d{name} added in {dtype}"
 
 
 @pytest.mark.parametrize("magnitude", [1e-6, 3e-5, 6e4])

@@ -6,7 +6,7 @@ head_passes`). The one ``score_mod`` it takes is a neighborhood's relative-posit
 (:func:`headwise.ops.attention.mods.relative_position_bias`), whose gradient the kernel computes.
 The backward pass is hand-written and not differentiable: ``create_graph=True`` raises
 :class:`headwise._checks.Unsupported`. bfloat16 and float16 inputs are read by the kernel as they
-are (gradients accumulate in float32 and are cast once); attention dropout regenerates its mask
+are (gradients accumulate in float32 and are rounded once); attention dropout regenerates its mask
 in the backward pass from the seed (:mod:`headwise.ops.attention.dropout`).
 """
 
@@ -48,19 +48,14 @@ class NativeFunction(torch.autograd.Function):
         q, k, v, bias, out, lse, *captured = ctx.saved_tensors
         bias = bias.detach() if bias is not None else None
         groups, scale, relative, dropout = ctx.params
-        wide = torch.float32  # the kernel's gradients, cast to the inputs' dtype at the end
-        grads = (
-            torch.empty_like(q, dtype=wide),
-            torch.zeros_like(k, dtype=wide),
-            torch.zeros_like(v, dtype=wide),
-        )
+        # in the inputs' dtype: the kernel sums dK, dV in float32 and rounds once
+        grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if grad_lse is not None and not grad_lse.any():
             grad_lse = None
         d_table = tiles_backward(
             grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads, relative, bias, dropout
         )
         d_captured = [d_table.to(c.dtype) if at else None for c, at in zip(captured, ctx.table_at)]
-        grads = [g.to(t.dtype) for g, t in zip(grads, (q, k, v))]
         return *grads, None, None, None, None, None, *d_captured
 
 

@@ -257,6 +257,7 @@ class _Call:
     def problem(
         self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None, drpb=None
     ) -> ProblemStruct:
+        grad_dtype = self.dtype if dq is not None and dq.dtype == self.dtype else torch.float32
         return ProblemStruct(
             *_view(self.q), *_view(self.k), *_view(self.v), *_view(out), *_view(lse, 2),
             *_view(dout), *_view(dlse, 2), *_view(dq), *_view(dk), *_view(dv),
@@ -267,7 +268,7 @@ class _Call:
             self.scale,
             max(plan.max_keys for plan in self.plans), ctypes.addressof(self.plan_structs),
             *_view(self.rpb, 1), *_view(drpb, 1), *_view(self.bias, 4), LONG_TILE_KEYS,
-            DTYPES[self.dtype], self.kv_len, *self._dropout_fields(),
+            DTYPES[self.dtype], DTYPES[grad_dtype], self.kv_len, *self._dropout_fields(),
         )  # fmt: skip
 
     def _dropout_fields(self) -> tuple:
@@ -370,8 +371,9 @@ def tiles_backward(
 ) -> torch.Tensor | None:
     """Gradients of :func:`tiles_forward` (same ``pattern`` or head groups, same ``dropout``,
     whose mask is regenerated): dQ written into the rows of their heads in ``grads[0]``, dK and
-    dV added into ``grads[1]``, ``grads[2]`` (float32, shaped like q, k, v, whatever their
-    dtype; ``out`` and ``grad_out`` are read in q's dtype). ``grad_lse`` may be ``None``.
+    dV added into ``grads[1]``, ``grads[2]`` (shaped like q, k, v; all float32, or all of q's
+    dtype: then dK and dV are summed in float32 and rounded once; ``out`` and ``grad_out`` are
+    read in q's dtype). ``grad_lse`` may be ``None``.
     Returns the gradient of the relative-position table when ``relative`` is given (float32,
     shaped like it)."""
     call = _Call(pattern, q, k, v, scale, relative, bias, dropout)
@@ -379,13 +381,16 @@ def tiles_backward(
     batch, q_len, n_heads = call.q.shape[:3]
     rows = (batch, q_len, n_heads, call.v.shape[3])
     d_table = None if relative is None else torch.zeros(relative.table.shape)
+    # the gradients' dtype: float32, or the inputs' (all three alike)
+    grad_dtype = grads[0].dtype if isinstance(grads[0], torch.Tensor) else torch.float32
+    grad_dtype = grad_dtype if grad_dtype in (call.dtype, torch.float32) else torch.float32
     if call.empty:
         for name, grad, spec, like in zip(("dq", "dk", "dv"), grads, specs, (q, k, v)):
-            _check(name, grad, spec, tuple(like.shape), float32=True)
+            _check(name, grad, spec, tuple(like.shape), float32=True, dtype=grad_dtype)
         grads[0][:, :, call.heads.long()] = 0
         return d_table
     targets = [
-        _target(name, grad, spec, tuple(like.shape))
+        _target(name, grad, spec, tuple(like.shape), grad_dtype)
         for name, grad, spec, like in zip(("dq", "dk", "dv"), grads, specs, (q, k, v))
     ]
     read = (

@@ -19,7 +19,9 @@
  * q, k, v, out and dO may be bfloat16 or float16 (struct problem's dtype): elements are widened
  * to float32 as they are read (q and dO rows per tile; K and V rows the first time a thread reads
  * them for a (batch, K/V head), into its row cache) and out is rounded to nearest even as it is
- * written, so the arithmetic is float32 throughout and nothing is copied in full.
+ * written, so the arithmetic is float32 throughout and nothing is copied in full. Gradients of
+ * that dtype are rounded once: dQ as it is written, dK and dV after a backward unit has summed
+ * them in float32 (the unit owns its K/V head's rows, so no atomics are needed).
  *
  * Attention dropout (dropout_spec.md), when asked for, scales each kept probability by 1/(1-p)
  * after normalization (lse stays the undropped one): O = sum_n P[n] Z[n] v_n / (1-p), and the
@@ -75,9 +77,9 @@ struct problem {
     float *lse; int64_t l_sb, l_sh;                    /* [b, h, t] (read in backward) */
     const void *dout; int64_t do_sb, do_st, do_sh;     /* [b, t, h, d] backward only */
     const float *dlse; int64_t dl_sb, dl_sh;           /* [b, h, t] or NULL */
-    float *dq; int64_t dq_sb, dq_st, dq_sh;            /* [b, t, h, d] written */
-    float *dk; int64_t dk_sb, dk_st, dk_sh;            /* [b, t, kv, d] added to */
-    float *dv; int64_t dv_sb, dv_st, dv_sh;            /* [b, t, kv, d] added to */
+    void *dq; int64_t dq_sb, dq_st, dq_sh;             /* [b, t, h, d] written */
+    void *dk; int64_t dk_sb, dk_st, dk_sh;             /* [b, t, kv, d] added to */
+    void *dv; int64_t dv_sb, dv_st, dv_sh;             /* [b, t, kv, d] added to */
     int64_t batch, group, dim, dim_v;                  /* group: query heads per K/V head */
     const int32_t *heads; int64_t n_heads;             /* the query heads to process */
     const int32_t *head_plan, *head_rank;              /* per head: its plan, its head there */
@@ -91,7 +93,8 @@ struct problem {
     float *drpb; int64_t drpb_sb;      /* its gradient, one copy per batch, or NULL */
     const float *bias; int64_t bias_sb, bias_sh, bias_sq, bias_sk; /* additive, or NULL */
     int64_t long_keys; /* forward: tiles seeing more keys go through forward_group (0: never) */
-    int64_t dtype;     /* of q, k, v, out, dout: DTYPE_F32, DTYPE_BF16 or DTYPE_F16 */
+    int64_t dtype;      /* of q, k, v, out, dout: DTYPE_F32, DTYPE_BF16 or DTYPE_F16 */
+    int64_t grad_dtype; /* of dq, dk, dv: DTYPE_F32 or dtype */
     int64_t kv_len;    /* rows of k and v */
     /* attention dropout when dropout != 0: element (b, h, i, j) has the counter
      * ((b all_heads + h) q_len + i) kv_len + j, is kept iff its draw >= threshold (of 2^24), and
@@ -191,9 +194,13 @@ static void store_row(void *dst, const float *src, int64_t src_st, int64_t n, in
     }
 }
 
-/* element `offset` of a tensor of the call's dtype */
+/* element `offset` of a tensor of the call's dtype; of the gradients' dtype */
 static inline const void *elem(const struct problem *p, const void *base, int64_t offset) {
     return (const char *)base + offset * (p->dtype == DTYPE_F32 ? 4 : 2);
+}
+
+static inline void *grad_elem(const struct problem *p, void *base, int64_t offset) {
+    return (char *)base + offset * (p->grad_dtype == DTYPE_F32 ? 4 : 2);
 }
 
 /* 2^x for x <= 0 (exactly 0 below -126, -inf included): 2^round(x) times a degree-7 Taylor
@@ -331,6 +338,15 @@ struct scratch {
      * row j's contents (0: none) */
     float *k_rows, *v_rows;
     int64_t *cached;
+    /* half-precision gradients: a backward unit's dK, dV sums in float32 ([kv_len][dim],
+     * [kv_len][dim_v]), added into dk, dv once the unit is done */
+    float *dk_sum, *dv_sum;
+};
+
+/* where a backward unit adds dK and dV: the gradients themselves, or the float32 sums */
+struct grad_rows {
+    float *dk, *dv;
+    int64_t dk_st, dv_st;
 };
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
@@ -356,7 +372,7 @@ static int scratch_init(struct scratch *w, const struct problem *p, int backward
         w->ds = aligned_alloc(sizeof(vf), sizeof(vf) * keys);
         w->q_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_q);
         w->do_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_do);
-        w->o_row = malloc(sizeof(float) * (size_t)p->dim_v);
+        w->o_row = malloc(sizeof(float) * (size_t)dim); /* max(dim, dim_v) */
         if (!w->ds || !w->q_rows || !w->do_rows || !w->o_row) return -1;
     }
     if (p->dropout && !(w->z = aligned_alloc(sizeof(vf), sizeof(vf) * keys))) return -1;
@@ -365,6 +381,11 @@ static int scratch_init(struct scratch *w, const struct problem *p, int backward
         w->v_rows = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim_v));
         w->cached = calloc((size_t)p->kv_len, sizeof(int64_t));
         if (!w->k_rows || !w->v_rows || !w->cached) return -1;
+    }
+    if (backward && p->grad_dtype != DTYPE_F32) {
+        w->dk_sum = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim));
+        w->dv_sum = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim_v));
+        if (!w->dk_sum || !w->dv_sum) return -1;
     }
     return w->xt && w->s ? 0 : -1;
 }
@@ -385,6 +406,8 @@ static void scratch_free(struct scratch *w) {
     free(w->k_rows);
     free(w->v_rows);
     free(w->cached);
+    free(w->dk_sum);
+    free(w->dv_sum);
 }
 
 /* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes), src of the call's dtype */
@@ -691,10 +714,10 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
 }
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
-                          struct scratch *w) {
+                          struct scratch *w, const struct grad_rows *grad) {
     const struct item it = item_at(p, b, hs, t, w);
     const int32_t *rows = it.rows, *start = it.start, *len = it.len;
-    const int64_t h = it.h, kv = h / p->group, segs = it.segs;
+    const int64_t h = it.h, segs = it.segs;
     const float *k = it.k, *v = it.v;
     const void *dout = elem(p, p->dout, b * p->do_sb + h * p->do_sh);
     const float scale = (float)p->scale;
@@ -758,21 +781,22 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
         MIX[cols](ds, k + d0, it.k_st, start, len, segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
-            float *dst = p->dq + b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
-            for (int c = 0; c < cols; ++c) dst[c] = o[c][lane] * scale;
+            const int64_t at = b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
+            store_row(grad_elem(p, p->dq, at), (const float *)o + lane, LANES, cols,
+                      p->grad_dtype, scale);
         }
     }
 
     /* dK += scale dS^T Q, dV += P^T dO, KEY_CHUNK keys at a time */
-    float *dk = p->dk + b * p->dk_sb + kv * p->dk_sh;
-    float *dv = p->dv + b * p->dv_sb + kv * p->dv_sh;
+    float *dk = grad->dk, *dv = grad->dv;
+    const int64_t dk_st = grad->dk_st, dv_st = grad->dv_st;
     int64_t n0 = 0;
     for (int64_t g = 0; g < segs; ++g) {
         for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
             const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
             const int64_t key = start[g] + off;
-            OUTER[n](w->q_rows, w->ld_q, ds + n0, dk + key * p->dk_st, p->dk_st, p->dim, scale);
-            OUTER[n](w->do_rows, w->ld_do, s + n0, dv + key * p->dv_st, p->dv_st, p->dim_v, 1.0f);
+            OUTER[n](w->q_rows, w->ld_q, ds + n0, dk + key * dk_st, dk_st, p->dim, scale);
+            OUTER[n](w->do_rows, w->ld_do, s + n0, dv + key * dv_st, dv_st, p->dim_v, 1.0f);
             n0 += n;
         }
     }
@@ -813,18 +837,47 @@ static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
     return failed;
 }
 
+/* dk[j] = round(dk[j] + sum_dk[j]) (dv alike) for every row j of a unit's K/V head, gradients
+ * of the call's half-precision dtype at element offsets dk_at, dv_at */
+static void add_rounded(const struct problem *p, struct scratch *w, int64_t dk_at,
+                        int64_t dv_at) {
+    float *row = w->o_row; /* [max(dim, dim_v)] in a backward scratch */
+    for (int64_t j = 0; j < p->kv_len; ++j) {
+        void *dk = grad_elem(p, p->dk, dk_at + j * p->dk_st);
+        void *dv = grad_elem(p, p->dv, dv_at + j * p->dv_st);
+        const float *sum_k = w->dk_sum + j * p->dim, *sum_v = w->dv_sum + j * p->dim_v;
+        load_row(row, 1, dk, p->dim, p->grad_dtype, 1.0f);
+        for (int64_t d = 0; d < p->dim; ++d) row[d] += sum_k[d];
+        store_row(dk, row, 1, p->dim, p->grad_dtype, 1.0f);
+        load_row(row, 1, dv, p->dim_v, p->grad_dtype, 1.0f);
+        for (int64_t d = 0; d < p->dim_v; ++d) row[d] += sum_v[d];
+        store_row(dv, row, 1, p->dim_v, p->grad_dtype, 1.0f);
+    }
+}
+
 /* Backward: units (batch, K/V head), each every tile of every query head sharing that K/V
  * head, so a unit's dK, dV rows are its own. */
 static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
     struct scratch w;
     int failed = scratch_init(&w, p, 1);
+    const int half = p->grad_dtype != DTYPE_F32;
     for (int64_t unit = begin; !failed && unit < end; ++unit) {
         const int64_t b = unit / p->n_units, j = unit % p->n_units;
+        const int64_t kv = p->heads[p->unit_heads[p->unit_offsets[j]]] / p->group;
+        const int64_t dk_at = b * p->dk_sb + kv * p->dk_sh, dv_at = b * p->dv_sb + kv * p->dv_sh;
+        struct grad_rows grad = {(float *)p->dk + dk_at, (float *)p->dv + dv_at, p->dk_st,
+                                 p->dv_st};
+        if (half) {
+            grad = (struct grad_rows){w.dk_sum, w.dv_sum, p->dim, p->dim_v};
+            memset(w.dk_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim));
+            memset(w.dv_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim_v));
+        }
         for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i) {
             const int64_t hs = p->unit_heads[i];
             const int64_t tiles = p->plans[p->head_plan[hs]].tiles;
-            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w);
+            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w, &grad);
         }
+        if (half) add_rounded(p, &w, dk_at, dv_at);
     }
     scratch_free(&w);
     return failed;
