@@ -83,6 +83,10 @@ def main() -> None:
         "median ms; ratio = time / float32 time (<= 1: no slower than float32)",
         "- the machine was shared with other jobs (2 cores, 7 users): absolute times are noisy, "
         "the interleaved ratios less so",
+        "- 'bfloat16 (in-kernel)' is the kernel reading bf16 as it is; 'via float32 copies' is "
+        "the path before (copies of q, k, v, the result cast back); the attention() rows add "
+        "the public entry point's checks, whose scan for non-finite keys costs more on bf16 "
+        "(a float32-accumulated sum per tensor) than on float32",
         "",
         "| pattern | pass | candidate | ms | / float32 |",
         "|---|---|---|---|---|",

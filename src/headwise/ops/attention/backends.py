@@ -237,8 +237,8 @@ class BlockwiseBackend(Backend):
 class NativeBackend(Backend):
     name = "native"
     summary = (
-        "headwise's C tile kernel (CPU; computes in float32): tiles of 16 or 8 queries, only "
-        "the keys they may see; own backward"
+        "headwise's C tile kernel (CPU; reads float32/bfloat16/float16, computes in float32): "
+        "tiles of 16 or 8 queries, only the keys they may see; own backward and dropout"
     )
 
     def reasons(self, problem):
