@@ -107,7 +107,7 @@ def check_against_explicit(backend, q, k, v, pattern, p, bias=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
-@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+@pytest.mark.parametrize("backend", ["reference", "blockwise", "native"])
 def test_gradients_equal_autograd_through_the_explicit_mask(backend, pattern, dtype):
     q, k, v = make_inputs(2, 15, 15, 4, 2, 8, dtype)
     check_against_explicit(backend, q, k, v, PATTERNS[pattern], 0.3)
@@ -197,7 +197,7 @@ def test_sdpa_draws_its_own_mask():
     assert not torch.equal(weights != 0, ours != 0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "blockwise", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "blockwise", "native", "sdpa"])
 def test_manual_seed_fixes_the_mask_and_seeds_differ(backend):
     q, k, v = make_inputs(1, 9, 9, 2, 2, 4, torch.float32)
 
@@ -258,17 +258,16 @@ def test_bad_dropout_seed_is_refused(value, error):
 
 def test_backends_without_dropout_refuse_and_auto_skips_them():
     q = torch.randn(1, 8, 2, 4)
-    for backend, why in (("flex", "no attention dropout"), ("native", "lands separately")):
-        with pytest.raises(ValueError, match=why):
-            attention(q, q, q, P.sliding_window(2), backend=backend, dropout_p=0.1)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        attention(q, q, q, P.sliding_window(2), backend="flex", dropout_p=0.1)
     with pytest.raises(ValueError, match="dropout_seed"):
         attention(q, q, q, backend="sdpa", dropout_p=0.1, dropout_seed=1)
     assert explain(q, q, q, P.causal(), dropout_p=0.1).backend == "sdpa"
-    assert explain(q, q, q, P.causal(), dropout_p=0.1, dropout_seed=1).backend == "blockwise"
-    assert explain(q, q, q, P.sliding_window(2), dropout_p=0.1).backend == "blockwise"
+    assert explain(q, q, q, P.causal(), dropout_p=0.1, dropout_seed=1).backend == "native"
+    assert explain(q, q, q, P.sliding_window(2), dropout_p=0.1).backend == "native"
 
 
-@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+@pytest.mark.parametrize("backend", ["reference", "blockwise", "native"])
 def test_non_finite_values_reach_only_the_rows_that_see_them(backend):
     """With dropout a bad value poisons the rows that see it (dropped or not) and no other: the
     other rows, and their gradients, are those of the same call with the bad value replaced."""

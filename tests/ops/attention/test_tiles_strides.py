@@ -131,8 +131,9 @@ def test_what_c_cannot_take_is_named():
         with pytest.raises(ValueError, match=match):
             tiles_backward(*parts.values(), PATTERN, SCALE, grads)
 
-    forward(r"q must be a float32 CPU tensor; got torch.float64 on cpu", q=q.double())
-    forward(r"q must be a float32 CPU tensor; got torch.float32 on meta", q=q.to("meta"))
+    forward(r"q must be a float32, bfloat16 or float16 CPU tensor; got torch.float64", q=q.double())
+    forward(r"q must be a float32, bfloat16 or float16 CPU tensor; got torch.float32 on meta",
+            q=q.to("meta"))  # fmt: skip
     forward(r"q must be \(B, Lq, H, D\) = \(\*, \*, \*, \*\); got \(1, 42, 32\)", q=q.flatten(2))
     forward(r"k must be \(B, Lk, Hkv, D\) = \(1, \*, \*, 8\); got \(1, 42, 2, 4\)", k=k[..., :4])
     forward(r"v must be \(B, Lk, Hkv, Dv\) = \(1, 42, 2, \*\); got \(1, 41, 2, 8\)", v=v[:, :41])

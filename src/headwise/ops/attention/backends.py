@@ -251,8 +251,8 @@ class BlockwiseBackend(Backend):
 class NativeBackend(Backend):
     name = "native"
     summary = (
-        "headwise's C tile kernel (CPU; computes in float32): tiles of 16 or 8 queries, only "
-        "the keys they may see; own backward"
+        "headwise's C tile kernel (CPU; reads float32/bfloat16/float16, computes in float32): "
+        "tiles of 16 or 8 queries, only the keys they may see; own backward and dropout"
     )
 
     def reasons(self, problem):
@@ -271,19 +271,24 @@ class NativeBackend(Backend):
                 "score_mod (but a neighborhood's relative-position table) is not supported by "
                 "the native tile kernel"
             )
-        if problem.dropout_p > 0:
-            reasons.append("dropout in the native kernel lands separately")
         if not reasons and not native_available():
             reasons.append(f"the native tile kernel is not available: {native_why_not()}")
         return reasons
 
     def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
-        # half precision is computed in float32 (copies of q, k, v; gradients flow back through
-        # the casts): more accurate than the inputs and, on CPU, faster than half-precision math
-        dtype = q.dtype
-        q, k, v = (t.float() for t in (q, k, v))
-        out, lse = native_attention(q, k, v, pattern, scale=scale, bias=bias, score_mod=score_mod)
-        return out.to(dtype), lse
+        # half precision is read by the kernel as it is and computed in float32 (no float32
+        # copies of q, k, v); dropout regenerates keep_mask's bits in the kernel
+        return native_attention(
+            q,
+            k,
+            v,
+            pattern,
+            scale=scale,
+            bias=bias,
+            score_mod=score_mod,
+            dropout_p=0.0 if dropout is None else dropout.p,
+            seed=None if dropout is None else dropout.seed,
+        )
 
 
 BACKENDS: dict[str, Backend] = {

@@ -1,5 +1,6 @@
 """The ``native`` backend: headwise's C kernel for sparse patterns, exact attention on tiles of 16
-(or 8) queries, forward and backward, on CPU in float32.
+(or 8) queries, forward and backward, on CPU, computed in float32 (float32, bfloat16 or float16
+inputs, read as they are), with attention dropout drawn in the kernel.
 
 Files, in reading order (the oracle is :mod:`headwise.ops.attention.reference`): ``tiles.c``
 (the kernel), ``build.py`` (compile, private cache, load), ``plan.py`` (query tiles, key runs,

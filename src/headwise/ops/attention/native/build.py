@@ -65,7 +65,11 @@ class ProblemStruct(ctypes.Structure):
         *_fields("unit_offsets* unit_heads* n_units"),
         ("scale", ctypes.c_double),
         *_fields("max_keys plans* rpb* rpb_sh drpb* drpb_sb"),
-        *_fields("bias* bias_sb bias_sh bias_sq bias_sk long_keys"),
+        *_fields("bias* bias_sb bias_sh bias_sq bias_sk long_keys dtype grad_dtype"),
+        *_fields("kv_len"),
+        *_fields("dropout threshold all_heads q_len"),
+        ("seed", ctypes.c_uint64),
+        ("keep_scale", ctypes.c_double),
     ]
 
 

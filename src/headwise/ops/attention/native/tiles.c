@@ -16,6 +16,18 @@
  * tile can be small (4 x 4 on a 2-D grid) without losing efficiency: a query costs the keys of
  * its tile's union, where a block of a fused attention kernel costs the union of a larger group.
  *
+ * q, k, v, out and dO may be bfloat16 or float16 (struct problem's dtype): elements are widened
+ * to float32 as they are read (q and dO rows per tile; K and V rows the first time a thread reads
+ * them for a (batch, K/V head), into its row cache) and out is rounded to nearest even as it is
+ * written, so the arithmetic is float32 throughout and nothing is copied in full. Gradients of
+ * that dtype are rounded once: dQ as it is written, dK and dV after a backward unit has summed
+ * them in float32 (the unit owns its K/V head's rows, so no atomics are needed).
+ *
+ * Attention dropout (dropout_spec.md), when asked for, scales each kept probability by 1/(1-p)
+ * after normalization (lse stays the undropped one): O = sum_n P[n] Z[n] v_n / (1-p), and the
+ * backward pass regenerates Z from the counter instead of storing it:
+ *             dP'[n] = Z[n] dP[n] / (1-p),  dS[n] = P[n] (dP'[n] - D),  dV[n] += P[n] Z[n] dO / (1-p)
+ *
  * Work is split over PyTorch's OpenMP runtime when built with -fopenmp (same libgomp.so.1 soname,
  * so it is the runtime already loaded): forward items are (batch, head, tile); backward units are
  * (batch, K/V head) so that no two threads add into the same dK, dV rows.
@@ -55,17 +67,19 @@ struct plan {
     const int32_t *rpb_index;   /* [entries][LANES] index into a head's bias table, or NULL */
 };
 
+/* q, k, v, out and dout hold elements of the call's dtype (the void pointers); every other
+ * tensor is float32 */
 struct problem {
-    const float *q; int64_t q_sb, q_st, q_sh;          /* [b, t, h, d], d contiguous */
-    const float *k; int64_t k_sb, k_st, k_sh;          /* [b, t, kv, d] */
-    const float *v; int64_t v_sb, v_st, v_sh;          /* [b, t, kv, d] */
-    float *out; int64_t o_sb, o_st, o_sh;              /* [b, t, h, d] (read in backward) */
+    const void *q; int64_t q_sb, q_st, q_sh;           /* [b, t, h, d], d contiguous */
+    const void *k; int64_t k_sb, k_st, k_sh;           /* [b, t, kv, d] */
+    const void *v; int64_t v_sb, v_st, v_sh;           /* [b, t, kv, d] */
+    void *out; int64_t o_sb, o_st, o_sh;               /* [b, t, h, d] (read in backward) */
     float *lse; int64_t l_sb, l_sh;                    /* [b, h, t] (read in backward) */
-    const float *dout; int64_t do_sb, do_st, do_sh;    /* [b, t, h, d] backward only */
+    const void *dout; int64_t do_sb, do_st, do_sh;     /* [b, t, h, d] backward only */
     const float *dlse; int64_t dl_sb, dl_sh;           /* [b, h, t] or NULL */
-    float *dq; int64_t dq_sb, dq_st, dq_sh;            /* [b, t, h, d] written */
-    float *dk; int64_t dk_sb, dk_st, dk_sh;            /* [b, t, kv, d] added to */
-    float *dv; int64_t dv_sb, dv_st, dv_sh;            /* [b, t, kv, d] added to */
+    void *dq; int64_t dq_sb, dq_st, dq_sh;             /* [b, t, h, d] written */
+    void *dk; int64_t dk_sb, dk_st, dk_sh;             /* [b, t, kv, d] added to */
+    void *dv; int64_t dv_sb, dv_st, dv_sh;             /* [b, t, kv, d] added to */
     int64_t batch, group, dim, dim_v;                  /* group: query heads per K/V head */
     const int32_t *heads; int64_t n_heads;             /* the query heads to process */
     const int32_t *head_plan, *head_rank;              /* per head: its plan, its head there */
@@ -79,7 +93,18 @@ struct problem {
     float *drpb; int64_t drpb_sb;      /* its gradient, one copy per batch, or NULL */
     const float *bias; int64_t bias_sb, bias_sh, bias_sq, bias_sk; /* additive, or NULL */
     int64_t long_keys; /* forward: tiles seeing more keys go through forward_group (0: never) */
+    int64_t dtype;      /* of q, k, v, out, dout: DTYPE_F32, DTYPE_BF16 or DTYPE_F16 */
+    int64_t grad_dtype; /* of dq, dk, dv: DTYPE_F32 or dtype */
+    int64_t kv_len;    /* rows of k and v */
+    /* attention dropout when dropout != 0: element (b, h, i, j) has the counter
+     * ((b all_heads + h) q_len + i) kv_len + j, is kept iff its draw >= threshold (of 2^24), and
+     * then weighs keep_scale = 1 / (1 - p) */
+    int64_t dropout, threshold, all_heads, q_len;
+    uint64_t seed;
+    double keep_scale;
 };
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.69314718055994531f
@@ -88,6 +113,94 @@ static inline vf splat(float x) { return (vf){0} + x; }
 
 static inline vf select_bits(vi keep, vf a, vf b) {
     return (vf)(((vi)a & keep) | ((vi)b & ~keep));
+}
+
+/* Half-precision elements. bfloat16 is the top half of a float32 (widening is a shift; narrowing
+ * rounds to nearest even, NaN stays a quiet NaN). float16 by its bits, without the compiler's
+ * _Float16, so any C11 compiler builds this file: widening is exact (subnormals included);
+ * narrowing rounds to nearest even (F. Giesen's float_to_half_fast3_rtne), overflow to inf. */
+static inline float bits_float(uint32_t x) {
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    return x;
+}
+
+static inline float bf16_to_float(uint16_t h) { return bits_float((uint32_t)h << 16); }
+
+static inline uint16_t float_to_bf16(float f) {
+    const uint32_t x = float_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40); /* NaN */
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
+
+static inline float f16_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return bits_float(sign | 0x7f800000u | man << 13); /* inf, NaN */
+    if (exp) return bits_float(sign | (exp + 112) << 23 | man << 13);  /* 127 - 15 = 112 */
+    const float tiny = (float)man * 0x1p-24f;                          /* subnormal, zero */
+    return sign ? -tiny : tiny;
+}
+
+static inline uint16_t float_to_f16(float f) {
+    uint32_t x = float_bits(f);
+    const uint32_t sign = x & 0x80000000u;
+    uint16_t h;
+    x ^= sign;
+    if (x >= (127u + 16) << 23) { /* |f| >= 2^16: inf, or NaN */
+        h = x > 0x7f800000u ? 0x7e00 : 0x7c00;
+    } else if (x < 113u << 23) { /* below 2^-14: subnormal or zero, rounded by a float add */
+        const uint32_t magic = ((127u - 15) + (23 - 10) + 1) << 23;
+        h = (uint16_t)(float_bits(bits_float(x) + bits_float(magic)) - magic);
+    } else {
+        x += ((uint32_t)(15 - 127) << 23) + 0xfff + ((x >> 13) & 1);
+        h = (uint16_t)(x >> 13);
+    }
+    return (uint16_t)(h | sign >> 16);
+}
+
+/* dst[i * dst_st] = scale * src[i] for n elements of type dtype */
+static void load_row(float *dst, int64_t dst_st, const void *src, int64_t n, int64_t dtype,
+                     float scale) {
+    if (dtype == DTYPE_F32) {
+        const float *x = src;
+        for (int64_t i = 0; i < n; ++i) dst[i * dst_st] = x[i] * scale;
+    } else if (dtype == DTYPE_BF16) {
+        const uint16_t *x = src;
+        for (int64_t i = 0; i < n; ++i) dst[i * dst_st] = bf16_to_float(x[i]) * scale;
+    } else {
+        const uint16_t *x = src;
+        for (int64_t i = 0; i < n; ++i) dst[i * dst_st] = f16_to_float(x[i]) * scale;
+    }
+}
+
+/* dst[i] = scale * src[i * src_st] for n elements, dst of type dtype */
+static void store_row(void *dst, const float *src, int64_t src_st, int64_t n, int64_t dtype,
+                      float scale) {
+    if (dtype == DTYPE_F32) {
+        float *x = dst;
+        for (int64_t i = 0; i < n; ++i) x[i] = src[i * src_st] * scale;
+    } else if (dtype == DTYPE_BF16) {
+        uint16_t *x = dst;
+        for (int64_t i = 0; i < n; ++i) x[i] = float_to_bf16(src[i * src_st] * scale);
+    } else {
+        uint16_t *x = dst;
+        for (int64_t i = 0; i < n; ++i) x[i] = float_to_f16(src[i * src_st] * scale);
+    }
+}
+
+/* element `offset` of a tensor of the call's dtype; of the gradients' dtype */
+static inline const void *elem(const struct problem *p, const void *base, int64_t offset) {
+    return (const char *)base + offset * (p->dtype == DTYPE_F32 ? 4 : 2);
+}
+
+static inline void *grad_elem(const struct problem *p, void *base, int64_t offset) {
+    return (char *)base + offset * (p->grad_dtype == DTYPE_F32 ? 4 : 2);
 }
 
 /* 2^x for x <= 0 (exactly 0 below -126, -inf included): 2^round(x) times a degree-7 Taylor
@@ -213,11 +326,27 @@ struct scratch {
     vf *xt;     /* a tile's q (then dO) transposed: [dim][lanes] */
     vf *s, *ds; /* per key: scores / probabilities, dP / dS */
     float *q_rows, *do_rows; /* [LANES][ld]: a tile's q and dO rows, zero padded */
+    float *o_row;            /* [dim_v]: one row of O */
     int64_t ld_q, ld_do;
     /* forward_group: GROUP_TILES tiles' q (transposed) and output accumulators, one chunk's
      * scores and key runs */
     vf *group_xt, *group_o, *chunk_s;
     int32_t *chunk_start, *chunk_len;
+    vf *z; /* dropout: per key, 1/(1-p) in the lanes that keep it, else 0 */
+    /* half-precision calls: the row cache, K and V rows widened to float32 at their key
+     * positions ([kv_len][dim], [kv_len][dim_v]); cached[j]: the (batch, K/V head) tag of
+     * row j's contents (0: none) */
+    float *k_rows, *v_rows;
+    int64_t *cached;
+    /* half-precision gradients: a backward unit's dK, dV sums in float32 ([kv_len][dim],
+     * [kv_len][dim_v]), added into dk, dv once the unit is done */
+    float *dk_sum, *dv_sum;
+};
+
+/* where a backward unit adds dK and dV: the gradients themselves, or the float32 sums */
+struct grad_rows {
+    float *dk, *dv;
+    int64_t dk_st, dv_st;
 };
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
@@ -243,7 +372,20 @@ static int scratch_init(struct scratch *w, const struct problem *p, int backward
         w->ds = aligned_alloc(sizeof(vf), sizeof(vf) * keys);
         w->q_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_q);
         w->do_rows = aligned_alloc(sizeof(vf), sizeof(float) * LANES * (size_t)w->ld_do);
-        if (!w->ds || !w->q_rows || !w->do_rows) return -1;
+        w->o_row = malloc(sizeof(float) * (size_t)dim); /* max(dim, dim_v) */
+        if (!w->ds || !w->q_rows || !w->do_rows || !w->o_row) return -1;
+    }
+    if (p->dropout && !(w->z = aligned_alloc(sizeof(vf), sizeof(vf) * keys))) return -1;
+    if (p->dtype != DTYPE_F32) {
+        w->k_rows = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim));
+        w->v_rows = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim_v));
+        w->cached = calloc((size_t)p->kv_len, sizeof(int64_t));
+        if (!w->k_rows || !w->v_rows || !w->cached) return -1;
+    }
+    if (backward && p->grad_dtype != DTYPE_F32) {
+        w->dk_sum = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim));
+        w->dv_sum = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim_v));
+        if (!w->dk_sum || !w->dv_sum) return -1;
     }
     return w->xt && w->s ? 0 : -1;
 }
@@ -254,22 +396,28 @@ static void scratch_free(struct scratch *w) {
     free(w->ds);
     free(w->q_rows);
     free(w->do_rows);
+    free(w->o_row);
     free(w->group_xt);
     free(w->group_o);
     free(w->chunk_s);
     free(w->chunk_start);
     free(w->chunk_len);
+    free(w->z);
+    free(w->k_rows);
+    free(w->v_rows);
+    free(w->cached);
+    free(w->dk_sum);
+    free(w->dv_sum);
 }
 
-/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes) */
-static void transpose_rows(vf *xt, const float *base, int64_t st, const int32_t *rows,
-                           int64_t dim, float scale) {
+/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes), src of the call's dtype */
+static void transpose_rows(const struct problem *p, vf *xt, const void *base, int64_t st,
+                           const int32_t *rows, int64_t dim, float scale) {
     memset(xt, 0, sizeof(vf) * (size_t)dim);
     float *x = (float *)xt;
     for (int lane = 0; lane < LANES; ++lane) {
         if (rows[lane] < 0) continue;
-        const float *src = base + rows[lane] * st;
-        for (int64_t d = 0; d < dim; ++d) x[d * LANES + lane] = src[d] * scale;
+        load_row(x + lane, LANES, elem(p, base, rows[lane] * st), dim, p->dtype, scale);
     }
 }
 
@@ -305,24 +453,77 @@ static void apply_bits(const struct plan *plan, int64_t rank, int64_t t, int64_t
 struct item {
     const int32_t *rows, *start, *len; /* the tile's queries; its key segments */
     int64_t b, h, segs;
-    const float *q, *k, *v;            /* the head's rows at position 0 */
+    const void *q;                     /* the head's q rows at position 0 (the call's dtype) */
+    const float *k, *v;                /* its K, V rows at position 0, float32 */
+    int64_t k_st, v_st;                /* ... at these strides */
     int64_t first;                     /* tile entry of start[0] (a chunk of the tile's keys) */
 };
 
-static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64_t t) {
+/* The item's K and V as float32 rows indexed by key position: in place for float32 inputs;
+ * else in the thread's row cache, where the tile's rows not yet there for this (batch, K/V head)
+ * are widened now. A thread's items run through the tiles of one head after another, so each
+ * row is widened about once per thread and head group, and only rows some tile reads are. */
+static struct item item_at(const struct problem *p, int64_t b, int64_t hs, int64_t t,
+                           struct scratch *w) {
     const struct plan *plan = p->plans + p->head_plan[hs];
     const int64_t h = p->heads[hs], kv = h / p->group, seg0 = plan->seg_offsets[t];
-    return (struct item){
+    struct item it = {
         .rows = plan->rows + t * LANES,
         .start = plan->seg_start + seg0,
         .len = plan->seg_len + seg0,
         .b = b,
         .h = h,
         .segs = plan->seg_offsets[t + 1] - seg0,
-        .q = p->q + b * p->q_sb + h * p->q_sh,
-        .k = p->k + b * p->k_sb + kv * p->k_sh,
-        .v = p->v + b * p->v_sb + kv * p->v_sh,
+        .q = elem(p, p->q, b * p->q_sb + h * p->q_sh),
     };
+    const void *k = elem(p, p->k, b * p->k_sb + kv * p->k_sh);
+    const void *v = elem(p, p->v, b * p->v_sb + kv * p->v_sh);
+    if (p->dtype == DTYPE_F32) {
+        it.k = k, it.v = v, it.k_st = p->k_st, it.v_st = p->v_st;
+        return it;
+    }
+    const int64_t tag = (b << 32 | kv) + 1;
+    for (int64_t g = 0; g < it.segs; ++g) {
+        for (int64_t j = it.start[g]; j < it.start[g] + it.len[g]; ++j) {
+            if (w->cached[j] == tag) continue;
+            load_row(w->k_rows + j * p->dim, 1, elem(p, k, j * p->k_st), p->dim, p->dtype, 1.0f);
+            load_row(w->v_rows + j * p->dim_v, 1, elem(p, v, j * p->v_st), p->dim_v, p->dtype,
+                     1.0f);
+            w->cached[j] = tag;
+        }
+    }
+    it.k = w->k_rows, it.v = w->v_rows, it.k_st = p->dim, it.v_st = p->dim_v;
+    return it;
+}
+
+/* Attention dropout's factors for every key n of the item (its segments, in order):
+ * z[n] = keep_scale in the lanes whose query keeps key n, else 0. The draw of element
+ * (b, h, i, j) is SplitMix64's output function of its counter c (a pure function of the indices,
+ * so neither the tiling nor the thread count changes the mask, and backward regenerates it):
+ *
+ *   c = ((b H + h) Lq + i) Lk + j,   z = seed + (c + 1) 0x9E3779B97F4A7C15,
+ *   z = (z ^ z >> 30) 0xBF58476D1CE4E5B9,  z = (z ^ z >> 27) 0x94D049BB133111EB,  z ^= z >> 31,
+ *   keep iff z >> 40 >= threshold                                    (all mod 2^64) */
+typedef uint64_t vu __attribute__((vector_size(8 * LANES)));
+static void dropout_factors(const struct problem *p, const struct item *it, vf *z) {
+    vu row_base; /* c - j of each lane (row 0 for empty lanes: they are never written) */
+    for (int lane = 0; lane < LANES; ++lane) {
+        const int64_t i = it->rows[lane] < 0 ? 0 : it->rows[lane];
+        row_base[lane] = (uint64_t)(((it->b * p->all_heads + it->h) * p->q_len + i) * p->kv_len);
+    }
+    const vu golden = (vu){0} + 0x9E3779B97F4A7C15u, seed = (vu){0} + p->seed;
+    const vu threshold = (vu){0} + (uint64_t)p->threshold;
+    const vf keep = splat((float)p->keep_scale), drop = splat(0.0f);
+    int64_t n = 0;
+    for (int64_t g = 0; g < it->segs; ++g) {
+        for (int64_t j = it->start[g]; j < it->start[g] + it->len[g]; ++j, ++n) {
+            vu x = seed + (row_base + (uint64_t)j + 1) * golden;
+            x = (x ^ x >> 30) * 0xBF58476D1CE4E5B9u;
+            x = (x ^ x >> 27) * 0x94D049BB133111EBu;
+            x ^= x >> 31;
+            z[n] = select_bits(__builtin_convertvector(x >> 40 >= threshold, vi), keep, drop);
+        }
+    }
 }
 
 /* s[n] += log2(e) bias[b, h, row, key]. A finite bias stays finite (clamped to -FLT_MAX: a row of
@@ -350,7 +551,7 @@ static void add_bias(const struct problem *p, const struct item *it, vf *s) {
 static int64_t scores_of(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
                          const vf *xt, vf *s) {
     const struct plan *plan = p->plans + p->head_plan[hs];
-    const int64_t keys = dot_keys(xt, it->k, p->k_st, it->start, it->len, it->segs, p->dim, s);
+    const int64_t keys = dot_keys(xt, it->k, it->k_st, it->start, it->len, it->segs, p->dim, s);
     if (p->rpb && plan->rpb_index) {
         const int32_t *index = plan->rpb_index + (plan->key_offsets[t] + it->first) * LANES;
         const float *table = p->rpb + it->h * p->rpb_sh;
@@ -365,7 +566,7 @@ static int64_t scores_of(const struct problem *p, int64_t hs, int64_t t, const s
 
 static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const struct item *it,
                       vf *s, vf *xt) {
-    transpose_rows(xt, it->q, p->q_st, it->rows, p->dim, (float)p->scale * LOG2E);
+    transpose_rows(p, xt, it->q, p->q_st, it->rows, p->dim, (float)p->scale * LOG2E);
     return scores_of(p, hs, t, it, xt, s);
 }
 
@@ -394,8 +595,8 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
     const int64_t tiles = t1 - t0, dim_v = p->dim_v;
     const vf neg_inf = splat(-INFINITY);
     for (int64_t j = 0; j < tiles; ++j) {
-        items[j] = item_at(p, b, hs, t0 + j);
-        transpose_rows(w->group_xt + j * p->dim, items[j].q, p->q_st, items[j].rows, p->dim,
+        items[j] = item_at(p, b, hs, t0 + j, w);
+        transpose_rows(p, w->group_xt + j * p->dim, items[j].q, p->q_st, items[j].rows, p->dim,
                        (float)p->scale * LOG2E);
         memset(w->group_o + j * dim_v, 0, sizeof(vf) * (size_t)dim_v);
         m[j] = neg_inf;
@@ -448,11 +649,15 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
             }
             l[j] = l[j] * alpha + sum;
             m[j] = m_new;
+            if (p->dropout) { /* after the sum: l and lse are the undropped ones */
+                dropout_factors(p, &chunk, w->z);
+                for (int64_t n = 0; n < keys; ++n) s[n] *= w->z[n];
+            }
             vf *o = w->group_o + j * dim_v;
             for (int64_t d = 0; d < dim_v; ++d) o[d] *= alpha;
             for (int64_t d0 = 0; d0 < dim_v; d0 += DIM_CHUNK) {
                 const int cols = dim_v - d0 < DIM_CHUNK ? (int)(dim_v - d0) : DIM_CHUNK;
-                MIX[cols](s, it->v + d0, p->v_st, chunk.start, chunk.len, runs, o + d0);
+                MIX[cols](s, it->v + d0, it->v_st, chunk.start, chunk.len, runs, o + d0);
             }
         }
     }
@@ -462,8 +667,9 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
         for (int lane = 0; lane < LANES; ++lane) {
             if (it->rows[lane] < 0) continue;
             const float inv_l = l[j][lane] > 0 ? 1.0f / l[j][lane] : 0.0f;
-            float *dst = p->out + b * p->o_sb + it->rows[lane] * p->o_st + it->h * p->o_sh;
-            for (int64_t d = 0; d < dim_v; ++d) dst[d] = o[d][lane] * inv_l;
+            const int64_t at = b * p->o_sb + it->rows[lane] * p->o_st + it->h * p->o_sh;
+            store_row((void *)elem(p, p->out, at), (const float *)o + lane, LANES, dim_v,
+                      p->dtype, inv_l);
         }
         write_lse(p, it, select_bits(m[j] == neg_inf, splat(0.0f), m[j]), l[j]);
     }
@@ -471,7 +677,7 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
 
 static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                          struct scratch *w) {
-    const struct item it = item_at(p, b, hs, t);
+    const struct item it = item_at(p, b, hs, t, w);
     const int64_t keys = scores(p, hs, t, &it, w->s, w->xt), h = it.h;
     const int32_t *rows = it.rows;
     vf *s = w->s;
@@ -487,28 +693,33 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     }
     vf inv_l;
     for (int lane = 0; lane < LANES; ++lane) inv_l[lane] = l[lane] > 0 ? 1.0f / l[lane] : 0.0f;
+    if (p->dropout) { /* after the sum: l and lse are the undropped ones */
+        dropout_factors(p, &it, w->z);
+        for (int64_t n = 0; n < keys; ++n) s[n] *= w->z[n];
+    }
 
     vf o[DIM_CHUNK];
     for (int64_t d0 = 0; d0 < p->dim_v; d0 += DIM_CHUNK) {
         const int cols = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
         for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
-        MIX[cols](s, it.v + d0, p->v_st, it.start, it.len, it.segs, o);
+        MIX[cols](s, it.v + d0, it.v_st, it.start, it.len, it.segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
-            float *dst = p->out + b * p->o_sb + rows[lane] * p->o_st + h * p->o_sh + d0;
-            for (int c = 0; c < cols; ++c) dst[c] = o[c][lane] * inv_l[lane];
+            const int64_t at = b * p->o_sb + rows[lane] * p->o_st + h * p->o_sh + d0;
+            store_row((void *)elem(p, p->out, at), (const float *)o + lane, LANES, cols, p->dtype,
+                      inv_l[lane]);
         }
     }
     write_lse(p, &it, m_safe, l);
 }
 
 static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
-                          struct scratch *w) {
-    const struct item it = item_at(p, b, hs, t);
+                          struct scratch *w, const struct grad_rows *grad) {
+    const struct item it = item_at(p, b, hs, t, w);
     const int32_t *rows = it.rows, *start = it.start, *len = it.len;
-    const int64_t h = it.h, kv = h / p->group, segs = it.segs;
-    const float *k = it.k, *v = it.v, *q = it.q;
-    const float *dout = p->dout + b * p->do_sb + h * p->do_sh;
+    const int64_t h = it.h, segs = it.segs;
+    const float *k = it.k, *v = it.v;
+    const void *dout = elem(p, p->dout, b * p->do_sb + h * p->do_sh);
     const float scale = (float)p->scale;
     vf *s = w->s, *ds = w->ds;
 
@@ -522,23 +733,35 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
         const float lse = p->lse[b * p->l_sb + h * p->l_sh + r];
         if (isinf(lse)) continue;
         lse2[lane] = lse * LOG2E;
-        const float *o = p->out + b * p->o_sb + r * p->o_st + h * p->o_sh;
-        const float *g = dout + r * p->do_st;
+        float *q_row = w->q_rows + lane * w->ld_q, *g = w->do_rows + lane * w->ld_do;
+        load_row(q_row, 1, elem(p, it.q, r * p->q_st), p->dim, p->dtype, 1.0f);
+        load_row(g, 1, elem(p, dout, r * p->do_st), p->dim_v, p->dtype, 1.0f);
+        float *o = w->o_row;
+        load_row(o, 1, elem(p, p->out, b * p->o_sb + r * p->o_st + h * p->o_sh), p->dim_v,
+                 p->dtype, 1.0f);
         float sum = 0.0f;
         for (int64_t d = 0; d < p->dim_v; ++d) sum += g[d] * o[d];
         if (p->dlse) sum -= p->dlse[b * p->dl_sb + h * p->dl_sh + r];
         delta[lane] = sum;
-        memcpy(w->q_rows + lane * w->ld_q, q + r * p->q_st, sizeof(float) * (size_t)p->dim);
-        memcpy(w->do_rows + lane * w->ld_do, g, sizeof(float) * (size_t)p->dim_v);
     }
 
     /* P and dS for every key */
     const int64_t keys = scores(p, hs, t, &it, s, w->xt);
-    transpose_rows(w->xt, dout, p->do_st, rows, p->dim_v, 1.0f);
-    dot_keys(w->xt, v, p->v_st, start, len, segs, p->dim_v, ds);
-    for (int64_t n = 0; n < keys; ++n) {
-        s[n] = exp2_vec(s[n] - lse2);
-        ds[n] = s[n] * (ds[n] - delta);
+    transpose_rows(p, w->xt, dout, p->do_st, rows, p->dim_v, 1.0f);
+    dot_keys(w->xt, v, it.v_st, start, len, segs, p->dim_v, ds);
+    if (p->dropout) {
+        /* the forward pass's mask, regenerated: dP' = Z dP / (1-p), and P Z / (1-p) into dV */
+        dropout_factors(p, &it, w->z);
+        for (int64_t n = 0; n < keys; ++n) {
+            s[n] = exp2_vec(s[n] - lse2);
+            ds[n] = s[n] * (ds[n] * w->z[n] - delta);
+            s[n] *= w->z[n];
+        }
+    } else {
+        for (int64_t n = 0; n < keys; ++n) {
+            s[n] = exp2_vec(s[n] - lse2);
+            ds[n] = s[n] * (ds[n] - delta);
+        }
     }
     const struct plan *plan = p->plans + p->head_plan[hs];
     if (p->drpb && plan->rpb_index) {
@@ -555,24 +778,25 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
     for (int64_t d0 = 0; d0 < p->dim; d0 += DIM_CHUNK) {
         const int cols = p->dim - d0 < DIM_CHUNK ? (int)(p->dim - d0) : DIM_CHUNK;
         for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
-        MIX[cols](ds, k + d0, p->k_st, start, len, segs, o);
+        MIX[cols](ds, k + d0, it.k_st, start, len, segs, o);
         for (int lane = 0; lane < LANES; ++lane) {
             if (rows[lane] < 0) continue;
-            float *dst = p->dq + b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
-            for (int c = 0; c < cols; ++c) dst[c] = o[c][lane] * scale;
+            const int64_t at = b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
+            store_row(grad_elem(p, p->dq, at), (const float *)o + lane, LANES, cols,
+                      p->grad_dtype, scale);
         }
     }
 
     /* dK += scale dS^T Q, dV += P^T dO, KEY_CHUNK keys at a time */
-    float *dk = p->dk + b * p->dk_sb + kv * p->dk_sh;
-    float *dv = p->dv + b * p->dv_sb + kv * p->dv_sh;
+    float *dk = grad->dk, *dv = grad->dv;
+    const int64_t dk_st = grad->dk_st, dv_st = grad->dv_st;
     int64_t n0 = 0;
     for (int64_t g = 0; g < segs; ++g) {
         for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
             const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
             const int64_t key = start[g] + off;
-            OUTER[n](w->q_rows, w->ld_q, ds + n0, dk + key * p->dk_st, p->dk_st, p->dim, scale);
-            OUTER[n](w->do_rows, w->ld_do, s + n0, dv + key * p->dv_st, p->dv_st, p->dim_v, 1.0f);
+            OUTER[n](w->q_rows, w->ld_q, ds + n0, dk + key * dk_st, dk_st, p->dim, scale);
+            OUTER[n](w->do_rows, w->ld_do, s + n0, dv + key * dv_st, dv_st, p->dim_v, 1.0f);
             n0 += n;
         }
     }
@@ -613,18 +837,47 @@ static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
     return failed;
 }
 
+/* dk[j] = round(dk[j] + sum_dk[j]) (dv alike) for every row j of a unit's K/V head, gradients
+ * of the call's half-precision dtype at element offsets dk_at, dv_at */
+static void add_rounded(const struct problem *p, struct scratch *w, int64_t dk_at,
+                        int64_t dv_at) {
+    float *row = w->o_row; /* [max(dim, dim_v)] in a backward scratch */
+    for (int64_t j = 0; j < p->kv_len; ++j) {
+        void *dk = grad_elem(p, p->dk, dk_at + j * p->dk_st);
+        void *dv = grad_elem(p, p->dv, dv_at + j * p->dv_st);
+        const float *sum_k = w->dk_sum + j * p->dim, *sum_v = w->dv_sum + j * p->dim_v;
+        load_row(row, 1, dk, p->dim, p->grad_dtype, 1.0f);
+        for (int64_t d = 0; d < p->dim; ++d) row[d] += sum_k[d];
+        store_row(dk, row, 1, p->dim, p->grad_dtype, 1.0f);
+        load_row(row, 1, dv, p->dim_v, p->grad_dtype, 1.0f);
+        for (int64_t d = 0; d < p->dim_v; ++d) row[d] += sum_v[d];
+        store_row(dv, row, 1, p->dim_v, p->grad_dtype, 1.0f);
+    }
+}
+
 /* Backward: units (batch, K/V head), each every tile of every query head sharing that K/V
  * head, so a unit's dK, dV rows are its own. */
 static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
     struct scratch w;
     int failed = scratch_init(&w, p, 1);
+    const int half = p->grad_dtype != DTYPE_F32;
     for (int64_t unit = begin; !failed && unit < end; ++unit) {
         const int64_t b = unit / p->n_units, j = unit % p->n_units;
+        const int64_t kv = p->heads[p->unit_heads[p->unit_offsets[j]]] / p->group;
+        const int64_t dk_at = b * p->dk_sb + kv * p->dk_sh, dv_at = b * p->dv_sb + kv * p->dv_sh;
+        struct grad_rows grad = {(float *)p->dk + dk_at, (float *)p->dv + dv_at, p->dk_st,
+                                 p->dv_st};
+        if (half) {
+            grad = (struct grad_rows){w.dk_sum, w.dv_sum, p->dim, p->dim_v};
+            memset(w.dk_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim));
+            memset(w.dv_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim_v));
+        }
         for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i) {
             const int64_t hs = p->unit_heads[i];
             const int64_t tiles = p->plans[p->head_plan[hs]].tiles;
-            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w);
+            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w, &grad);
         }
+        if (half) add_rounded(p, &w, dk_at, dv_at);
     }
     scratch_free(&w);
     return failed;
