@@ -18,10 +18,11 @@ weights are the undropped ones, so a row is NaN whether or not its bad keys were
 Attention dropout (``dropout_p``) follows :mod:`headwise.ops.attention.dropout`: the softmax
 probabilities are multiplied by a keep mask ``Z / (1 - p)`` (the LSE stays the undropped one).
 ``native``, ``blockwise`` and ``reference`` draw ``Z`` from
-:func:`~headwise.ops.attention.dropout.keep_mask` with the call's seed (``dropout_seed``, else one drawn from torch's default generator, so
-``torch.manual_seed`` fixes it); ``sdpa`` draws its own mask from torch's generator (another mask
-than ``keep_mask``'s, with the same keep rate; on CPU the very mask eager attention's
-``F.dropout`` draws from the same generator state) and so serves no call with a
+:func:`~headwise.ops.attention.dropout.keep_mask` with the call's seed (``dropout_seed``, else
+one drawn from torch's default generator, so ``torch.manual_seed`` fixes it); ``sdpa`` draws its
+own mask from torch's generator (another mask than ``keep_mask``'s, with the same keep rate; on
+CPU the very mask eager attention's ``F.dropout`` draws from the same generator state) and so
+serves no call with a
 ``dropout_seed``; ``flex`` serves no call with dropout.
 """
 
