@@ -149,12 +149,12 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Under
     the non-finite rule the backward is that of the clean inputs with the poisoned rows' output
-    gradients zeroed (their forward outputs, recomputed), and bad entries get gradient 0."""
+    gradients zeroed (their forward outputs, recomputed): bad entries, seen by poisoned rows
+    only (the kernel flushes weights below the poison threshold to 0), get gradient 0."""
     pattern, run, run_backward = _runner(pattern_key, q, k, bias, table, scale)
     found = None
     if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
         found = poisoned_rows(run, q, k, v, None, None, None, None)
-    inputs = q, k, v
     if found is not None:
         q, k, v, poisoned = found
         out, lse = run(q, k, v)
@@ -165,8 +165,6 @@ def _backward(
         grad_lse = None
     grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     d_table = run_backward(grad_out, grad_lse, q, k, v, out, lse, grads)
-    if found is not None:
-        grads = tuple(g.masked_fill(~torch.isfinite(t), 0) for g, t in zip(grads, inputs))
     return *grads, q.new_zeros(0) if table is None else d_table.to(table.dtype)
 
 
