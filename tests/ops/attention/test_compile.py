@@ -10,7 +10,7 @@ import torch
 import headwise.patterns as P
 from headwise.layers import MultiHeadAttention
 from headwise.layers.neighborhood import NeighborhoodAttention2D
-from headwise.ops.attention import attention
+from headwise.ops.attention import attention, attention_varlen
 from headwise.ops.attention.mods import relative_position_bias
 from headwise.ops.attention.native import autograd as native_ops
 from headwise.ops.attention.native import available, native_attention
@@ -156,3 +156,19 @@ def test_relative_position_table_is_an_operator_input():
     (d_table,) = torch.autograd.grad(out.square().sum(), table)
     (wanted_table,) = torch.autograd.grad(wanted.square().sum(), table)
     torch.testing.assert_close(d_table, wanted_table, atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_built_inside_the_compiled_code():
+    # dynamo holds such a pattern as an empty shell while tracing: the key is made after one
+    # graph break, from the real pattern (not from the shell's class defaults)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 20, 2, 4, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 7, 20])
+
+    def run(q, k, v):
+        window = attention(q, k, v, P.sliding_window(3, 2, align="top_left"))
+        return window + attention_varlen(q[0], k[0], v[0], cu, causal=True)[None]
+
+    compiled = torch.compile(run, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), run(q, k, v))
+    torch.testing.assert_close(compiled(q, k, v), run(q, k, v))

@@ -20,6 +20,7 @@ differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupporte
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import threading
 from typing import Optional
@@ -65,19 +66,38 @@ def _intern(pattern: Pattern | None, pin: bool) -> str:
         return key
 
 
+def _whole(pattern: Pattern | None) -> bool:
+    """Whether ``pattern`` holds its fields: a pattern built inside the code dynamo traces
+    reaches :func:`_pinned_key` as an empty shell (its fields are pending side effects)."""
+    if pattern is None:
+        return True
+    if dataclasses.is_dataclass(pattern):
+        return all(f.name in vars(pattern) for f in dataclasses.fields(pattern))
+    return bool(vars(pattern))
+
+
 @torch.compiler.assume_constant_result
-def _pinned_key(pattern: Pattern | None) -> str:
+def _pinned_key(pattern: Pattern | None) -> str | None:
     # run by dynamo while tracing, its result a constant of the graph
+    return _intern(pattern, pin=True) if _whole(pattern) else None
+
+
+@torch.compiler.disable
+def _key_outside(pattern: Pattern | None) -> str:
+    # a graph break: dynamo hands over the pattern built while tracing as a real object
     return _intern(pattern, pin=True)
 
 
 def pattern_key(pattern: Pattern | None) -> str:
     """The operators' key for ``pattern`` (equal patterns share one). While ``torch.compile``
     traces, the key is made outside the graph and kept for good (the graph holds it as a
-    constant); in eager calls it is kept while among the :data:`RECENT_PATTERNS` most recently
-    used (fresh ``documents`` patterns every batch do not pile up)."""
+    constant): with no graph break for a pattern built before the traced code runs (a layer's),
+    with one for a pattern built inside it. In eager calls the key is kept while among the
+    :data:`RECENT_PATTERNS` most recently used (fresh ``documents`` patterns every batch do not
+    pile up)."""
     if torch.compiler.is_compiling():
-        return _pinned_key(pattern)
+        key = _pinned_key(pattern)
+        return _key_outside(pattern) if key is None else key
     return _intern(pattern, pin=False)
 
 
