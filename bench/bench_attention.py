@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def bench_compiled(args, device, dtype, lines, env):
         "Pre-norm block (LayerNorm, MultiHeadAttention, LayerNorm, MLP 4E). step = forward + "
         "backward of the sum; forward under no_grad. Eager and compiled (inductor) timed in "
         f"turn, {args.repeats} rounds, medians. ratio = compiled / eager (lower is faster). "
-        "breaks: dynamo graph breaks of the training step.\n",
+        "breaks: dynamo graph breaks of the training step. Load average at the start: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine is noisy).\n",
         "| pattern | backend | breaks | graphs | compile s | fwd eager ms | fwd compiled ms | "
         "fwd ratio | step eager ms | step compiled ms | step ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
