@@ -113,7 +113,8 @@ def _pattern_of(key: str) -> Pattern | None:
 
 
 def _runner(key, q, k, bias, table, scale):
-    """``(pattern, run)``: ``run(q, k, v, *ignored) -> (out, lse)`` on the kernel with the
+    """``(pattern, run, run_backward)``: ``run(q, k, v, *ignored) -> (out, lse)`` (a backend's
+    ``run`` for :mod:`..nonfinite`) and :func:`.call.tiles_backward` on the kernel with the
     pattern's head groups, the table and the bias."""
     pattern = _pattern_of(key)
     passes = head_passes(pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK)
