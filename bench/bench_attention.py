@@ -3,7 +3,8 @@
 For each length it times dense SDPA first (the baseline), then every (pattern, backend) pair that
 can serve the problem, and prints time, peak memory and the ratio to dense SDPA at that length.
 Then it compares a padded batch (SDPA + key-padding bias) with the same batch packed
-(``attention_varlen``), and records FlexAttention's compilation behaviour.
+(``attention_varlen``), records FlexAttention's compilation behaviour, and times one
+transformer block per pattern eager and under ``torch.compile``, with its graph breaks.
 
     python bench/bench_attention.py                      # CPU defaults
     python bench/bench_attention.py --lengths 1024 4096 16384 --backward --device cuda
@@ -15,6 +16,9 @@ and date.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +27,15 @@ import torch._dynamo
 
 import headwise.patterns as P
 from headwise import attention, attention_varlen, explain, pack
-from headwise.measure import environment, peak_memory, time_call, write_results
+from headwise.layers import MultiHeadAttention
+from headwise.measure import (
+    environment,
+    peak_memory,
+    progress,
+    time_call,
+    time_interleaved,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -162,6 +174,92 @@ def bench_recompiles(args, device, dtype, lines):
         lines.append(row)
 
 
+class _Block(torch.nn.Module):
+    """A pre-norm transformer block: ``x + mha(norm(x))``, then ``+ mlp(norm(.))``."""
+
+    def __init__(self, width: int, heads: int, pattern: P.Pattern | None, backend: str):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads, pattern=pattern, backend=backend)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+        )
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def bench_compiled(args, device, dtype, lines, env):
+    """Eager vs ``torch.compile`` (inductor) step time of one transformer block per pattern,
+    with dynamo's graph breaks counted (``torch._dynamo.explain``); also written on its own to
+    ``compile-<device>-<date>.md``."""
+    side = math.isqrt(args.compile_length)
+    length, width = side * side, args.heads * args.dim
+    windows = [P.sliding_window(w) for w in (16, 32, 64, 128)]
+    cases = [
+        ("causal", P.causal(), "auto"),
+        ("sliding_window(64)", P.sliding_window(64), "auto"),
+        ("per_head(4 windows)", P.per_head([windows[h % 4] for h in range(args.heads)]), "auto"),
+        (f"neighborhood({side}x{side}, 7)", P.neighborhood((side, side), 7), "auto"),
+        ("sliding_window(64)", P.sliding_window(64), "blockwise"),
+    ]
+    section = [
+        f"\n## torch.compile: one transformer block (B={args.batch}, L={length}, E={width}, "
+        f"H={args.heads}, {args.dtype})\n",
+        "Pre-norm block (LayerNorm, MultiHeadAttention, LayerNorm, MLP 4E). step = forward + "
+        "backward of the sum; forward under no_grad. Eager and compiled (inductor) timed in "
+        f"turn, {args.repeats} rounds, medians. ratio = compiled / eager (lower is faster). "
+        "breaks: dynamo graph breaks of the training step. Load average at the start: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine is noisy).\n",
+        "| pattern | backend | breaks | graphs | compile s | fwd eager ms | fwd compiled ms | "
+        "fwd ratio | step eager ms | step compiled ms | step ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(section), flush=True)
+    bar = progress(len(cases), "compiled blocks")
+    for name, pattern, backend in cases:
+        torch.manual_seed(0)
+        block = _Block(width, args.heads, pattern, backend).to(device, dtype)
+        x = torch.randn(args.batch, length, width, device=device, dtype=dtype)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda x, block=block: block(x).sum())(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(block)
+
+        params = list(block.parameters())
+        calls = {}
+        for mode, grad in (("fwd", False), ("step", True)):
+            for kind, fn in (("eager", block), ("compiled", compiled)):
+                calls[f"{mode} {kind}"] = functools.partial(
+                    _run, functools.partial(fn, x), params, grad
+                )
+        start = time.perf_counter()
+        calls["fwd compiled"]()
+        calls["step compiled"]()
+        compile_seconds = time.perf_counter() - start
+        times = time_interleaved(calls, device, rounds=args.repeats)
+        ms = {key: value * 1e3 for key, value in times.items()}
+        row = (
+            f"| {name} | {backend} | {explained.graph_break_count} | {explained.graph_count} | "
+            f"{compile_seconds:.0f} | {ms['fwd eager']:.1f} | {ms['fwd compiled']:.1f} | "
+            f"{ms['fwd compiled'] / ms['fwd eager']:.2f} | {ms['step eager']:.1f} | "
+            f"{ms['step compiled']:.1f} | {ms['step compiled'] / ms['step eager']:.2f} |"
+        )
+        section.append(row)
+        if bar is None:
+            print(row, flush=True)
+        else:
+            bar.write(row)
+            bar.update()
+    if bar is not None:
+        bar.close()
+    torch._dynamo.reset()
+    lines += section
+    header = ["# headwise: eager vs torch.compile\n", *(f"- {k}: {v}" for k, v in env.items())]
+    write_results(RESULTS, f"compile-{device.type}", env, "\n".join(header + section) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -176,7 +274,10 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="time forward+backward")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-max", type=int, default=4096)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["lengths", "packed", "compile"])
+    parser.add_argument("--compile-length", type=int, default=1024, help="a square number")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["lengths", "packed", "compile", "compiled"]
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = environment(device)
@@ -190,6 +291,8 @@ def main() -> None:
         bench_packed(args, device, dtype, lines)
     if "compile" not in args.skip:
         bench_recompiles(args, device, dtype, lines)
+    if "compiled" not in args.skip:
+        bench_compiled(args, device, dtype, lines, env)
     suffix = "-backward" if args.backward else ""
     write_results(RESULTS, f"attention-{device.type}{suffix}", env, "\n".join(lines) + "\n")
 

@@ -34,6 +34,7 @@ from headwise._checks import check_bool
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dispatch import Explanation, choose
 from headwise.ops.attention.dropout import Dropout, draw_seed
+from headwise.ops.attention.nonfinite import has_non_finite, run_poisoned
 from headwise.ops.attention.problem import check_problem, check_scale, hides_keys
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.patterns import Pattern, documents
@@ -82,63 +83,23 @@ def attention(
     choice = choose(problem, backend)
     if choice.backend is None:
         raise ValueError(f"no attention backend can serve this call:\n{choice}")
-    run = BACKENDS[choice.backend].run
+    chosen = BACKENDS[choice.backend]
+    run = chosen.run
     dropout = None
     if problem.dropout_p > 0:
         seed = dropout_seed
         if seed is None and choice.backend != "sdpa":  # sdpa draws its own mask
             seed = draw_seed()
         dropout = Dropout(problem.dropout_p, seed)
-    if hides_keys(pattern, bias, score_mod) and has_non_finite(q, k, v):
+    if (
+        not chosen.screens_non_finite
+        and hides_keys(pattern, bias, score_mod)
+        and has_non_finite(q, k, v)
+    ):
         out, lse = run_poisoned(run, q, k, v, pattern, scale, bias, score_mod, dropout)
     else:
         out, lse = run(q, k, v, pattern, scale, bias, score_mod, dropout)
     return (out, lse) if return_lse else out
-
-
-def has_non_finite(*tensors: torch.Tensor) -> bool:
-    """Whether some entry may be inf or NaN: one reduction per tensor, no copy (about 0.3% of a
-    causal or windowed prefill; as much as one more read of the KV cache when decoding). A sum is
-    non-finite if an entry is (inf + x = inf, inf - inf = NaN) or if it overflows (rare in
-    float32: then :func:`run_poisoned` finds no bad entry and runs the backend as usual). Meta
-    tensors hold no values: nothing to check."""
-    if any(t.is_meta for t in tensors):
-        return False
-    return not all(
-        torch.isfinite(t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)))
-        for t in tensors
-    )
-
-
-#: a row giving bad keys at least this weight is poisoned (module docstring): 2^-126
-POISON_WEIGHT = torch.finfo(torch.float32).tiny
-
-
-def run_poisoned(run, q, k, v, pattern, scale, bias, score_mod, dropout=None):
-    """``run`` under the non-finite rule (module docstring): the backend sees copies with every
-    non-finite entry replaced by 0, then a second, gradient-free pass of the same backend without
-    dropout, in float32 at least, with ``v`` = 1 at bad keys and 0 elsewhere gives each row the
-    weight it puts on bad keys, and the rows where that weight is at least :data:`POISON_WEIGHT`
-    (or whose query is bad) become NaN."""
-    bad_q = ~torch.isfinite(q).all(-1)  # (B, Lq, H)
-    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Lk, H_kv)
-    if not (bad_q.any() or bad_kv.any()):
-        return run(q, k, v, pattern, scale, bias, score_mod, dropout)
-    q, k, v = (torch.where(torch.isfinite(t), t, 0) for t in (q, k, v))
-    out, lse = run(q, k, v, pattern, scale, bias, score_mod, dropout)
-    with torch.no_grad():
-        wide = torch.promote_types(q.dtype, torch.float32)
-        marks = bad_kv[..., None].to(wide).expand(v.shape).contiguous()
-        qw, kw = q.detach().to(wide), k.detach().to(wide)
-        fixed_bias = None
-        if bias is not None:
-            fixed_bias = bias.detach().to(torch.promote_types(bias.dtype, wide))
-        weight_on_bad, _ = run(qw, kw, marks, pattern, scale, fixed_bias, score_mod, None)
-        poisoned = (weight_on_bad[..., 0] >= POISON_WEIGHT) | bad_q  # (B, Lq, H)
-    out = out.masked_fill(poisoned[..., None], float("nan"))
-    if lse is not None:
-        lse = lse.masked_fill(poisoned.transpose(1, 2), float("nan"))
-    return out, lse
 
 
 def explain(

@@ -41,6 +41,8 @@ class Backend:
     name = ""
     #: one line for ``explain`` and the README
     summary = ""
+    #: whether ``run`` applies the non-finite rule itself (else :func:`attention` does)
+    screens_non_finite = False
 
     def reasons(self, problem: AttentionProblem) -> list[str]:
         raise NotImplementedError
@@ -254,6 +256,7 @@ class NativeBackend(Backend):
         "headwise's C tile kernel (CPU; reads float32/bfloat16/float16, computes in float32): "
         "tiles of 16 or 8 queries, only the keys they may see; own backward and dropout"
     )
+    screens_non_finite = True  # inside its custom operator, where torch.compile does not trace
 
     def reasons(self, problem):
         reasons = []

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from headwise._checks import check_real
-from headwise.ops.attention.api import has_non_finite, run_poisoned
 from headwise.ops.attention.blockwise.heads import heads_first
+from headwise.ops.attention.nonfinite import has_non_finite, run_poisoned
 from headwise.ops.attention.problem import refuse_double_backward
 from headwise.ops.attention.reference import compute_dtype, masked_softmax_av
 

@@ -67,7 +67,10 @@ def relative_position_of(
 ) -> RelativePositionTable | None:
     """The :class:`RelativePositionTable` ``score_mod`` carries for ``pattern``, else ``None``."""
     relative = getattr(score_mod, "relative_position", None)
-    if isinstance(relative, RelativePositionTable) and relative.pattern == pattern:
+    # `is` first: under torch.compile the same pattern object is not compared field by field
+    if isinstance(relative, RelativePositionTable) and (
+        relative.pattern is pattern or relative.pattern == pattern
+    ):
         return relative
     return None
 

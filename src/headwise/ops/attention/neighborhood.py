@@ -8,7 +8,8 @@ per-axis causal and stride); the offset ``(j - i) / d`` is taken per axis in dil
 so the table has ``2k - 1`` entries per axis. The work runs through :func:`headwise.attention`
 with the pattern, and the bias as a ``score_mod`` that reads the table
 (:func:`headwise.ops.attention.mods.relative_position_bias`), so no L x L bias is built and the
-table's gradient is computed block by block.
+table's gradient is computed block by block. Under ``torch.compile`` the pattern is built
+outside the graph (:func:`_shared_pattern`), so the traced code only reads it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,31 @@ import torch
 from headwise._deprecated import moved
 from headwise.ops.attention import mods
 from headwise.ops.attention.api import attention
+from headwise.patterns import Pattern
 from headwise.patterns.neighborhood import neighborhood
 from headwise.types import Backend
+
+#: neighborhood patterns by their arguments (the newest kept): one object per distinct call
+SHARED_PATTERNS = 256
+_patterns: dict[tuple, Pattern] = {}
+
+
+@torch.compiler.assume_constant_result
+def _build(args: tuple) -> tuple:
+    # run by dynamo while tracing (its result a constant): the pattern is built outside the graph
+    if args not in _patterns:
+        _patterns[args] = neighborhood(*args[:4], stride=args[4])
+        while len(_patterns) > SHARED_PATTERNS:
+            del _patterns[next(iter(_patterns))]
+    return args
+
+
+def _shared_pattern(*args) -> Pattern:
+    """``neighborhood(grid, kernel_size, dilation, causal, stride=stride)``, one shared object
+    per distinct arguments, read from a table that :func:`_build` fills (a compiled graph reads
+    it with a guard on the entry: a dropped entry means a recompilation, never a stale
+    pattern)."""
+    return _patterns[_build(tuple(tuple(a) if isinstance(a, list) else a for a in args))]
 
 
 def neighborhood_attention(
@@ -56,7 +80,7 @@ def neighborhood_attention(
             f"q, k, v must share the spatial grid; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
             f"v {tuple(v.shape)}"
         )
-    pattern = neighborhood(spatial, kernel_size, dilation, causal, stride=stride)
+    pattern = _shared_pattern(spatial, kernel_size, dilation, causal, stride)
     score_mod = None
     if rpb is not None:
         score_mod = mods.relative_position_bias(pattern, rpb)

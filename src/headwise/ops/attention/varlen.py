@@ -54,8 +54,7 @@ def pack(x: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
         values = torch.unique(attention_mask)
         if ((values != 0) & (values != 1)).any():
             raise ValueError(
-                f"attention_mask must hold only 0/1 (1 = real token); got values "
-                f"{values.tolist()}"
+                f"attention_mask must hold only 0/1 (1 = real token); got values {values.tolist()}"
             )
     mask = attention_mask.to(device=x.device, dtype=torch.bool)
     seqlens = mask.sum(1, dtype=torch.int32)

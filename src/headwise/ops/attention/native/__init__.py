@@ -5,7 +5,8 @@ inputs, read as they are), with attention dropout drawn in the kernel.
 Files, in reading order (the oracle is :mod:`headwise.ops.attention.reference`): ``tiles.c``
 (the kernel), ``build.py`` (compile, private cache, load), ``plan.py`` (query tiles, key runs,
 lane bits), ``call.py`` (operands checked and bound, :func:`tiles_forward`,
-:func:`tiles_backward`), ``autograd.py`` (:func:`native_attention` and its Function).
+:func:`tiles_backward`), ``autograd.py`` (:func:`native_attention` over the
+``headwise::native_attention_fwd``/``_bwd`` custom operators, which ``torch.compile`` keeps whole).
 """
 
 from headwise.ops.attention.native.autograd import native_attention

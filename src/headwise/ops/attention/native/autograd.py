@@ -1,62 +1,234 @@
-"""The native backend's autograd: :func:`native_attention` and its Function.
+"""The native backend as PyTorch custom operators: :func:`native_attention` over
+``headwise::native_attention_fwd`` and ``headwise::native_attention_bwd``.
 
 Both passes run on the C tile kernel (:mod:`.call`), every head group in one call; heads are
 grouped by pattern as on the blockwise path (:func:`headwise.ops.attention.blockwise.heads.
-head_passes`). The one ``score_mod`` it takes is a neighborhood's relative-position table
-(:func:`headwise.ops.attention.mods.relative_position_bias`), whose gradient the kernel computes.
-The backward pass is hand-written and not differentiable: ``create_graph=True`` raises
-:class:`headwise._checks.Unsupported`. bfloat16 and float16 inputs are read by the kernel as they
-are (gradients accumulate in float32 and are rounded once); attention dropout regenerates its mask
-in the backward pass from the seed (:mod:`headwise.ops.attention.dropout`).
+head_passes`). The operators are registered with ``torch.library`` (``custom_op``, fake
+implementations giving the output shapes, ``register_autograd``), so ``torch.compile`` sees each
+pass as one opaque node and traces no plan, ctypes call, cache or lock (PyTorch's custom-operator
+guide, "Python custom operators"). An operator takes tensors and scalars only: the pattern
+travels as a string key into a process-wide registry (:func:`pattern_key`), filled outside the
+traced region, and the head groups and plans are built inside the operator's implementation.
+The one ``score_mod`` taken is a neighborhood's relative-position table
+(:func:`headwise.ops.attention.mods.relative_position_bias`): a tensor input, whose gradient
+the kernel computes; ``bias`` is an optional tensor without gradient. The non-finite rule of
+:mod:`headwise.ops.attention.api` is applied inside the operators (:mod:`..nonfinite`), so its
+data-dependent branch is never traced. The backward pass is hand-written and not
+differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupported`. bfloat16 and
+float16 inputs are read by the kernel as they are (gradients accumulate in float32 and are rounded
+once); attention dropout (``dropout_p`` > 0) regenerates its keep mask in the backward pass from
+the seed (:mod:`headwise.ops.attention.dropout`).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import itertools
+import threading
+from typing import Optional
+
 import torch
 
-from headwise.ops.attention.blockwise.function import captured_leaves
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
 from headwise.ops.attention.dropout import check_dropout, draw_seed
-from headwise.ops.attention.mods import relative_position_of
+from headwise.ops.attention.mods import RelativePositionTable, relative_position_of
 from headwise.ops.attention.native.build import available
 from headwise.ops.attention.native.call import supports, tiles_backward, tiles_forward
-from headwise.ops.attention.problem import refuse_double_backward
+from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
+from headwise.ops.attention.problem import hides_keys, refuse_double_backward
 from headwise.patterns import Pattern, full
 from headwise.types import ScoreMod
 
+#: patterns of eager calls keep their keys while among this many most recently used
+RECENT_PATTERNS = 256
 
-class NativeFunction(torch.autograd.Function):
-    """``head_groups``: ``((pattern, heads), ...)``; ``heads`` ``None`` means every head."""
+_LOCK = threading.Lock()
+_patterns: dict[str, Pattern | None] = {}  # key -> pattern
+_recent: collections.OrderedDict[Pattern | None, str] = collections.OrderedDict()
+_pinned: dict[Pattern | None, str] = {}  # patterns of compiled graphs: kept for good
+_serial = itertools.count()
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, dropout, *captured):
-        relative = relative_position_of(score_mod, head_groups[0][0])
-        groups = [(pattern or full(), heads) for pattern, heads in head_groups]
-        out, lse = tiles_forward(
-            q, k, v, groups, scale, relative=relative, bias=bias, dropout=dropout
-        )
-        ctx.save_for_backward(q, k, v, bias, out, lse, *captured)
-        ctx.params = (groups, scale, relative, dropout)
-        # which captured tensor (if any) is the relative-position table
-        ctx.table_at = [relative is not None and c is relative.table for c in captured]
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        refuse_double_backward("the 'native' backend")
-        q, k, v, bias, out, lse, *captured = ctx.saved_tensors
-        bias = bias.detach() if bias is not None else None
-        groups, scale, relative, dropout = ctx.params
-        # in the inputs' dtype: the kernel sums dK, dV in float32 and rounds once
-        grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        if grad_lse is not None and not grad_lse.any():
-            grad_lse = None
-        d_table = tiles_backward(
-            grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads, relative, bias, dropout
-        )
-        d_captured = [d_table.to(c.dtype) if at else None for c, at in zip(captured, ctx.table_at)]
-        return *grads, None, None, None, None, None, *d_captured
+def _intern(pattern: Pattern | None, pin: bool) -> str:
+    with _LOCK:
+        key = _pinned.get(pattern) or _recent.get(pattern)
+        if key is None:
+            key = f"pattern-{next(_serial)}"
+            _patterns[key] = pattern
+        if pattern in _pinned:
+            return key
+        if pin:
+            _pinned[pattern] = key
+            _recent.pop(pattern, None)
+            return key
+        _recent[pattern] = key
+        _recent.move_to_end(pattern)
+        while len(_recent) > RECENT_PATTERNS:
+            del _patterns[_recent.popitem(last=False)[1]]
+        return key
+
+
+def _whole(pattern: Pattern | None) -> bool:
+    """Whether ``pattern`` holds its fields: a pattern built inside the code dynamo traces
+    reaches :func:`_pinned_key` as an empty shell (its fields are pending side effects)."""
+    if pattern is None:
+        return True
+    if dataclasses.is_dataclass(pattern):
+        return all(f.name in vars(pattern) for f in dataclasses.fields(pattern))
+    return bool(vars(pattern))
+
+
+@torch.compiler.assume_constant_result
+def _pinned_key(pattern: Pattern | None) -> str | None:
+    # run by dynamo while tracing, its result a constant of the graph
+    return _intern(pattern, pin=True) if _whole(pattern) else None
+
+
+@torch.compiler.disable
+def _key_outside(pattern: Pattern | None) -> str:
+    # a graph break: dynamo hands over the pattern built while tracing as a real object
+    return _intern(pattern, pin=True)
+
+
+def pattern_key(pattern: Pattern | None) -> str:
+    """The operators' key for ``pattern`` (equal patterns share one). While ``torch.compile``
+    traces, the key is made outside the graph and kept for good (the graph holds it as a
+    constant): with no graph break for a pattern built before the traced code runs (a layer's),
+    with one for a pattern built inside it. In eager calls the key is kept while among the
+    :data:`RECENT_PATTERNS` most recently used (fresh ``documents`` patterns every batch do not
+    pile up)."""
+    if torch.compiler.is_compiling():
+        key = _pinned_key(pattern)
+        return _key_outside(pattern) if key is None else key
+    return _intern(pattern, pin=False)
+
+
+def _pattern_of(key: str) -> Pattern | None:
+    try:
+        return _patterns[key]
+    except KeyError:
+        raise RuntimeError(
+            f"native attention: no pattern is registered under {key!r} (keys come from "
+            "pattern_key and are dropped once it has served RECENT_PATTERNS newer patterns in "
+            "eager calls)"
+        ) from None
+
+
+def _runner(key, q, k, bias, table, scale, dropout_p, seed):
+    """``(pattern, run, run_backward, dropout)``: ``run(q, k, v, *ignored, dropout) -> (out,
+    lse)`` (a backend's ``run`` for :mod:`..nonfinite`, which passes ``dropout`` ``None`` for its
+    weight pass) and :func:`.call.tiles_backward` on the kernel with the pattern's head groups,
+    the table, the bias and ``dropout``: ``(dropout_p, seed)``, ``None`` when ``dropout_p`` is
+    0."""
+    pattern = _pattern_of(key)
+    passes = head_passes(pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK)
+    groups = [(p or full(), heads) for p, heads in passes]
+    relative = None if table is None else RelativePositionTable(pattern, table)
+
+    # the operator's int is int64: seeds at or above 2^63 travel as their two's complement
+    dropout = (dropout_p, seed % (1 << 64)) if dropout_p > 0 else None
+
+    def run(q, k, v, _pattern=None, _scale=None, _bias=None, _mod=None, dropout=dropout):
+        return tiles_forward(q, k, v, groups, scale, relative=relative, bias=bias, dropout=dropout)
+
+    def run_backward(grad_out, grad_lse, q, k, v, out, lse, grads):
+        return tiles_backward(grad_out, grad_lse, q, k, v, out, lse, groups, scale, grads,
+                              relative, bias, dropout)  # fmt: skip
+
+    return pattern, run, run_backward, dropout
+
+
+@torch.library.custom_op("headwise::native_attention_fwd", mutates_args=())
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation)
+    table: Optional[torch.Tensor],  # noqa: UP045
+    pattern_key: str,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, Dv), lse (B, H, Lq))`` of ``(B, L, H, D)`` inputs (float32, bfloat16
+    or float16; ``out`` in their dtype, ``lse`` float32)."""
+    pattern, run, _, dropout = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
+    if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
+        return run_poisoned(run, q, k, v, None, None, None, None, dropout)
+    return run(q, k, v)
+
+
+@_forward.register_fake
+def _(q, k, v, bias, table, pattern_key, scale, dropout_p, seed):
+    batch, q_len, heads = q.shape[:3]
+    lse = q.new_empty(batch, heads, q_len, dtype=torch.float32)
+    return q.new_empty(batch, q_len, heads, v.shape[3]), lse
+
+
+@torch.library.custom_op("headwise::native_attention_bwd", mutates_args=())
+def _backward(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],  # noqa: UP045
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    table: Optional[torch.Tensor],  # noqa: UP045
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern_key: str,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Under
+    the non-finite rule the backward is that of the clean inputs with the poisoned rows' output
+    gradients zeroed (their forward outputs, recomputed): bad entries, seen by poisoned rows
+    only (the kernel flushes weights below the poison threshold to 0), get gradient 0."""
+    pattern, run, run_backward, _ = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
+    found = None
+    if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
+        found = poisoned_rows(run, q, k, v, None, None, None, None)
+    if found is not None:
+        q, k, v, poisoned = found
+        out, lse = run(q, k, v)
+        grad_out = grad_out.masked_fill(poisoned[..., None], 0)
+        if grad_lse is not None:
+            grad_lse = grad_lse.masked_fill(poisoned.transpose(1, 2), 0)
+    if grad_lse is not None and not grad_lse.any():
+        grad_lse = None
+    grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    d_table = run_backward(grad_out, grad_lse, q, k, v, out, lse, grads)
+    return *grads, q.new_zeros(0) if table is None else d_table.to(table.dtype)
+
+
+@_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, pattern_key, scale, dropout_p, seed):
+    d_table = q.new_empty(0) if table is None else torch.empty_like(table)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_table
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, table, key, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, bias, table, *output)
+    ctx.pattern, ctx.scale, ctx.dropout = _pattern_of(key), scale, (dropout_p, seed)
+
+
+def _gradients(ctx, grad_out, grad_lse):
+    refuse_double_backward("the 'native' backend")
+    q, k, v, bias, table, out, lse = ctx.saved_tensors
+    bias = None if bias is None else bias.detach()
+    # the key again: an eager call's key may have made way for newer patterns since
+    key = _intern(ctx.pattern, pin=False)
+    dq, dk, dv, d_table = torch.ops.headwise.native_attention_bwd(
+        grad_out, grad_lse, q, k, v, bias, table, out, lse, key, ctx.scale, *ctx.dropout
+    )
+    return dq, dk, dv, None, None if table is None else d_table, None, None, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def native_attention(
@@ -73,12 +245,15 @@ def native_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))`` of CPU ``(B, L, H, D)`` inputs of one
     dtype (float32, bfloat16 or float16; ``out`` in it, ``lse`` float32) on headwise's C tile
-    kernel: a bias without gradient; no ``score_mod`` but a relative-position table of the
-    pattern. ``dropout_p``: attention dropout on the normalized probabilities with the keep mask
+    kernel (the ``headwise::native_attention_fwd`` operator): a bias without gradient; no
+    ``score_mod`` but a relative-position table of the pattern. Applies the non-finite rule of
+    :func:`headwise.ops.attention.attention` itself. ``dropout_p``: attention dropout on the
+    normalized probabilities with the keep mask
     :func:`~headwise.ops.attention.dropout.keep_mask` of ``seed`` (``None``: drawn from torch's
     default generator by :func:`~headwise.ops.attention.dropout.draw_seed`, so
     ``torch.manual_seed`` fixes it); 0 is exactly no dropout."""
-    plain_mod = score_mod is None or relative_position_of(score_mod, pattern) is not None
+    relative = relative_position_of(score_mod, pattern)
+    plain_mod = score_mod is None or relative is not None
     fixed_bias = bias is None or not (bias.requires_grad and torch.is_grad_enabled())
     if not (fixed_bias and plain_mod and supports(q, k, v)):
         raise ValueError(
@@ -89,8 +264,10 @@ def native_attention(
             f"{not fixed_bias}, score_mod={score_mod is not None}"
         )
     p = check_dropout(dropout_p)
-    dropout = None if p == 0 else (p, draw_seed() if seed is None else seed)
+    seed = 0 if p == 0 else draw_seed() if seed is None else seed
+    seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # int64 for the operator
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
-    head_groups = head_passes(pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK)
-    return NativeFunction.apply(q, k, v, bias, head_groups, scale, score_mod, dropout, *captured)
+    table = None if relative is None else relative.table
+    return torch.ops.headwise.native_attention_fwd(
+        q, k, v, bias, table, pattern_key(pattern), scale, p, seed
+    )

@@ -37,6 +37,8 @@ import threading
 import warnings
 from pathlib import Path
 
+import torch
+
 #: the kernel's C source, beside this module
 SOURCE = Path(__file__).with_name("tiles.c")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -338,8 +340,10 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     return None, why
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the native tile kernel compiled and loaded on this machine."""
+    """Whether the native tile kernel compiled and loaded on this machine (under
+    ``torch.compile``, asked outside the graph: its answer is a constant of the graph)."""
     return library() is not None
 
 

@@ -86,9 +86,7 @@ def _build_plan(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     # the kernel indexes q and k, v rows with these: each must be in range
     rows, ends = plan.rows, plan.seg_start + plan.seg_len
     if rows.numel() and (rows.max() >= q_len or (len(ends) and ends.max() > kv_len)):
-        raise ValueError(
-            f"pattern {pattern} names positions beyond q_len={q_len}, kv_len={kv_len}"
-        )
+        raise ValueError(f"pattern {pattern} names positions beyond q_len={q_len}, kv_len={kv_len}")
     return plan
 
 
