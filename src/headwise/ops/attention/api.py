@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from headwise._checks import check_bool
+from headwise.ops.attention.autotune import Call
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dispatch import Explanation, choose
 from headwise.ops.attention.problem import check_problem, check_scale, hides_keys
@@ -52,15 +53,17 @@ def attention(
             ``bias`` (e.g. softcap). It must broadcast over index tensors (FlexAttention style).
         return_lse: also return the log-sum-exp ``(B, H, Lq)``.
         backend: ``"auto"``, one of ``"sdpa"``, ``"flex"``, ``"native"``, ``"blockwise"``,
-            ``"reference"``, or a tuple of names to restrict ``auto`` to. :func:`explain`
-            tells what ``auto`` picks.
+            ``"reference"``, or a tuple of names to restrict ``auto`` to. ``auto`` takes the
+            backend measured fastest for the call's class of problem (timed once per class and
+            machine; ``HEADWISE_AUTOTUNE=0``: a fixed priority). :func:`explain` tells what
+            ``auto`` picks and why.
 
     Returns:
         ``out`` ``(B, Lq, H, Dv)``, or ``(out, lse)`` when ``return_lse``.
     """
     scale = check_scale(scale)
     problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse)
-    choice = choose(problem, backend)
+    choice = choose(problem, backend, Call(q, k, v, pattern, scale, bias, score_mod))
     if choice.backend is None:
         raise ValueError(f"no attention backend can serve this call:\n{choice}")
     run = BACKENDS[choice.backend].run
@@ -127,9 +130,12 @@ def explain(
     return_lse: bool = False,
     backend: Backend = "auto",
 ) -> Explanation:
-    """Which backend :func:`attention` would use for these arguments, and why not the others."""
+    """Which backend :func:`attention` would use for these arguments, why not the others, and
+    the times the choice rests on. Like :func:`attention`, it times the candidates on these
+    tensors when their class of problem was never timed (:mod:`headwise.ops.attention.autotune`),
+    so the call that follows takes the same backend."""
     problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse)
-    return choose(problem, backend)
+    return choose(problem, backend, Call(q, k, v, pattern, None, bias, score_mod))
 
 
 def attention_varlen(
