@@ -79,7 +79,8 @@ def choose(
         isinstance(backend, tuple) and not all(isinstance(name, str) for name in backend)
     ):
         raise ArgumentTypeError(
-            f"backend must be 'auto', one of {sorted(BACKENDS)} or a tuple of them; got {backend!r}"
+            f"backend must be 'auto', one of {sorted(BACKENDS)} or a tuple of them; got "
+            f"{backend!r}"
         )
     if isinstance(backend, str) and backend != "auto":
         _check_names((backend,))
