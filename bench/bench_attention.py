@@ -2,6 +2,7 @@
 
 For each length it times dense SDPA first (the baseline), then every (pattern, backend) pair that
 can serve the problem, and prints time, peak memory and the ratio to dense SDPA at that length.
+It times ``auto`` against the fastest backend able to serve each pattern, in the same rounds.
 Then it compares a padded batch (SDPA + key-padding bias) with the same batch packed
 (``attention_varlen``), records FlexAttention's compilation behaviour, and times one
 transformer block per pattern eager and under ``torch.compile``, with its graph breaks.
@@ -101,6 +102,62 @@ def bench_lengths(args, device, dtype, lines):
                 )
                 print(row, flush=True)
                 lines.append(row)
+
+
+def bench_auto(args, device, dtype, lines):
+    """``auto`` against the fastest backend able to serve, timed in the same rounds: speed of
+    auto / speed of the fastest (goal >= 0.97). ``explain`` first times the candidates of a new
+    class (once per class and machine), outside the rounds, and tells where the choice came
+    from."""
+    lines.append("\n## auto vs the fastest backend\n")
+    mode = "forward+backward" if args.backward else "forward"
+    lines.append(
+        f"B={args.batch}, H={args.heads}, D={args.dim}, {args.dtype}, {mode}, {args.repeats} "
+        "rounds. auto / fastest = fastest backend's time / auto's time (speeds; goal >= 0.97); "
+        "pick / fastest = the same for the backend auto picked, called by name in the same "
+        "rounds (what is left is auto's dispatch and the noise between two timings of one "
+        "backend); source: where auto's choice came from (measured, cached, shorter, fixed "
+        "rule).\n"
+    )
+    lines.append(
+        "| L | pattern | auto picks | source | auto ms | fastest | ms | auto / fastest | "
+        "pick / fastest |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for length in args.lengths:
+        shape = (args.batch, length, args.heads, args.dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+        leaves = [t.clone().requires_grad_(args.backward) for t in (q, k, v)]
+        for name, pattern in patterns_for(length, args.heads).items():
+            serving = [
+                backend
+                for backend in args.backends
+                if (backend != "reference" or length <= args.reference_max)
+                and explain(*leaves, pattern, backend=(backend,)).backend is not None
+            ]
+
+            def call(pattern=pattern, backend="auto", leaves=leaves):
+                if not args.backward:
+                    with torch.no_grad():
+                        return attention(*leaves, pattern, backend=backend)
+                out = attention(*leaves, pattern, backend=backend)
+                return torch.autograd.grad(out.sum(), leaves)
+
+            with torch.set_grad_enabled(args.backward):
+                choice = explain(*leaves, pattern)  # times the candidates of a new class
+            fns = {"auto": call, **{b: functools.partial(call, backend=b) for b in serving}}
+            times = time_interleaved(fns, device, rounds=args.repeats)
+            fastest = min(serving, key=times.get)
+            picked = times.get(choice.backend)  # None when --backends leaves it out
+            pick = "-" if picked is None else f"{times[fastest] / picked:.2f}"
+            cell = name.replace("|", "&#124;")  # a pipe would split the Markdown cell
+            row = (
+                f"| {length} | {cell} | {choice.backend} | {choice.source} | "
+                f"{times['auto'] * 1e3:.1f} | {fastest} | {times[fastest] * 1e3:.1f} | "
+                f"{times[fastest] / times['auto']:.2f} | {pick} |"
+            )
+            print(row, flush=True)
+            lines.append(row)
 
 
 def bench_packed(args, device, dtype, lines):
@@ -276,7 +333,10 @@ def main() -> None:
     parser.add_argument("--reference-max", type=int, default=4096)
     parser.add_argument("--compile-length", type=int, default=1024, help="a square number")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["lengths", "packed", "compile", "compiled"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["lengths", "auto", "packed", "compile", "compiled"],
     )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -287,6 +347,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     if "lengths" not in args.skip:
         bench_lengths(args, device, dtype, lines)
+    if "auto" not in args.skip:
+        bench_auto(args, device, dtype, lines)
     if "packed" not in args.skip:
         bench_packed(args, device, dtype, lines)
     if "compile" not in args.skip:

@@ -1,5 +1,7 @@
-"""Shared test helpers: the FlashAttention-3 tolerance rule, and one load per run of the real
-offline LLM (the ``smollm2`` fixture, for tests marked ``real_model``).
+"""Shared test helpers: the FlashAttention-3 tolerance rule, one load per run of the real
+offline LLM (the ``smollm2`` fixture, for tests marked ``real_model``), and the fixed dispatch
+rule for every test (``HEADWISE_AUTOTUNE=0``: no timing, nothing read from or written to the
+user's cache; tests/ops/attention/test_autotune.py turns timing on with a cache of its own).
 
 A fast path passes when its error against a float64 oracle is at most twice the error of a plain
 PyTorch computation in the same low precision, plus twice the dtype's rounding error of the
@@ -80,6 +82,15 @@ def naive_attention(q, k, v, mask=None, bias=None, scale=None, score_mod=None):
     empty = torch.isinf(lse)[..., None]
     p = torch.softmax(s, -1).masked_fill(empty, 0)
     return (p @ vh).transpose(1, 2), lse
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixed_dispatch_rule():
+    """``auto`` follows its fixed priority in every test (and the processes tests start): which
+    backend serves a call never depends on how loaded the machine is."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEADWISE_AUTOTUNE", "0")
+        yield
 
 
 @pytest.fixture(scope="session")

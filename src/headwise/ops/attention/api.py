@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from headwise._checks import check_bool
+from headwise.ops.attention.autotune import Call
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dispatch import Explanation, choose
 from headwise.ops.attention.dropout import Dropout, draw_seed
@@ -67,8 +68,10 @@ def attention(
             ``bias`` (e.g. softcap). It must broadcast over index tensors (FlexAttention style).
         return_lse: also return the log-sum-exp ``(B, H, Lq)``.
         backend: ``"auto"``, one of ``"sdpa"``, ``"flex"``, ``"native"``, ``"blockwise"``,
-            ``"reference"``, or a tuple of names to restrict ``auto`` to. :func:`explain`
-            tells what ``auto`` picks.
+            ``"reference"``, or a tuple of names to restrict ``auto`` to. ``auto`` takes the
+            backend measured fastest for the call's class of problem (timed once per class and
+            machine; ``HEADWISE_AUTOTUNE=0``: a fixed priority). :func:`explain` tells what
+            ``auto`` picks and why.
         dropout_p: attention dropout rate in ``[0, 1)``, applied whenever it is above 0 (as
             SDPA's ``dropout_p``: the caller passes 0 outside training). 0 runs exactly the
             no-dropout path.
@@ -80,7 +83,8 @@ def attention(
     """
     scale = check_scale(scale)
     problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed)
-    choice = choose(problem, backend)
+    call = _call(q, k, v, pattern, scale, bias, score_mod, problem, dropout_seed)
+    choice = choose(problem, backend, call)
     if choice.backend is None:
         raise ValueError(f"no attention backend can serve this call:\n{choice}")
     chosen = BACKENDS[choice.backend]
@@ -115,9 +119,22 @@ def explain(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
 ) -> Explanation:
-    """Which backend :func:`attention` would use for these arguments, and why not the others."""
+    """Which backend :func:`attention` would use for these arguments, why not the others, and
+    the times the choice rests on. Like :func:`attention`, it times the candidates on these
+    tensors when their class of problem was never timed (:mod:`headwise.ops.attention.autotune`),
+    so the call that follows takes the same backend."""
     problem = check_problem(q, k, v, pattern, bias, score_mod, return_lse, dropout_p, dropout_seed)
-    return choose(problem, backend)
+    call = _call(q, k, v, pattern, None, bias, score_mod, problem, dropout_seed)
+    return choose(problem, backend, call)
+
+
+def _call(q, k, v, pattern, scale, bias, score_mod, problem, dropout_seed) -> Call:
+    """The backend call that timing makes: with dropout, the call's own seed or a fixed one (no
+    seed is drawn for timing; ``sdpa``, which takes no seed, is timed under a forked generator)."""
+    dropout = None
+    if problem.dropout_p > 0:
+        dropout = Dropout(problem.dropout_p, 0 if dropout_seed is None else dropout_seed)
+    return Call(q, k, v, pattern, scale, bias, score_mod, dropout)
 
 
 def attention_varlen(

@@ -13,6 +13,11 @@ Priority (first backend with no reasons against it wins):
 
 ``reference`` is the last resort and is refused by ``auto`` above ``REFERENCE_AUTO_LIMIT`` score
 entries: a large problem never silently falls back to the L x L path.
+
+That priority is the fixed rule. Unless ``HEADWISE_AUTOTUNE=0``, ``auto`` (and a tuple of names)
+then picks, among the backends with no reasons against them, the one measured fastest for the
+call's class of problem (:mod:`headwise.ops.attention.autotune`); the fixed rule stays the order
+until a class is timed, and the answer wherever timing does not apply.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from headwise._checks import ArgumentTypeError
+from headwise.ops.attention import autotune
 from headwise.ops.attention.backends import BACKENDS, REFERENCE_AUTO_LIMIT
 from headwise.ops.attention.problem import AttentionProblem
 
@@ -29,17 +35,33 @@ _OTHER_ORDER = ("sdpa", "native", "blockwise", "reference")
 
 @dataclass(frozen=True)
 class Explanation:
-    """The outcome of dispatch: ``backend`` chosen and, per backend, the reasons it was not."""
+    """The outcome of dispatch: ``backend`` chosen and, per backend, the reasons it was not.
+
+    ``times``: median seconds per timed backend (empty unless measured). ``source``: where the
+    choice came from: ``"requested"`` (a backend named by the caller), ``"fixed"`` (the fixed
+    priority rule; ``note`` says why it applies), ``"measured"`` (timed during this call),
+    ``"cached"`` (timed before, in this process or stored in the disk cache), ``"shorter"``
+    (too large to time: the times of the same class at shorter lengths, named in ``note``).
+    """
 
     backend: str | None
     considered: tuple[str, ...]
     reasons: dict[str, list[str]] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+    source: str = "fixed"
+    note: str = ""
 
     def __str__(self) -> str:
-        lines = [f"backend: {self.backend or 'none'}"]
+        how = self.source if self.source != "fixed" else "fixed rule"
+        how += f": {self.note}" if self.note else ""
+        lines = [f"backend: {self.backend or 'none'} ({how})"]
         for name in self.considered:
-            why = self.reasons.get(name, [])
-            mark = "chosen" if name == self.backend else ("; ".join(why) or "lower priority")
+            why = "; ".join(self.reasons.get(name, []))
+            timed = f"{self.times[name] * 1e3:.3g} ms" if name in self.times else ""
+            if name == self.backend:
+                mark = f"chosen, {timed}" if timed else "chosen"
+            else:
+                mark = why or timed or "lower priority"
             lines.append(f"  {name:<10} {mark}")
         return "\n".join(lines)
 
@@ -48,8 +70,11 @@ def priority(problem: AttentionProblem) -> tuple[str, ...]:
     return _CUDA_ORDER if problem.device.type == "cuda" else _OTHER_ORDER
 
 
-def choose(problem: AttentionProblem, backend: str | tuple[str, ...] = "auto") -> Explanation:
-    """Pick a backend for ``problem``; ``backend`` is ``"auto"``, a name, or a tuple of names."""
+def choose(
+    problem: AttentionProblem, backend: str | tuple[str, ...], call: autotune.Call
+) -> Explanation:
+    """Pick a backend for ``problem``; ``backend`` is ``"auto"``, a name, or a tuple of names.
+    ``call`` (the call's own tensors) is what candidates are timed on when the class is new."""
     if not isinstance(backend, str | tuple) or (
         isinstance(backend, tuple) and not all(isinstance(name, str) for name in backend)
     ):
@@ -61,13 +86,15 @@ def choose(problem: AttentionProblem, backend: str | tuple[str, ...] = "auto") -
         why = BACKENDS[backend].reasons(problem)
         if why:
             raise ValueError(f"backend={backend!r} cannot serve this call: " + "; ".join(why))
-        return Explanation(backend, (backend,), {})
+        return Explanation(backend, (backend,), {}, source="requested")
     if isinstance(backend, str):
         candidates = priority(problem)
     else:
         _check_names(tuple(backend))
         candidates = tuple(backend)
+    tuning = autotune.enabled()
     reasons: dict[str, list[str]] = {}
+    viable: list[str] = []
     for name in candidates:
         why = list(BACKENDS[name].reasons(problem))
         if name == "reference" and problem.score_elements > REFERENCE_AUTO_LIMIT:
@@ -75,10 +102,16 @@ def choose(problem: AttentionProblem, backend: str | tuple[str, ...] = "auto") -
                 f"{problem.score_elements:,} score entries exceed the auto limit "
                 f"{REFERENCE_AUTO_LIMIT:,} for the L x L reference"
             )
-        if not why:
-            return Explanation(name, candidates, reasons)
-        reasons[name] = why
-    return Explanation(None, candidates, reasons)
+        if why:
+            reasons[name] = why
+            continue
+        viable.append(name)
+        if not tuning:  # the fixed rule: the first backend that can serve
+            return Explanation(name, candidates, reasons, note=f"{autotune.ENV}=0")
+    if not viable:
+        return Explanation(None, candidates, reasons)
+    tuned = autotune.tune(problem, tuple(viable), call)
+    return Explanation(tuned.backend, candidates, reasons, tuned.times, tuned.source, tuned.note)
 
 
 def _check_names(names: tuple[str, ...]) -> None:
