@@ -22,6 +22,7 @@ import torch
 
 from headwise.ops.attention.plan_cache import PlanCache
 from headwise.patterns import Pattern
+from headwise.patterns.ranges import merge_ranges
 
 DEFAULT_BLOCK = 32
 #: the backward pass runs groups this many times larger (PyTorch's CPU backward kernel does
@@ -114,19 +115,31 @@ def _panels(
     budget = MASK_CACHE_ELEMENTS
     for panel_keys, query_groups in pattern.key_panels(q_len, kv_len, block):
         positions = torch.arange(kv_len) if panel_keys is None else panel_keys
+        ranged = (
+            None if panel_keys is not None else _ranged_groups(pattern, q_len, kv_len, query_groups)
+        )
         groups = []
-        for rows in query_groups:
-            visible = pattern.visible(positions_of(rows), positions, q_len, kv_len)
-            cols = torch.nonzero(visible.any(0).any(0)).flatten()
-            in_panel = _as_slice(cols) if len(cols) else slice(0, 0)
-            visible = visible[:, :, in_panel]
-            keys = in_panel if panel_keys is None else _as_slice(panel_keys[in_panel], sort=False)
-            needs_mask = not bool(visible.all())
-            has_empty_rows = not bool(visible.any(-1).all())
+        for index, rows in enumerate(query_groups):
+            if ranged is not None:
+                in_panel, needs_mask, has_empty_rows = ranged[index]
+                keys, visible = in_panel, None
+            else:
+                visible = pattern.visible(positions_of(rows), positions, q_len, kv_len)
+                cols = torch.nonzero(visible.any(0).any(0)).flatten()
+                in_panel = _as_slice(cols) if len(cols) else slice(0, 0)
+                visible = visible[:, :, in_panel]
+                keys = (
+                    in_panel if panel_keys is None else _as_slice(panel_keys[in_panel], sort=False)
+                )
+                needs_mask = not bool(visible.all())
+                has_empty_rows = not bool(visible.any(-1).all())
             mask = None
-            if needs_mask and visible.numel() <= budget:
+            entries = (pattern.num_heads or 1) * count(rows) * count(keys)
+            if needs_mask and entries <= budget:
+                if visible is None:
+                    visible = pattern.visible(positions_of(rows), positions_of(keys), q_len, kv_len)
                 # Evaluating the predicate costs as much as the scores; do it once per plan.
-                budget -= visible.numel()
+                budget -= entries
                 mask = _additive(visible).to(device)
             groups.append(
                 RowGroup(
@@ -145,6 +158,54 @@ def _panels(
             panels.extend(scattered)
         panels.append(Panel(_to(panel_keys, device), tuple(groups), _runs(groups, device)))
     return tuple(panels), mostly_scattered
+
+
+def _ranged_groups(
+    pattern: Pattern, q_len: int, kv_len: int, query_groups: list[slice | torch.Tensor]
+) -> list[tuple[slice | torch.Tensor, bool, bool]] | None:
+    """Per query group, from the rows' key ranges (``None`` when the pattern gives none): the
+    keys some row sees (a slice when they are one run, else their positions), whether some row
+    and head sees fewer of them (needs a mask), and whether some row and head sees none.
+
+    As in the native plan (:func:`~..native.plan._ranged_tiles`): a row sees a subset of its
+    group's keys, so it sees all of them exactly when it sees as many."""
+    if not query_groups:
+        return []
+    rows = torch.cat([positions_of(group) for group in query_groups])
+    ranges = pattern._key_ranges(rows, q_len, kv_len)
+    if ranges is None:
+        return None
+    heads = pattern.num_heads or 1
+    lo, hi = (r.expand(heads, -1, -1) for r in ranges)
+    span, n = kv_len + 1, len(rows)
+    group_of = torch.repeat_interleave(
+        torch.arange(len(query_groups)), torch.tensor([count(g) for g in query_groups])
+    )
+    row = torch.arange(heads * n).repeat_interleave(lo.shape[-1])
+    row, row_start, row_stop = merge_ranges(lo.flatten(), hi.flatten(), row, span)
+    sizes = torch.zeros(heads * n, dtype=torch.long).index_add_(0, row, row_stop - row_start)
+    owner, start, stop = merge_ranges(row_start, row_stop, group_of[row % n], span)
+    keys = torch.zeros(len(query_groups), dtype=torch.long).index_add_(0, owner, stop - start)
+    sizes = sizes.view(heads, n)
+    groups = len(query_groups)
+    partial = torch.zeros(groups, dtype=torch.long).index_add_(
+        0, group_of, (sizes != keys[group_of]).any(0).long()
+    )
+    empty = torch.zeros(groups, dtype=torch.long).index_add_(
+        0, group_of, (sizes == 0).any(0).long()
+    )
+    runs = torch.bincount(owner, minlength=groups).tolist()
+    starts, stops = start.tolist(), stop.tolist()
+    result, first = [], 0
+    for n_runs, needs_mask, has_empty in zip(runs, partial.tolist(), empty.tolist()):
+        if n_runs <= 1:
+            keys_of = slice(starts[first], stops[first]) if n_runs else slice(0, 0)
+        else:
+            mine = range(first, first + n_runs)
+            keys_of = torch.cat([torch.arange(starts[r], stops[r]) for r in mine])
+        first += n_runs
+        result.append((keys_of, needs_mask > 0, has_empty > 0))
+    return result
 
 
 def _gather_scattered(
