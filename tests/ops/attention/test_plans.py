@@ -1,0 +1,68 @@
+"""Plans built from key ranges equal the plans built from the predicate: the native kernel's
+tile plans tensor for tensor, the blockwise panels group for group, on random patterns; and a
+pattern the ranges cannot describe still gets its plan from the predicate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import headwise.patterns as P
+from headwise.ops.attention.blockwise import plan as blockwise_plan
+from headwise.ops.attention.native import available, lanes
+from headwise.ops.attention.native import plan as native_plan
+
+from patterns.test_ranges import ranged_problems
+
+
+def same(a, b) -> bool:
+    """Equal plans: tensors of one dtype and equal values, slices, flags, nested dataclasses."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a):
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return a == b
+
+
+@pytest.mark.skipif(not available(), reason="native tile kernel not built")
+@settings(max_examples=80, deadline=None)
+@given(ranged_problems())
+def test_native_plan_from_ranges_equals_plan_from_predicate(problem):
+    pattern, q_len, kv_len = problem
+    fast = native_plan._tiles_of(pattern, q_len, kv_len)
+    assert same(fast, native_plan._predicate_tiles(pattern, q_len, kv_len))
+    assert fast.bits.is_contiguous()  # the kernel steps through heads by bits.shape[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ranged_problems(), st.sampled_from([4, 8, 32]), st.sampled_from([1 << 24, 100]))
+def test_blockwise_plan_from_ranges_equals_plan_from_predicate(problem, block, mask_budget):
+    pattern, q_len, kv_len = problem
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blockwise_plan, "MASK_CACHE_ELEMENTS", mask_budget)
+        fast = blockwise_plan._build_plan(pattern, q_len, kv_len, block, "cpu")
+        patch.setattr(blockwise_plan, "_ranged_groups", lambda *args: None)
+        slow = blockwise_plan._build_plan(pattern, q_len, kv_len, block, "cpu")
+    assert same(fast, slow)
+
+
+@pytest.mark.skipif(not available(), reason="native tile kernel not built")
+def test_documents_plan_is_built_from_ranges_without_the_predicate(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the predicate was evaluated")
+
+    pattern = P.documents([40, 0, 3, 61], causal=True) & P.sliding_window(20)
+    monkeypatch.setattr(type(pattern), "visible", refuse)
+    monkeypatch.setattr(P.library.Documents, "_allowed", refuse)
+    plan = native_plan._tiles_of(pattern, 104, 104)
+    assert plan.rows.shape == (-(-104 // lanes()), lanes())
+    monkeypatch.undo()
+    assert same(plan, native_plan._predicate_tiles(pattern, 104, 104))
