@@ -3,6 +3,8 @@ densities built from them against the dense mask, on random compositions."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,6 +99,6 @@ def test_merge_ranges_gives_the_union_of_each_group(ranges):
             expected |= set(range(a, b)) if h == g else set()
         mine = [(int(s), int(e)) for o, s, e in zip(owner, start, stop) if o == g]
         assert sorted(mine) == mine, "runs come sorted"
-        assert all(e1 < s2 for (_, e1), (s2, _) in zip(mine, mine[1:])), "runs are disjoint"
+        assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(mine)), "runs are disjoint"
         assert set().union(*(range(s, e) for s, e in mine)) == expected
     assert torch.equal(owner, owner.sort().values)

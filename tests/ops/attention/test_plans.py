@@ -15,7 +15,6 @@ import headwise.patterns as P
 from headwise.ops.attention.blockwise import plan as blockwise_plan
 from headwise.ops.attention.native import available, lanes
 from headwise.ops.attention.native import plan as native_plan
-
 from patterns.test_ranges import ranged_problems
 
 
@@ -66,3 +65,19 @@ def test_documents_plan_is_built_from_ranges_without_the_predicate(monkeypatch):
     assert plan.rows.shape == (-(-104 // lanes()), lanes())
     monkeypatch.undo()
     assert same(plan, native_plan._predicate_tiles(pattern, 104, 104))
+
+
+def test_plan_budget_scales_with_the_machine(monkeypatch):
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (64 << 30) // 4096}  # 64 GiB
+
+    def sysconf(name):
+        if name not in pages:
+            raise ValueError(f"unrecognized configuration name {name!r}")
+        return pages[name]
+
+    monkeypatch.setattr(native_plan.os, "sysconf", sysconf)
+    assert native_plan.plan_budget() == (4 << 30) // 4  # a sixteenth, in int32 entries
+    pages["SC_PHYS_PAGES"] = (2 << 30) // 4096  # 2 GiB: the floor, 512 MiB
+    assert native_plan.plan_budget() == (512 << 20) // 4
+    pages.clear()  # a system without these names: the floor
+    assert native_plan.plan_budget() == (512 << 20) // 4

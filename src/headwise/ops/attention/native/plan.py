@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +63,20 @@ class TilePlan:
         return self.bits.numel() + 2 * self.seg_start.numel() + self.rows.numel()
 
 
-#: plans stay cached up to this many, while they hold at most this many int32 entries (512 MiB)
+def plan_budget() -> int:
+    """The int32 entries cached plans may hold: a sixteenth of the machine's memory, at least
+    512 MiB. A model's plans must all fit, or each forward rebuilds them: the 30 layers of a MoA
+    plan for SmolLM2 at 8k tokens hold 1.2 GiB (2-72 MiB a layer)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        memory = 0
+    return max(1 << 29, memory // 16) // 4
+
+
+#: plans stay cached up to this many, while they hold at most :func:`plan_budget` entries
 PLANS: PlanCache[TilePlan] = PlanCache(
-    max_plans=256, max_size=1 << 27, size=lambda plan: plan.entries
+    max_plans=256, max_size=plan_budget(), size=lambda plan: plan.entries
 )
 
 
