@@ -7,7 +7,10 @@ spaced key offsets, which one forward kernel call takes as a batch of strided vi
 follow the pattern's own query grouping (:meth:`Pattern.key_panels`); groups whose keys are
 scattered (block-sparse rows, sinks beside a window) move to panels holding their key sets back
 to back. Plans are cached per
-(pattern, lengths, block, device) together with the element masks of partial groups.
+(pattern, lengths, block, device) together with the element masks of partial groups. A pattern
+that gives its rows' key ranges (:meth:`Pattern._key_ranges`) has its groups' keys and flags
+computed from them (:func:`_ranged_groups`); the predicate is then evaluated only for the cached
+masks.
 
 The index helpers at the end read and write a group's rows and keys (a slice or an index).
 """

@@ -6,6 +6,12 @@ for a 2-D neighborhood), so its queries' windows overlap; its keys are the union
 may see, stored as runs of consecutive positions, and a per-key bit per query lane says who may
 see it (omitted when every query sees every key of the tile). A neighborhood's relative-position
 table is read through a per-entry index built once per plan (:func:`relative_index_plan`).
+
+A pattern that gives its rows' key ranges (:meth:`Pattern._key_ranges`: causal, windows, sinks,
+packed documents, per-head stacks and their ``&`` / ``|``) gets its plan from them in O(rows x
+ranges + entries) (:func:`_ranged_tiles`): a fresh ``cu_seqlens`` costs milliseconds. Any other
+pattern is evaluated tile by tile through its predicate (:func:`_predicate_tiles`), which gives
+the same plan.
 """
 
 from __future__ import annotations
