@@ -114,24 +114,18 @@ def _tiles_of(pattern: Pattern, q_len: int, kv_len: int) -> TilePlan:
     else from its predicate."""
     width = lanes()
     panels = pattern.key_panels(q_len, kv_len, width)
-    if all(keys is None for keys, _ in panels):
-        rows = _tile_rows([group for _, groups in panels for group in groups], width)
+    groups = [group for _, panel_groups in panels for group in panel_groups]
+    if all(keys is None for keys, _ in panels) and all(isinstance(g, slice) for g in groups):
+        rows = _tile_rows(groups, width)
         ranges = pattern._key_ranges(rows.flatten().clamp(min=0), q_len, kv_len)
         if ranges is not None:
             return _ranged_tiles(rows, *ranges, pattern.num_heads or 1, kv_len)
     return _predicate_tiles(pattern, q_len, kv_len)
 
 
-def _tile_rows(groups: list[slice | torch.Tensor], width: int) -> torch.Tensor:
-    """``(tiles, width)`` int64 query rows (-1 pads): each group cut into tiles of ``width``
-    rows, in order."""
-    if not all(isinstance(group, slice) for group in groups):
-        positions = [torch.arange(g.start, g.stop) if isinstance(g, slice) else g for g in groups]
-        tiles = [rows for p in positions for rows in p.split(width)]
-        padded = torch.full((len(tiles), width), -1, dtype=torch.long)
-        for tile, rows in zip(padded, tiles):
-            tile[: len(rows)] = rows
-        return padded
+def _tile_rows(groups: list[slice], width: int) -> torch.Tensor:
+    """``(tiles, width)`` int64 query rows (-1 pads): each group of consecutive rows cut into
+    tiles of ``width`` rows, in order."""
     start = torch.tensor([g.start for g in groups], dtype=torch.long)
     stop = torch.tensor([g.stop for g in groups], dtype=torch.long)
     # an empty group is one empty tile, as ``split`` gives
