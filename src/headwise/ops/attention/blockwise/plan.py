@@ -72,7 +72,13 @@ class Panel:
 PLANS: PlanCache[tuple[Panel, ...]] = PlanCache(
     max_plans=256,
     max_size=1 << 28,
-    size=lambda plan: sum(row.mask.numel() for row in plan_groups(plan) if row.mask is not None),
+    # groups with equal masks share one tensor: each counted once
+    size=lambda plan: sum(
+        mask.numel()
+        for mask in {
+            id(row.mask): row.mask for row in plan_groups(plan) if row.mask is not None
+        }.values()
+    ),
 )
 
 
@@ -116,6 +122,7 @@ def _panels(
     panels = []
     mostly_scattered = False
     budget = MASK_CACHE_ELEMENTS
+    shared: dict[tuple[int, bytes], torch.Tensor] = {}  # masks by their groups' relative ranges
     for panel_keys, query_groups in pattern.key_panels(q_len, kv_len, block):
         positions = torch.arange(kv_len) if panel_keys is None else panel_keys
         ranged = (
@@ -123,8 +130,9 @@ def _panels(
         )
         groups = []
         for index, rows in enumerate(query_groups):
+            shape = None
             if ranged is not None:
-                in_panel, needs_mask, has_empty_rows = ranged[index]
+                in_panel, needs_mask, has_empty_rows, shape = ranged[index]
                 keys, visible = in_panel, None
             else:
                 visible = pattern.visible(positions_of(rows), positions, q_len, kv_len)
@@ -136,14 +144,16 @@ def _panels(
                 )
                 needs_mask = not bool(visible.all())
                 has_empty_rows = not bool(visible.any(-1).all())
-            mask = None
+            mask = shared.get(shape) if shape is not None else None
             entries = (pattern.num_heads or 1) * count(rows) * count(keys)
-            if needs_mask and entries <= budget:
+            if needs_mask and mask is None and entries <= budget:
                 if visible is None:
                     visible = pattern.visible(positions_of(rows), positions_of(keys), q_len, kv_len)
                 # Evaluating the predicate costs as much as the scores; do it once per plan.
                 budget -= entries
                 mask = _additive(visible).to(device)
+                if shape is not None:
+                    shared[shape] = mask
             groups.append(
                 RowGroup(
                     _to(rows, device),
@@ -165,10 +175,12 @@ def _panels(
 
 def _ranged_groups(
     pattern: Pattern, q_len: int, kv_len: int, query_groups: list[slice | torch.Tensor]
-) -> list[tuple[slice | torch.Tensor, bool, bool]] | None:
+) -> list[tuple[slice | torch.Tensor, bool, bool, tuple[int, bytes] | None]] | None:
     """Per query group, from the rows' key ranges (``None`` when the pattern gives none): the
     keys some row sees (a slice when they are one run, else their positions), whether some row
-    and head sees fewer of them (needs a mask), and whether some row and head sees none.
+    and head sees fewer of them (needs a mask), whether some row and head sees none, and, for a
+    masked group of one run, its shape: key count and ranges relative to the first key, which
+    determine its mask (a sliding window's groups all have the same one: they share it).
 
     As in the native plan (:func:`~..native.plan._ranged_tiles`): a row sees a subset of its
     group's keys, so it sees all of them exactly when it sees as many."""
@@ -199,15 +211,25 @@ def _ranged_groups(
     )
     runs = torch.bincount(owner, minlength=groups).tolist()
     starts, stops = start.tolist(), stop.tolist()
+    row_offsets = [0, *torch.tensor([count(g) for g in query_groups]).cumsum(0).tolist()]
     result, first = [], 0
-    for n_runs, needs_mask, has_empty in zip(runs, partial.tolist(), empty.tolist()):
+    for group, (n_runs, needs_mask, has_empty) in enumerate(
+        zip(runs, partial.tolist(), empty.tolist())
+    ):
+        shape = None
         if n_runs <= 1:
             keys_of = slice(starts[first], stops[first]) if n_runs else slice(0, 0)
+            if needs_mask:
+                mine = slice(row_offsets[group], row_offsets[group + 1])
+                width = keys_of.stop - keys_of.start
+                rel = torch.stack([lo[:, mine], hi[:, mine]]) - keys_of.start
+                rel = rel.clamp(0, width).masked_fill(rel[0] >= rel[1], 0)
+                shape = (width, rel.numpy().tobytes())
         else:
             mine = range(first, first + n_runs)
             keys_of = torch.cat([torch.arange(starts[r], stops[r]) for r in mine])
         first += n_runs
-        result.append((keys_of, needs_mask > 0, has_empty > 0))
+        result.append((keys_of, needs_mask > 0, has_empty > 0, shape))
     return result
 
 
