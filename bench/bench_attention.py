@@ -244,14 +244,19 @@ def _forget_plans():
     pattern_base._block_layout.cache_clear()
 
 
-def _plan_bytes(plan) -> int:
-    """Bytes of the tensors a plan (a dataclass, or a tuple of them) holds."""
+def _plan_bytes(plan, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors a plan (a dataclass, or a tuple of them) holds, each tensor once
+    (groups of a blockwise plan may share one mask)."""
+    seen = set() if seen is None else seen
     if isinstance(plan, torch.Tensor):
+        if id(plan) in seen:
+            return 0
+        seen.add(id(plan))
         return plan.numel() * plan.element_size()
     if isinstance(plan, tuple | list):
-        return sum(_plan_bytes(x) for x in plan)
+        return sum(_plan_bytes(x, seen) for x in plan)
     if dataclasses.is_dataclass(plan):
-        return sum(_plan_bytes(getattr(plan, f.name)) for f in dataclasses.fields(plan))
+        return sum(_plan_bytes(getattr(plan, f.name), seen) for f in dataclasses.fields(plan))
     return 0
 
 
