@@ -17,6 +17,7 @@ and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -37,6 +38,12 @@ from headwise.measure import (
     time_interleaved,
     write_results,
 )
+from headwise.ops.attention.blockwise import plan as blockwise_plan
+from headwise.ops.attention.blockwise.heads import group_heads, head_passes
+from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK, plan_for
+from headwise.ops.attention.native import plan as native_plan
+from headwise.ops.attention.native.plan import _shared_tile_plan
+from headwise.patterns import base as pattern_base
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -204,6 +211,182 @@ def _run(forward, leaves, grad):
     return torch.autograd.grad(out.sum(), leaves)
 
 
+def _fresh_batches(kind: str, gen: torch.Generator):
+    """Endless ``(cu_seqlens, causal)``, a new batch per call: ``"16k/10"``: 16384 tokens cut
+    at 9 random places (language-model training on packed documents, causal); ``"bert"``: 32
+    sequences of 32..512 tokens (Unpadded BERT, bidirectional)."""
+    while True:
+        if kind == "16k/10":
+            cuts = torch.sort(torch.randperm(16383, generator=gen)[:9] + 1).values
+            lengths = torch.cat([cuts, torch.tensor([16384])]).diff(prepend=torch.tensor([0]))
+        else:
+            lengths = torch.randint(32, 513, (32,), generator=gen)
+        yield torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), kind == "16k/10"
+
+
+def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
+    """Seconds to build the native plan of these documents (what a call with new ``cu_seqlens``
+    builds before any attention; the patterns differ per call, so nothing is cached)."""
+    lengths = cu.diff().tolist()
+    start = time.perf_counter()
+    pattern = P.documents(lengths, causal=causal)
+    total = int(cu[-1])
+    for group, _ in head_passes(pattern, total, total, DEFAULT_BLOCK):
+        _shared_tile_plan(group, total, total)
+    return time.perf_counter() - start
+
+
+def bench_fresh_varlen(args, device, dtype, lines):
+    """Packed training with new ``cu_seqlens`` every batch (no plan reused): the plan's share of
+    an ``attention_varlen`` call, and packed headwise vs a loop of SDPA calls, one per document,
+    timed round by round in the same run."""
+    lines.append("\n## Fresh cu_seqlens every call: packed attention vs a per-document SDPA loop\n")
+    lines.append(
+        f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents. "
+        "plan share = native plan build / packed call (same kind of batch); ratio = packed / "
+        "SDPA loop (< 1: packed is faster). Medians over rounds, candidates interleaved.\n"
+    )
+    lines.append(
+        "| batch | plan ms | packed fwd ms | loop fwd ms | fwd ratio | plan share fwd | "
+        "packed fwd+bwd ms | loop fwd+bwd ms | fwd+bwd ratio | plan share fwd+bwd |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for kind in ("16k/10", "bert"):
+        batches = _fresh_batches(kind, torch.Generator().manual_seed(0))
+        total = 16384 if kind == "16k/10" else 32 * 512
+        data = [torch.randn(total, args.heads, args.dim, device=device, dtype=dtype) for _ in "qkv"]
+
+        def packed(grad, batches=batches, data=data):
+            cu, causal = next(batches)
+            leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
+            return _run(
+                lambda: attention_varlen(*leaves, cu.to(device), causal=causal), leaves, grad
+            )
+
+        def loop(grad, batches=batches, data=data):
+            cu, causal = next(batches)
+            leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
+
+            def forward():
+                outs = []
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                    q, k, v = (t[a:b].transpose(0, 1)[None] for t in leaves)
+                    out = torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal
+                    )
+                    outs.append(out[0].transpose(0, 1))
+                return torch.cat(outs)
+
+            return _run(forward, leaves, grad)
+
+        def plan(batches=batches):
+            _plan_seconds(*next(batches))
+
+        times = time_interleaved(
+            {
+                "plan": plan,
+                "packed fwd": lambda: packed(False),
+                "loop fwd": lambda: loop(False),
+                "packed step": lambda: packed(True),
+                "loop step": lambda: loop(True),
+            },
+            device,
+            rounds=args.repeats,
+        )
+        ms = {name: seconds * 1e3 for name, seconds in times.items()}
+        row = (
+            f"| {kind} | {ms['plan']:.1f} | {ms['packed fwd']:.1f} | {ms['loop fwd']:.1f} | "
+            f"{ms['packed fwd'] / ms['loop fwd']:.2f} | {ms['plan'] / ms['packed fwd']:.0%} | "
+            f"{ms['packed step']:.1f} | {ms['loop step']:.1f} | "
+            f"{ms['packed step'] / ms['loop step']:.2f} | {ms['plan'] / ms['packed step']:.0%} |"
+        )
+        print(row, flush=True)
+        lines.append(row)
+
+
+def _forget_plans():
+    """Empty every plan and layout cache, so the next use builds from scratch."""
+    for cache in (native_plan.PLANS, blockwise_plan.PLANS):
+        cache._plans.clear()
+        cache._total = 0
+    group_heads.cache_clear()
+    pattern_base._block_layout.cache_clear()
+
+
+def _plan_bytes(plan, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors a plan (a dataclass, or a tuple of them) holds, each tensor once
+    (groups of a blockwise plan may share one mask)."""
+    seen = set() if seen is None else seen
+    if isinstance(plan, torch.Tensor):
+        if id(plan) in seen:
+            return 0
+        seen.add(id(plan))
+        return plan.numel() * plan.element_size()
+    if isinstance(plan, tuple | list):
+        return sum(_plan_bytes(x, seen) for x in plan)
+    if dataclasses.is_dataclass(plan):
+        return sum(_plan_bytes(getattr(plan, f.name), seen) for f in dataclasses.fields(plan))
+    return 0
+
+
+def bench_plan_build(args, device, lines):
+    """First use of a (pattern, length): the plan each backend builds before its first call
+    (head grouping and block layouts included), its time, the peak memory while it is built and
+    the plan's own size."""
+    windows = P.per_head([P.sliding_window(64 * (h + 1)) for h in range(16)])
+    docs = P.documents([32768], causal=True)
+    gen = torch.Generator().manual_seed(1)
+    cases = [
+        ("per_head(16 windows 64..1024)", windows, 16384, "native"),
+        ("per_head(16 windows 64..1024)", windows, 16384, "blockwise"),
+        ("documents([32768], causal)", docs, 32768, "native"),
+        ("documents([32768], causal)", docs, 32768, "blockwise"),
+    ]
+    for kind in ("16k/10", "bert"):
+        cu, causal = next(_fresh_batches(kind, gen))
+        fresh = P.documents(cu.diff().tolist(), causal=causal)
+        cases.append((f"varlen {kind} (fresh cu_seqlens)", fresh, int(cu[-1]), "native"))
+    lines.append("\n## Plan build on first use of a (pattern, length)\n")
+    lines.append(
+        "Time and peak memory to build everything a backend needs before its first forward "
+        "call (head grouping, block layouts, plans), from empty caches, medians of "
+        f"{args.repeats} builds; CPU s = process time (all threads), which a loaded machine "
+        "inflates less than wall time; peak = most memory in use while building, the plan "
+        "included; temporaries = peak - plan.\n"
+    )
+    lines.append(
+        "| pattern | L | backend | build s | CPU s | peak MiB | plan MiB | temporaries / plan |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, pattern, length, backend in cases:
+        built, wall, cpu, peaks = [], [], [], []
+
+        def build(pattern=pattern, length=length, backend=backend, built=built, wall=wall, cpu=cpu):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for group, _ in head_passes(pattern, length, length, DEFAULT_BLOCK):
+                if backend == "native":
+                    built.append(_shared_tile_plan(group, length, length))
+                else:
+                    built.append(plan_for(group, length, length, DEFAULT_BLOCK, str(device)))
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+
+        for _ in range(args.repeats):
+            # emptied before the measurement starts, so that freeing the last plans does not
+            # hide memory the new build takes
+            _forget_plans()
+            built.clear()
+            peaks.append(peak_memory(build, device))
+        seconds, cpu_seconds = (sorted(t)[len(t) // 2] for t in (wall, cpu))
+        peak, size = max(peaks), _plan_bytes(built)
+        row = (
+            f"| {name} | {length} | {backend} | {seconds:.3f} | {cpu_seconds:.3f} | "
+            f"{peak / 2**20:.1f} | {size / 2**20:.1f} | {max(0, peak - size) / max(size, 1):.2f} |"
+        )
+        print(row, flush=True)
+        lines.append(row)
+
+
 def bench_recompiles(args, device, dtype, lines):
     """How often compiled FlexAttention recompiles as shapes change."""
     lines.append("\n## FlexAttention compilation (torch.compile, dynamic=False)\n")
@@ -336,8 +519,9 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        choices=["lengths", "auto", "packed", "compile", "compiled"],
+        choices=["lengths", "auto", "packed", "fresh", "plans", "compile", "compiled"],
     )
+    parser.add_argument("--name", default="attention", help="results file stem")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = environment(device)
@@ -351,12 +535,16 @@ def main() -> None:
         bench_auto(args, device, dtype, lines)
     if "packed" not in args.skip:
         bench_packed(args, device, dtype, lines)
+    if "fresh" not in args.skip:
+        bench_fresh_varlen(args, device, dtype, lines)
+    if "plans" not in args.skip:
+        bench_plan_build(args, device, lines)
     if "compile" not in args.skip:
         bench_recompiles(args, device, dtype, lines)
     if "compiled" not in args.skip:
         bench_compiled(args, device, dtype, lines, env)
     suffix = "-backward" if args.backward else ""
-    write_results(RESULTS, f"attention-{device.type}{suffix}", env, "\n".join(lines) + "\n")
+    write_results(RESULTS, f"{args.name}-{device.type}{suffix}", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,17 @@ class MoASpan(Pattern):
         window = (kv_block < sink // self.block) | (kv_block >= q_block + 1 - local // self.block)
         return (kv_idx <= pos) & window
 
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        # the sink blocks and the local window, each cut at the query (plans in O(rows))
+        total = self.length if self.length is not None else kv_len + self.extra_tokens
+        sink, local = self.cache_size(total)
+        pos = query_positions(q_idx, q_len, kv_len, "bottom_right")
+        first = (pos // self.block + 1 - local // self.block) * self.block
+        sink_stop = torch.full_like(pos, sink // self.block * self.block).minimum(pos + 1)
+        lo = torch.stack([torch.zeros_like(pos), first], -1).clamp(0, kv_len)
+        hi = torch.stack([sink_stop, pos + 1], -1).clamp(0, kv_len)
+        return lo[None], hi[None]
+
 
 def _encode(value: float) -> float | str:
     # Strict JSON has no Infinity; a dense head (alpha = inf) is written as the string "inf".

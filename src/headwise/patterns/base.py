@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from headwise._checks import ArgumentTypeError, check_int
+from headwise.patterns.ranges import MAX_RANGES, merge_ranges, row_sizes
 from headwise.types import Align
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -83,6 +84,15 @@ class Pattern:
 
     def head_patterns(self) -> tuple[Pattern, ...] | None:
         """One head-agnostic pattern per head, or ``None`` if every head follows this one."""
+        return None
+
+    def _key_ranges(
+        self, q_idx: torch.Tensor, q_len: int, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys each query of ``q_idx`` (1-D) may see as a union of half-open ranges ``[lo,
+        hi)``: int64 ``(H_p or 1, len(q_idx), K)`` each, clamped to ``[0, kv_len]`` (``hi <=
+        lo``: empty), exactly :meth:`visible`'s keys; ``None`` when the rows are not such unions
+        of at most :data:`~.ranges.MAX_RANGES` ranges (plans then evaluate the predicate)."""
         return None
 
     # ----------------------------------------------------------------- what kernels ask
@@ -260,6 +270,24 @@ class _Intersection(Pattern):
             per_part.append(split)
         return tuple(type(self)(parts) for parts in zip(*per_part))
 
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        ranges = [part._key_ranges(q_idx, q_len, kv_len) for part in self.parts]
+        if any(r is None for r in ranges):
+            return None
+        lo, hi = ranges[0]
+        for part_lo, part_hi in ranges[1:]:
+            lo, hi = self._combine_ranges(lo, hi, part_lo, part_hi)
+            if lo.shape[-1] > MAX_RANGES:
+                return None
+        return lo, hi
+
+    @staticmethod
+    def _combine_ranges(lo, hi, other_lo, other_hi):
+        # a key is in both unions iff it is in one range of each: every pair's overlap
+        both_lo = torch.maximum(lo[..., :, None], other_lo[..., None, :])
+        both_hi = torch.minimum(hi[..., :, None], other_hi[..., None, :])
+        return both_lo.flatten(-2), both_hi.flatten(-2)
+
     def visible(self, q_idx, kv_idx, q_len, kv_len):
         # Combine the parts' own masks so per-head parts keep their fast stacking.
         allowed = self.parts[0].visible(q_idx, kv_idx, q_len, kv_len)
@@ -278,6 +306,13 @@ class _Union(_Intersection):
     @staticmethod
     def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a | b
+
+    @staticmethod
+    def _combine_ranges(lo, hi, other_lo, other_hi):
+        heads = max(lo.shape[0], other_lo.shape[0])
+        lo, other_lo = lo.expand(heads, -1, -1), other_lo.expand(heads, -1, -1)
+        hi, other_hi = hi.expand(heads, -1, -1), other_hi.expand(heads, -1, -1)
+        return torch.cat([lo, other_lo], -1), torch.cat([hi, other_hi], -1)
 
     def key_panels(self, q_len, kv_len, size):
         # A part's panel holds only that part's keys; the union may see others.
@@ -345,6 +380,9 @@ def _block_layout(
     # and keeps a huge block size from sizing the buffers below.
     block_q, block_k = min(block_q, max(q_len, 1)), min(block_k, max(kv_len, 1))
     n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+    ranges = pattern._key_ranges(torch.arange(q_len), q_len, kv_len) if q_len * kv_len else None
+    if ranges is not None:
+        return _ranged_layout(*ranges, heads, kv_len, block_q, block_k).to(device)
     any_visible = torch.zeros(heads, n_q * block_q, n_k, dtype=torch.bool, device=device)
     all_visible = torch.ones_like(any_visible)
     pad_k = n_k * block_k - kv_len
@@ -367,10 +405,51 @@ def _block_layout(
     return layout
 
 
+def _ranged_layout(
+    lo: torch.Tensor, hi: torch.Tensor, heads: int, kv_len: int, block_q: int, block_k: int
+) -> torch.Tensor:
+    """:func:`_block_layout` from the rows' key ranges, in O(heads x rows x ranges + blocks).
+
+    Per row, each run of its merged ranges touches key blocks ``start // bk ... (stop - 1) //
+    bk`` and covers ``ceil(start / bk) ... stop // bk - 1`` (the last, short block too when
+    ``stop`` is ``kv_len``); counting, per query block, the rows that touch (cover) each key
+    block with +1/-1 at the ends of those spans and a running sum, a block is visible when some
+    row touches it and FULL when every row covers it."""
+    q_len = lo.shape[1]
+    n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+    lo, hi = lo.expand(heads, -1, -1), hi.expand(heads, -1, -1)
+    group = torch.arange(heads * q_len).repeat_interleave(lo.shape[-1])
+    owner, start, stop = merge_ranges(lo.flatten(), hi.flatten(), group, kv_len + 1)
+    cell = owner // q_len * n_q + owner % q_len // block_q  # (head, query block)
+    full_stop = torch.where(stop == kv_len, n_k, stop // block_k)
+    counts = []
+    for first, last in (
+        (start // block_k, (stop - 1) // block_k + 1),
+        (-(-start // block_k), full_stop),
+    ):
+        spans = torch.zeros(heads * n_q, n_k + 1, dtype=torch.int32)
+        ones = torch.ones(len(first), dtype=torch.int32)
+        spans.index_put_((cell, first), ones, accumulate=True)
+        spans.index_put_((cell, last.clamp(min=first)), -ones, accumulate=True)
+        counts.append(spans.cumsum(1, dtype=torch.int32)[:, :n_k].view(heads, n_q, n_k))
+    touched, covered = counts
+    rows = torch.full((n_q,), block_q, dtype=torch.int32)
+    rows[-1] = q_len - (n_q - 1) * block_q
+    layout = torch.full((heads, n_q, n_k), EMPTY, dtype=torch.uint8)
+    layout[touched > 0] = PARTIAL
+    layout[(covered == rows[:, None]) & (touched > 0)] = FULL
+    return layout
+
+
 @functools.lru_cache(maxsize=256)
 def _density(pattern: Pattern, q_len: int, kv_len: int) -> float:
     if q_len == 0 or kv_len == 0:
         return 0.0
+    ranges = pattern._key_ranges(torch.arange(q_len), q_len, kv_len)
+    if ranges is not None:
+        heads = pattern.num_heads or 1
+        lo, hi = (r.expand(heads, -1, -1) for r in ranges)
+        return int(row_sizes(lo, hi, kv_len + 1).sum()) / (heads * q_len * kv_len)
     visible = 0
     for start, stop in pattern._row_chunks(q_len, kv_len):
         visible += int(pattern._rows(start, stop, q_len, kv_len, torch.device("cpu")).sum())

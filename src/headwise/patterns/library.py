@@ -38,6 +38,7 @@ from headwise._checks import (
     check_ints,
 )
 from headwise.patterns.base import Pattern
+from headwise.patterns.ranges import MAX_RANGES
 from headwise.types import Align
 
 _ALIGNS = ("bottom_right", "top_left")
@@ -49,6 +50,14 @@ def query_positions(
     """Key-axis position ``p(i)`` of query ``i`` under ``align`` (module docstring): ``i + Lk -
     Lq`` bottom-right aligned, ``i`` top-left. For patterns written outside this module."""
     return q_idx + (kv_len - q_len) if align == "bottom_right" else q_idx
+
+
+def _ranges(kv_len: int, *bounds: tuple[torch.Tensor, torch.Tensor]):
+    """``(lo, hi)`` ``(1, n, K)`` from ``K`` pairs of 1-D bounds, clamped to ``[0, kv_len]``
+    (the form of :meth:`Pattern._key_ranges`)."""
+    lo = torch.stack([b[0] for b in bounds], -1).clamp(0, kv_len)
+    hi = torch.stack([b[1] for b in bounds], -1).clamp(0, kv_len)
+    return lo[None], hi[None]
 
 
 def _normalize(obj: Pattern, name: str, value: Any) -> None:
@@ -83,6 +92,9 @@ class Full(Pattern):
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
 
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        return _ranges(kv_len, (torch.zeros_like(q_idx), torch.full_like(q_idx, kv_len)))
+
 
 @dataclass(frozen=True)
 class Causal(Pattern):
@@ -102,6 +114,10 @@ class Causal(Pattern):
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         return kv_idx <= query_positions(q_idx, q_len, kv_len, self.align)
+
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        pos = query_positions(q_idx, q_len, kv_len, self.align)
+        return _ranges(kv_len, (torch.zeros_like(q_idx), pos + 1))
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,13 @@ class SlidingWindow(Pattern):
             allowed = allowed & (kv_idx <= pos + min(self.right, reach))
         return allowed
 
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        pos = query_positions(q_idx, q_len, kv_len, self.align)
+        reach = q_len + kv_len
+        left = reach if self.left is None else min(self.left, reach)
+        right = reach if self.right is None else min(self.right, reach)
+        return _ranges(kv_len, (pos - left, pos + right + 1))
+
 
 @dataclass(frozen=True)
 class Sinks(Pattern):
@@ -161,6 +184,12 @@ class Sinks(Pattern):
         if self.causal:
             allowed = allowed & (kv_idx <= query_positions(q_idx, q_len, kv_len, self.align))
         return allowed
+
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        stop = torch.full_like(q_idx, min(self.n, kv_len))
+        if self.causal:
+            stop = stop.minimum(query_positions(q_idx, q_len, kv_len, self.align) + 1)
+        return _ranges(kv_len, (torch.zeros_like(q_idx), stop))
 
 
 @dataclass(frozen=True)
@@ -253,6 +282,20 @@ class Documents(Pattern):
             allowed = allowed & (kv_tail[kv_idx] <= q_tail[q_idx])
         return allowed
 
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        # O(rows log documents): no per-token table. Query i of document d (queries up to
+        # q_end[d], keys from kv_start[d] to kv_end[d]) sees keys kv_start[d] <= j < kv_end[d],
+        # causally only j - kv_end[d] <= i - q_end[d] (equal distances from the ends).
+        device = q_idx.device
+        q_end = torch.tensor(self.q_lengths, dtype=torch.long, device=device).cumsum(0)
+        kv_end = torch.tensor(self.kv_lengths, dtype=torch.long, device=device).cumsum(0)
+        kv_start = kv_end - torch.tensor(self.kv_lengths, dtype=torch.long, device=device)
+        doc = torch.searchsorted(q_end, q_idx, right=True)
+        stop = kv_end[doc]
+        if self.causal:
+            stop = stop.minimum(q_idx - q_end[doc] + stop + 1)
+        return _ranges(kv_len, (kv_start[doc], stop))
+
 
 # --------------------------------------------------------------------------- multimodal
 @dataclass(frozen=True)
@@ -290,6 +333,20 @@ class ModalityMutual(Pattern):
             k_in_b = (kv_idx >= b_start) & (kv_idx < b_stop)
             allowed = allowed | (q_in_a & k_in_b) | (q_in_b & k_in_a)
         return allowed
+
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        if 1 + 2 * len(self.pairs) > MAX_RANGES:
+            return None
+        bounds = [(torch.zeros_like(q_idx), q_idx + 1)]
+        for (a_start, a_stop), (b_start, b_stop) in self.pairs:
+            # a segment's range, for the queries of its partner (an empty range for the others)
+            for (start, stop), (p_start, p_stop) in (
+                ((b_start, b_stop), (a_start, a_stop)),
+                ((a_start, a_stop), (b_start, b_stop)),
+            ):
+                mine = (q_idx >= p_start) & (q_idx < p_stop)
+                bounds.append((torch.full_like(q_idx, start), torch.where(mine, stop, start)))
+        return _ranges(kv_len, *bounds)
 
 
 # --------------------------------------------------------------------------- block sparse
@@ -402,6 +459,17 @@ class PerHead(Pattern):
             mine = self.patterns[head]._allowed(h, q_idx, kv_idx, q_len, kv_len)
             allowed = torch.where(h == head, mine, allowed)
         return allowed
+
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        ranges = [p._key_ranges(q_idx, q_len, kv_len) for p in self.patterns]
+        if any(r is None for r in ranges):
+            return None
+        # heads with fewer ranges are padded with empty ones
+        count = max(lo.shape[-1] for lo, _ in ranges)
+        pad = [count - lo.shape[-1] for lo, _ in ranges]
+        lo = torch.cat([torch.nn.functional.pad(lo, (0, n)) for (lo, _), n in zip(ranges, pad)])
+        hi = torch.cat([torch.nn.functional.pad(hi, (0, n)) for (_, hi), n in zip(ranges, pad)])
+        return lo, hi
 
     def visible(self, q_idx, kv_idx, q_len, kv_len):
         # Stacking per-head masks is cheaper than evaluating every pattern for every head.

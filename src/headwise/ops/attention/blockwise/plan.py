@@ -7,7 +7,10 @@ spaced key offsets, which one forward kernel call takes as a batch of strided vi
 follow the pattern's own query grouping (:meth:`Pattern.key_panels`); groups whose keys are
 scattered (block-sparse rows, sinks beside a window) move to panels holding their key sets back
 to back. Plans are cached per
-(pattern, lengths, block, device) together with the element masks of partial groups.
+(pattern, lengths, block, device) together with the element masks of partial groups. A pattern
+that gives its rows' key ranges (:meth:`Pattern._key_ranges`) has its groups' keys and flags
+computed from them (:func:`_ranged_groups`); the predicate is then evaluated only for the cached
+masks.
 
 The index helpers at the end read and write a group's rows and keys (a slice or an index).
 """
@@ -22,6 +25,7 @@ import torch
 
 from headwise.ops.attention.plan_cache import PlanCache
 from headwise.patterns import Pattern
+from headwise.patterns.ranges import merge_ranges
 
 DEFAULT_BLOCK = 32
 #: the backward pass runs groups this many times larger (PyTorch's CPU backward kernel does
@@ -68,7 +72,13 @@ class Panel:
 PLANS: PlanCache[tuple[Panel, ...]] = PlanCache(
     max_plans=256,
     max_size=1 << 28,
-    size=lambda plan: sum(row.mask.numel() for row in plan_groups(plan) if row.mask is not None),
+    # groups with equal masks share one tensor: each counted once
+    size=lambda plan: sum(
+        mask.numel()
+        for mask in {
+            id(row.mask): row.mask for row in plan_groups(plan) if row.mask is not None
+        }.values()
+    ),
 )
 
 
@@ -112,22 +122,38 @@ def _panels(
     panels = []
     mostly_scattered = False
     budget = MASK_CACHE_ELEMENTS
+    shared: dict[tuple[int, bytes], torch.Tensor] = {}  # masks by their groups' relative ranges
     for panel_keys, query_groups in pattern.key_panels(q_len, kv_len, block):
         positions = torch.arange(kv_len) if panel_keys is None else panel_keys
+        ranged = (
+            None if panel_keys is not None else _ranged_groups(pattern, q_len, kv_len, query_groups)
+        )
         groups = []
-        for rows in query_groups:
-            visible = pattern.visible(positions_of(rows), positions, q_len, kv_len)
-            cols = torch.nonzero(visible.any(0).any(0)).flatten()
-            in_panel = _as_slice(cols) if len(cols) else slice(0, 0)
-            visible = visible[:, :, in_panel]
-            keys = in_panel if panel_keys is None else _as_slice(panel_keys[in_panel], sort=False)
-            needs_mask = not bool(visible.all())
-            has_empty_rows = not bool(visible.any(-1).all())
-            mask = None
-            if needs_mask and visible.numel() <= budget:
+        for index, rows in enumerate(query_groups):
+            shape = None
+            if ranged is not None:
+                in_panel, needs_mask, has_empty_rows, shape = ranged[index]
+                keys, visible = in_panel, None
+            else:
+                visible = pattern.visible(positions_of(rows), positions, q_len, kv_len)
+                cols = torch.nonzero(visible.any(0).any(0)).flatten()
+                in_panel = _as_slice(cols) if len(cols) else slice(0, 0)
+                visible = visible[:, :, in_panel]
+                keys = (
+                    in_panel if panel_keys is None else _as_slice(panel_keys[in_panel], sort=False)
+                )
+                needs_mask = not bool(visible.all())
+                has_empty_rows = not bool(visible.any(-1).all())
+            mask = shared.get(shape) if shape is not None else None
+            entries = (pattern.num_heads or 1) * count(rows) * count(keys)
+            if needs_mask and mask is None and entries <= budget:
+                if visible is None:
+                    visible = pattern.visible(positions_of(rows), positions_of(keys), q_len, kv_len)
                 # Evaluating the predicate costs as much as the scores; do it once per plan.
-                budget -= visible.numel()
+                budget -= entries
                 mask = _additive(visible).to(device)
+                if shape is not None:
+                    shared[shape] = mask
             groups.append(
                 RowGroup(
                     _to(rows, device),
@@ -145,6 +171,66 @@ def _panels(
             panels.extend(scattered)
         panels.append(Panel(_to(panel_keys, device), tuple(groups), _runs(groups, device)))
     return tuple(panels), mostly_scattered
+
+
+def _ranged_groups(
+    pattern: Pattern, q_len: int, kv_len: int, query_groups: list[slice | torch.Tensor]
+) -> list[tuple[slice | torch.Tensor, bool, bool, tuple[int, bytes] | None]] | None:
+    """Per query group, from the rows' key ranges (``None`` when the pattern gives none): the
+    keys some row sees (a slice when they are one run, else their positions), whether some row
+    and head sees fewer of them (needs a mask), whether some row and head sees none, and, for a
+    masked group of one run, its shape: key count and ranges relative to the first key, which
+    determine its mask (a sliding window's groups all have the same one: they share it).
+
+    As in the native plan (:func:`~..native.plan._ranged_tiles`): a row sees a subset of its
+    group's keys, so it sees all of them exactly when it sees as many."""
+    if not query_groups:
+        return []
+    rows = torch.cat([positions_of(group) for group in query_groups])
+    ranges = pattern._key_ranges(rows, q_len, kv_len)
+    if ranges is None:
+        return None
+    heads = pattern.num_heads or 1
+    lo, hi = (r.expand(heads, -1, -1) for r in ranges)
+    span, n = kv_len + 1, len(rows)
+    group_of = torch.repeat_interleave(
+        torch.arange(len(query_groups)), torch.tensor([count(g) for g in query_groups])
+    )
+    row = torch.arange(heads * n).repeat_interleave(lo.shape[-1])
+    row, row_start, row_stop = merge_ranges(lo.flatten(), hi.flatten(), row, span)
+    sizes = torch.zeros(heads * n, dtype=torch.long).index_add_(0, row, row_stop - row_start)
+    owner, start, stop = merge_ranges(row_start, row_stop, group_of[row % n], span)
+    keys = torch.zeros(len(query_groups), dtype=torch.long).index_add_(0, owner, stop - start)
+    sizes = sizes.view(heads, n)
+    groups = len(query_groups)
+    partial = torch.zeros(groups, dtype=torch.long).index_add_(
+        0, group_of, (sizes != keys[group_of]).any(0).long()
+    )
+    empty = torch.zeros(groups, dtype=torch.long).index_add_(
+        0, group_of, (sizes == 0).any(0).long()
+    )
+    runs = torch.bincount(owner, minlength=groups).tolist()
+    starts, stops = start.tolist(), stop.tolist()
+    row_offsets = [0, *torch.tensor([count(g) for g in query_groups]).cumsum(0).tolist()]
+    result, first = [], 0
+    for group, (n_runs, needs_mask, has_empty) in enumerate(
+        zip(runs, partial.tolist(), empty.tolist())
+    ):
+        shape = None
+        if n_runs <= 1:
+            keys_of = slice(starts[first], stops[first]) if n_runs else slice(0, 0)
+            if needs_mask:
+                mine = slice(row_offsets[group], row_offsets[group + 1])
+                width = keys_of.stop - keys_of.start
+                rel = torch.stack([lo[:, mine], hi[:, mine]]) - keys_of.start
+                rel = rel.clamp(0, width).masked_fill(rel[0] >= rel[1], 0)
+                shape = (width, rel.numpy().tobytes())
+        else:
+            mine = range(first, first + n_runs)
+            keys_of = torch.cat([torch.arange(starts[r], stops[r]) for r in mine])
+        first += n_runs
+        result.append((keys_of, needs_mask > 0, has_empty > 0, shape))
+    return result
 
 
 def _gather_scattered(
