@@ -46,9 +46,17 @@ class _Symmetric:
     #: True when the map looks at one token at a time (so it works for varlen and decoding)
     tokenwise = True
 
-    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.name = name
         self._fn = fn
+        #: ``(q: (B, L, H, D), k: (B, S, H, D)) -> (B, H, L, S)`` equal to ``phi(q) . phi(k)``
+        #: without building the features, when the map has such a closed form (else None)
+        self.similarity = similarity
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
@@ -77,6 +85,16 @@ def taylor(x: torch.Tensor) -> torch.Tensor:
     first = x * d**-0.25
     second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * d)
     return torch.cat([ones, first, second], dim=-1)
+
+
+def taylor_similarity(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``taylor(q) . taylor(k) = 1 + z + z^2 / 2``, ``z = q . k / sqrt(D)``, for all pairs.
+
+    ``q: (B, L, H, D)``, ``k: (B, S, H, D)`` -> ``(B, H, L, S)``: ``O(L S D)`` work instead of the
+    ``O(L S D^2)`` of the features (the "quadratic" view of Based, Arora et al. 2024).
+    """
+    z = torch.einsum("blhd,bshd->bhls", q, k) * q.shape[-1] ** -0.5
+    return 1.0 + z * (1.0 + 0.5 * z)
 
 
 class InLineFeatureMap:
@@ -145,7 +163,7 @@ def get_feature_map(feature_map: FeatureMapLike) -> FeatureMap:
                 f"feature_map must be one of {sorted([*_NAMED, 'inline'])}, a callable or an "
                 f"object with query/key methods; got {feature_map!r}"
             )
-        return _Symmetric(key, _NAMED[key])
+        return _Symmetric(key, _NAMED[key], taylor_similarity if key == "taylor" else None)
     if isinstance(feature_map, FeatureMap):
         return feature_map
     if callable(feature_map):
