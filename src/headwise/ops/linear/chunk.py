@@ -57,20 +57,26 @@ def chunk_forward(
     initial_state: torch.Tensor | None,
     chunk_size: int,
     return_state: bool,
+    *,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal decayed linear attention by chunks (see the module docstring).
 
     ``q, k: (B, L, H, D)``, ``v: (B, L, H, E)``, ``gamma = log(lam): (H,)``, state ``(B, H, D, E)``.
-    The sequence is walked in segments of :data:`SEGMENT_CHUNKS` chunks: every temporary (padded
-    blocks, scores, per-chunk states) has the size of one segment, whatever ``L``, so the time per
-    token does not grow with the length (whole-sequence temporaries of ``(L/C) H D E`` floats fall
-    out of cache and are page-faulted afresh on every call). Within a segment of ``G`` chunks the
-    states entering the chunks come from one matrix product instead of a loop::
+    The sequence is walked in segments of ``G =`` :data:`SEGMENT_CHUNKS` chunks: every temporary
+    (padded blocks, scores, per-chunk states) has the size of one segment, ``O(B H G C (C + D + E)
+    + B H G D E)`` whatever ``L``, so the time per token does not grow with the length (states
+    for the whole sequence, ``B H (L/C) D E`` floats, 128 MiB at 64k tokens with ``H = 8`` and
+    ``D = E = 64``, fall out of cache and made the per-token time 2.9x that at 1k). Within a
+    segment the states entering the chunks come from one matrix product instead of a loop::
 
         S_c  = lam^(c C) S + sum_{c' < c} lam^((c - 1 - c') C) KV_c'
         KV_c = (diag(lam^(m - 1 - j)) K_c)^T V_c          (m: the chunk's true length)
 
     Output and state are in the compute dtype; each segment converts only its own slice.
+    ``reverse=True`` runs on the time-reversed sequence and returns the output in the original
+    order (``rev chunk_forward(rev q, rev k, rev v)``, as the backward needs) by flipping one
+    segment at a time, never the whole sequence.
     """
     dtype = compute_dtype(q.dtype)
     batch, length, heads, dim = q.shape
@@ -99,7 +105,11 @@ def chunk_forward(
         n = min(groups, n_chunks - first)
         start, stop = first * c, min(length, (first + n) * c)
         last = stop - start - (n - 1) * c  # true length of the segment's last chunk
-        qb, kb, vb = (_blocks(x[:, start:stop], n, c, dtype) for x in (q, k, v))
+        window = slice(length - stop, length - start) if reverse else slice(start, stop)
+        qb, kb, vb = (
+            _blocks(x[:, window].flip(1) if reverse else x[:, window], n, c, dtype)
+            for x in (q, k, v)
+        )
         out = (qb @ kb.transpose(-1, -2)).mul_(intra) @ vb  # (B, H, n, C, E)
         if last == c:
             kd = key_decay
@@ -111,9 +121,13 @@ def chunk_forward(
         entering = carry[:, :n, :n] @ chunk_kv.flatten(-2)
         entering.addcmul_(enter[:, :n], state[:, :, None])  # (B, H, n, D E)
         out.add_((qb * query_decay) @ entering.view(batch, heads, n, dim, dim_v))
-        o[:, start : start + n * c].view(batch, n, c, heads, dim_v).copy_(
-            out.permute(0, 2, 3, 1, 4)
-        )
+        if reverse:
+            out = out.permute(0, 2, 3, 1, 4).reshape(batch, n * c, heads, dim_v)
+            o[:, window] = out[:, : stop - start].flip(1)
+        else:
+            o[:, start : start + n * c].view(batch, n, c, heads, dim_v).copy_(
+                out.permute(0, 2, 3, 1, 4)
+            )
         state = entering[:, :, -1] * torch.exp(g * last)[:, None] + chunk_kv[:, :, -1].flatten(-2)
     final = state.view(batch, heads, dim, dim_v) if return_state else None
     return o[:, :length], final
@@ -126,6 +140,22 @@ def _blocks(x: torch.Tensor, n: int, c: int, dtype: torch.dtype) -> torch.Tensor
         x = F.pad(x, (0, 0, 0, 0, 0, n * c - x.shape[1]))
     x = x.reshape(x.shape[0], n, c, x.shape[2], -1).permute(0, 3, 1, 2, 4)
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
+
+
+def _time_reversed(
+    fwd: ForwardFn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    chunk_size: int,
+    return_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rev fwd(rev q, rev k, rev v)`` from a zero state; the chunked path flips by segments."""
+    if fwd is chunk_forward:
+        return chunk_forward(q, k, v, gamma, None, chunk_size, return_state, reverse=True)
+    o, state = fwd(q.flip(1), k.flip(1), v.flip(1), gamma, None, chunk_size, return_state)
+    return o.flip(1), state
 
 
 class DecayedLinearAttention(torch.autograd.Function):
@@ -172,13 +202,8 @@ class DecayedLinearAttention(torch.autograd.Function):
 
         s0_t = None if s0 is None else s0.transpose(-1, -2)
         dq, _ = fwd(grad_o, v, k, gamma, s0_t, chunk, False)
-
-        def rev(x: torch.Tensor) -> torch.Tensor:
-            return x.flip(1)
-
-        dk, _ = fwd(rev(v), rev(grad_o), rev(q), gamma, None, chunk, False)
-        dv, q_do = fwd(rev(k), rev(q), rev(grad_o), gamma, None, chunk, True)
-        dk, dv = rev(dk), rev(dv)
+        dk, _ = _time_reversed(fwd, v, grad_o, q, gamma, chunk, False)
+        dv, q_do = _time_reversed(fwd, k, q, grad_o, gamma, chunk, True)
         ds0 = q_do * lam[:, None, None]
         if d_final is not None:
             pos = torch.arange(length, device=q.device, dtype=dtype)
