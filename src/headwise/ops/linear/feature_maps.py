@@ -1,8 +1,10 @@
 """Feature maps ``phi`` for linear attention: scores are ``phi_q(q_i) . phi_k(k_j)``.
 
 A feature map is anything with ``query(x)`` and ``key(x)`` methods acting on ``(..., L, H, D)``
-tensors (the length axis is ``-3``), or a plain callable applied to both. Names accepted by
-:func:`get_feature_map`:
+tensors (the length axis is ``-3``), or a plain callable applied to both. A map may also offer
+``similarity(q, k) -> (B, H, L, S)``, all ``phi(q_i) . phi(k_j)`` in closed form; ``auto`` then
+runs short sequences in the quadratic form without building features (the Taylor map does).
+Names accepted by :func:`get_feature_map`:
 
 * ``"identity"``: ``phi(x) = x`` (Lightning / TransNormerLLM; the operator itself has no scale).
 * ``"elu+1"`` (alias ``"elu"``): ``phi(x) = elu(x) + 1`` (Katharopoulos et al., 2020).
