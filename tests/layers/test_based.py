@@ -10,9 +10,12 @@ import torch
 from headwise.layers.based import BasedAttention
 
 
-def _layer(window_size):
+def _layer(window_size, backend="auto"):
     torch.manual_seed(0)
-    return BasedAttention(12, 3, feature_dim=4, window_size=window_size, chunk_size=4).double()
+    layer = BasedAttention(
+        12, 3, feature_dim=4, window_size=window_size, chunk_size=4, backend=backend
+    )
+    return layer.double()
 
 
 def test_changing_a_future_token_never_changes_a_past_output():
@@ -27,8 +30,10 @@ def test_changing_a_future_token_never_changes_a_past_output():
         assert (y2[:, t] - y[:, t]).abs().max() > 1e-6
 
 
-def test_linear_branch_is_normalised_taylor_attention():
-    layer = _layer(window_size=0)
+# auto: the quadratic form on 1 + z + z^2/2 (short sequence); chunk: Taylor features by chunks.
+@pytest.mark.parametrize("backend", ["auto", "chunk"])
+def test_linear_branch_is_normalised_taylor_attention(backend):
+    layer = _layer(window_size=0, backend=backend)
     x = torch.randn(1, 9, 12, dtype=torch.float64)
     q = layer.q_proj(x).view(1, 9, 3, 4)
     k = layer.k_proj(x).view(1, 9, 3, 4)
@@ -41,14 +46,17 @@ def test_linear_branch_is_normalised_taylor_attention():
     torch.testing.assert_close(layer(x), layer.out_proj(o.flatten(-2)))
 
 
-def test_window_branch_keeps_w_plus_one_keys():
-    layer = _layer(window_size=2)
+# Windows shorter than the sequence, reaching exactly back to token 0 (served as plain causal
+# attention), and longer than the sequence.
+@pytest.mark.parametrize("window_size", [2, 5, 6, 9])
+def test_window_branch_keeps_w_plus_one_keys(window_size):
+    layer = _layer(window_size=window_size)
     x = torch.randn(1, 7, 12, dtype=torch.float64)
     wq, wk, wv = layer.window_qkv(x).view(1, 7, 3, 3, 4).unbind(2)
     scores = torch.einsum("bihd,bjhd->bhij", wq, wk) / 2.0
     i, j = torch.arange(7)[:, None], torch.arange(7)[None, :]
-    visible = (j <= i) & (j >= i - 2)
-    assert visible.sum(-1).tolist() == [min(t, 2) + 1 for t in range(7)]
+    visible = (j <= i) & (j >= i - window_size)
+    assert visible.sum(-1).tolist() == [min(t, window_size) + 1 for t in range(7)]
     window = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
     window_out = torch.einsum("bhij,bjhe->bihe", window, wv)
     linear_only = BasedAttention(12, 3, feature_dim=4, window_size=0, chunk_size=4).double()

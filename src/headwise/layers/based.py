@@ -102,5 +102,12 @@ class BasedAttention(nn.Module):
         )
         if self.window_qkv is not None:
             q, k, v = self.window_qkv(x).view(batch, length, 3, *heads[2:]).unbind(2)
-            out = out + attention(q, k, v, pattern=patterns.sliding_window(self.window_size))
+            # A window that reaches back to token 0 from the last query is plain causal attention,
+            # which dense kernels (SDPA) serve much faster than a sparse pattern.
+            window = (
+                patterns.causal()
+                if length <= self.window_size + 1
+                else patterns.sliding_window(self.window_size)
+            )
+            out = out + attention(q, k, v, pattern=window)
         return self.out_proj(out.flatten(-2))

@@ -15,6 +15,7 @@ from linear_helpers import make_inputs, run
 
 from conftest import assert_fa3_close
 from headwise.ops.linear import linear_attention
+from headwise.ops.linear.chunk import SEGMENT_CHUNKS
 
 # The recurrent path is a reference that accumulates in the input dtype, so it is held to the
 # oracle in float64 only; the chunked path computes in float32 and must pass the FA3 rule.
@@ -142,3 +143,16 @@ def test_float_decay_equals_tensor_decay_and_length_zero():
     )
     assert o.shape == (2, 0, 3, 6)
     torch.testing.assert_close(s, s0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_matches_quadratic_across_many_segments(dtype):
+    # chunk_forward walks SEGMENT_CHUNKS chunks at a time and carries the state between segments:
+    # 3 full segments and a short last chunk, with an initial state and the final state.
+    length = SEGMENT_CHUNKS * 4 * 3 + 5
+    inputs = make_inputs(batch=1, length=length, heads=2, dim=4, dim_v=3, scale=0.2)
+    oracle = run(inputs, torch.float64, "naive")
+    naive_low = run(inputs, dtype, "naive")
+    fast = run(inputs, dtype, "chunk", chunk_size=4)
+    for name in oracle:
+        assert_fa3_close(fast[name], naive_low[name], oracle[name], dtype, what=name)

@@ -17,6 +17,10 @@ from headwise.ops.linear.feature_maps import FeatureMapLike, get_feature_map
 
 BACKENDS = ("auto", "chunk", "triton", "naive", "recurrent")
 _DEFAULT_CHUNK = 64
+#: Longest sequence for which ``auto`` takes the quadratic form with a feature map's closed-form
+#: ``similarity`` (Taylor: ``O(L D)`` per token instead of the chunked ``O(C D'^2)`` work on
+#: ``D' = 1 + D + D^2`` features): Based's "parallel" training view.
+PARALLEL_MAX_LENGTH = 512
 
 
 def linear_attention(
@@ -63,8 +67,10 @@ def linear_attention(
         return_state: also return the final state (float32, float64 for float64 inputs).
         cu_seqlens: int32/int64 ``(N + 1,)`` offsets of packed sequences: starts at 0,
             non-decreasing, ends at ``T``. Empty sequences are allowed.
-        backend: ``auto`` (Triton on CUDA when installed, else ``chunk``), ``chunk``, ``triton``,
-            ``naive`` (quadratic reference) or ``recurrent`` (token loop reference).
+        backend: ``auto`` (Triton on CUDA when installed, else ``chunk``; but up to
+            ``PARALLEL_MAX_LENGTH`` tokens, without state or packing, the quadratic form when the
+            feature map has a closed-form ``similarity``, as ``taylor`` does), ``chunk``,
+            ``triton``, ``naive`` (quadratic reference) or ``recurrent`` (token loop reference).
 
     Returns:
         ``o`` shaped like ``v`` (``(B, L, H, E)`` or ``(T, H, E)``), and the final state when
@@ -93,6 +99,22 @@ def linear_attention(
         if varlen:
             raise ValueError(f"feature_map {fmap!r} is sequence-level; cu_seqlens unsupported")
     lengths = list(seqlens_from_cu("cu_seqlens", cu_seqlens, q.shape[0])) if varlen else None
+
+    similarity = getattr(fmap, "similarity", None)
+    if (
+        backend == "auto"
+        and similarity is not None
+        and not varlen
+        and initial_state is None
+        and not return_state
+        and q.shape[1] <= PARALLEL_MAX_LENGTH
+    ):
+        vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+        dtype = compute_dtype(q.dtype)
+        o = _parallel(similarity(q.to(dtype), k.to(dtype)), vv, lam, causal)
+        if normalize:
+            o = o[..., :-1] / (o[..., -1:] + eps)
+        return o.to(v.dtype)
 
     qf, kf = fmap.query(q), fmap.key(k)
     if qf.shape[-1] != kf.shape[-1]:
@@ -237,6 +259,20 @@ def _run(
     backward, _ = causal_fn(q.flip(1), k.flip(1), v.flip(1), None, False)
     diagonal = (q * k).sum(-1, keepdim=True) * v
     return forward + backward.flip(1) - diagonal, None
+
+
+def _parallel(
+    scores: torch.Tensor, v: torch.Tensor, lam: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """``o = [S * M] V`` from the similarities ``S: (B, H, L, L)`` of the feature map, with
+    ``M[t, s] = lam^(t - s)`` for ``s <= t`` (causal) or ``lam^|t - s|``; in ``S``'s dtype."""
+    dtype = scores.dtype
+    if lam is not None:
+        pos = torch.arange(v.shape[1], device=v.device, dtype=dtype)
+        scores = scores * lam.to(dtype)[:, None, None] ** (pos[:, None] - pos[None, :]).abs()
+    if causal:
+        scores = scores.tril()
+    return torch.einsum("bhts,bshe->bthe", scores, v.to(dtype))
 
 
 def _select(backend: str, q: torch.Tensor, v: torch.Tensor, chunk_size: int | None):

@@ -1,8 +1,10 @@
 """Feature maps ``phi`` for linear attention: scores are ``phi_q(q_i) . phi_k(k_j)``.
 
 A feature map is anything with ``query(x)`` and ``key(x)`` methods acting on ``(..., L, H, D)``
-tensors (the length axis is ``-3``), or a plain callable applied to both. Names accepted by
-:func:`get_feature_map`:
+tensors (the length axis is ``-3``), or a plain callable applied to both. A map may also offer
+``similarity(q, k) -> (B, H, L, S)``, all ``phi(q_i) . phi(k_j)`` in closed form; ``auto`` then
+runs short sequences in the quadratic form without building features (the Taylor map does).
+Names accepted by :func:`get_feature_map`:
 
 * ``"identity"``: ``phi(x) = x`` (Lightning / TransNormerLLM; the operator itself has no scale).
 * ``"elu+1"`` (alias ``"elu"``): ``phi(x) = elu(x) + 1`` (Katharopoulos et al., 2020).
@@ -46,9 +48,17 @@ class _Symmetric:
     #: True when the map looks at one token at a time (so it works for varlen and decoding)
     tokenwise = True
 
-    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.name = name
         self._fn = fn
+        #: ``(q: (B, L, H, D), k: (B, S, H, D)) -> (B, H, L, S)`` equal to ``phi(q) . phi(k)``
+        #: without building the features, when the map has such a closed form (else None)
+        self.similarity = similarity
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
@@ -77,6 +87,16 @@ def taylor(x: torch.Tensor) -> torch.Tensor:
     first = x * d**-0.25
     second = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * d)
     return torch.cat([ones, first, second], dim=-1)
+
+
+def taylor_similarity(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``taylor(q) . taylor(k) = 1 + z + z^2 / 2``, ``z = q . k / sqrt(D)``, for all pairs.
+
+    ``q: (B, L, H, D)``, ``k: (B, S, H, D)`` -> ``(B, H, L, S)``: ``O(L S D)`` work instead of the
+    ``O(L S D^2)`` of the features (the "quadratic" view of Based, Arora et al. 2024).
+    """
+    z = torch.einsum("blhd,bshd->bhls", q, k) * q.shape[-1] ** -0.5
+    return 1.0 + z * (1.0 + 0.5 * z)
 
 
 class InLineFeatureMap:
@@ -145,7 +165,7 @@ def get_feature_map(feature_map: FeatureMapLike) -> FeatureMap:
                 f"feature_map must be one of {sorted([*_NAMED, 'inline'])}, a callable or an "
                 f"object with query/key methods; got {feature_map!r}"
             )
-        return _Symmetric(key, _NAMED[key])
+        return _Symmetric(key, _NAMED[key], taylor_similarity if key == "taylor" else None)
     if isinstance(feature_map, FeatureMap):
         return feature_map
     if callable(feature_map):

@@ -1,0 +1,60 @@
+"""``auto`` with the Taylor map on short sequences: the quadratic form on ``1 + z + z^2/2`` (no
+features built) equals the chunked path over the features, outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from linear_helpers import make_inputs
+
+from conftest import assert_fa3_close
+from headwise.ops.linear import linear_attention
+from headwise.ops.linear.api import PARALLEL_MAX_LENGTH
+
+
+def _run(inputs, dtype, backend, causal):
+    q, k, v, lam, _ = inputs
+    side = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = [q.to(dtype), k.to(dtype), v.to(dtype), lam.to(side)]
+    for x in leaves:
+        x.requires_grad_()
+    o = linear_attention(
+        *leaves[:3], feature_map="taylor", decay=leaves[3], causal=causal, normalize=True,
+        backend=backend, chunk_size=8,
+    )  # fmt: skip
+    grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(o, leaves, grad_o.to(o.dtype))
+    return dict(zip(("o", "dq", "dk", "dv", "ddecay"), (o, *grads), strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_parallel_taylor_matches_chunked_features(dtype, causal):
+    inputs = make_inputs(batch=2, length=21, heads=3, dim=4, dim_v=3, state=False)
+    oracle = _run(inputs, torch.float64, "naive", causal)
+    chunked = _run(inputs, dtype, "chunk", causal)
+    parallel = _run(inputs, dtype, "auto", causal)
+    for name in oracle:
+        assert_fa3_close(parallel[name], chunked[name], oracle[name], dtype, what=name)
+
+
+def test_auto_builds_no_taylor_features_on_short_sequences_only():
+    # Through autograd's saved tensors: the features have 1 + D + D^2 columns.
+    dim = 4
+    q = make_inputs(batch=1, length=9, heads=2, dim=dim, dim_v=3, state=False)[0]
+    q.requires_grad_()
+
+    def saved_widths(length):
+        widths = []
+
+        def pack(t):
+            widths.append(t.shape[-1] if t.dim() else 0)
+            return t
+
+        x = q.repeat(1, length // 9 + 1, 1, 1)[:, :length]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            linear_attention(x, x.detach(), x.detach()[..., :3], feature_map="taylor")
+        return widths
+
+    assert 1 + dim + dim * dim not in saved_widths(9)
+    assert 1 + dim + dim * dim in saved_widths(PARALLEL_MAX_LENGTH + 1)
