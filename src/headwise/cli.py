@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train", "training examples"),
         ("--test", "test examples"),
         ("--batch", "batch size"),
+        ("--patience", "plateau patience in epochs (cpu: 5; paper: none)"),
     ):
         mqar.add_argument(option, type=_positive_int, help=f"override the preset's {what}")
     mqar.add_argument("--lrs", help="override the preset's learning rates, comma-separated")
@@ -317,6 +318,7 @@ def _check_mqar(args: argparse.Namespace) -> str | None:
         ("train", "num_train"),
         ("test", "num_test"),
         ("batch", "batch_size"),
+        ("patience", "patience"),
     ):
         if getattr(args, option) is not None:
             overrides[key] = getattr(args, option)

@@ -138,6 +138,18 @@ def test_tiny_run_beats_chance():
     assert [p["epoch"] for p in run.curve] == list(range(1, len(run.curve) + 1))
 
 
+def test_plateau_rule():
+    def curve(*accs):
+        return [{"accuracy": a} for a in accs]
+
+    assert not mqar._plateaued(curve(0.1, 0.2, 0.25), None)
+    assert not mqar._plateaued(curve(0.1, 0.2, 0.25), 2)  # 0.25 > 0.1 + 0.01
+    assert mqar._plateaued(curve(0.25, 0.25, 0.255), 2)
+    assert not mqar._plateaued(curve(0.25, 0.25), 2)  # not enough epochs yet
+    with pytest.raises(ValueError, match="patience"):
+        mqar.MQARConfig(patience=0)
+
+
 def test_cli_mqar_smoke(tmp_path, capsys):
     code = cli.main(
         [

@@ -489,7 +489,10 @@ class MQARModel(nn.Module):
 @dataclass(frozen=True)
 class MQARConfig:
     """One MQAR setting. ``lrs`` are tried in order; later ones are skipped once one reaches
-    :data:`EARLY_STOP` (the reported accuracy is the best over the lrs run)."""
+    :data:`EARLY_STOP` (the reported accuracy is the best over the lrs run). ``patience``
+    (not Zoology's: ``None`` there) also ends a run once its best test accuracy has not risen
+    by 0.01 over that many epochs, which bounds the time a mixer that cannot learn recall
+    spends at its plateau."""
 
     vocab_size: int = 512
     seq_len: int = 64
@@ -504,6 +507,7 @@ class MQARConfig:
     attention_dropout: float = 0.1
     num_layers: int = 2
     mlp: bool = False
+    patience: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -511,6 +515,8 @@ class MQARConfig:
             check_int(name, getattr(self, name), minimum=1)
         for name in ("batch_size", "max_epochs", "num_layers"):
             check_int(name, getattr(self, name), minimum=1)
+        if self.patience is not None:
+            check_int("patience", self.patience, minimum=1)
         if not self.lrs:
             raise ValueError("lrs must hold at least one learning rate; got ()")
         for lr in self.lrs:
@@ -523,7 +529,7 @@ class MQARConfig:
 #: ``--preset cpu``: the issue's CPU setting. ``paper``: Zoology Figure 2 (one config per
 #: (L, K) and width; batch 512 for L <= 128, 256 for 256, 128 for 512).
 PRESETS: dict[str, tuple[MQARConfig, ...]] = {
-    "cpu": (MQARConfig(),),
+    "cpu": (MQARConfig(patience=5),),
     "paper": tuple(
         MQARConfig(
             vocab_size=8192,
@@ -580,6 +586,15 @@ def _data(config: MQARConfig) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Ten
         mqar_data(common[0], config.num_train, common[1], common[2], train_seed),
         mqar_data(common[0], config.num_test, common[1], common[2], test_seed),
     )
+
+
+def _plateaued(curve: list[dict[str, float]], patience: int | None) -> bool:
+    """Whether the best accuracy of the last ``patience`` epochs is within 0.01 of the best
+    before them."""
+    if patience is None or len(curve) <= patience:
+        return False
+    before = max(p["accuracy"] for p in curve[:-patience])
+    return max(p["accuracy"] for p in curve[-patience:]) < before + 0.01
 
 
 def train_run(
@@ -641,7 +656,7 @@ def train_run(
         if bar is not None:
             bar.set_postfix(loss=f"{total / steps:.3f}", acc=f"{acc:.3f}")
             bar.update()
-        if acc >= EARLY_STOP:
+        if acc >= EARLY_STOP or _plateaued(run.curve, config.patience):
             break
         schedule.step()
     if bar is not None:
