@@ -111,6 +111,31 @@ def test_model_zoology_init_and_tied_head():
     assert mqar.MQARModel("based", vocab_size=V, dim=32, seq_len=L).positions is None
 
 
+def test_dropout_reaches_layers_that_take_it():
+    """``dropout`` is passed by signature, through ``**kwargs`` to a base class too, so the
+    model works before and after the layers gain attention dropout."""
+    from torch import nn
+
+    class Base(nn.Module):
+        def __init__(self, dim, *, dropout=0.0):
+            super().__init__()
+            self.dropout = dropout
+
+    class Child(Base):
+        def __init__(self, dim, **kwargs):
+            super().__init__(dim, **kwargs)
+
+    class Plain(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+
+    assert mqar.takes_dropout(Base) and mqar.takes_dropout(Child)
+    assert not mqar.takes_dropout(Plain)
+    ctx = mqar.MixerContext(dim=8, layer_idx=0, num_layers=2, seq_len=L, dropout=0.1)
+    assert mqar._with_dropout(Child, ctx, 8).dropout == 0.1
+    assert isinstance(mqar._with_dropout(Plain, ctx, 8), Plain)
+
+
 def test_non_causal_mixers_are_refused():
     for name in mqar.NON_CAUSAL:
         with pytest.raises(ValueError, match="cannot be used"):

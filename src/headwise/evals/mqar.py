@@ -257,9 +257,24 @@ class MixerContext:
     dropout: float
 
 
+def takes_dropout(cls: type[nn.Module]) -> bool:
+    """Whether ``cls(..., dropout=p)`` is accepted: ``dropout`` is a parameter of its
+    ``__init__``, or of a base class's that its ``**kwargs`` reach (S2 and MoA pass theirs on to
+    :class:`MultiHeadAttention`)."""
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is nn.Module:
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
+        if "dropout" in parameters:
+            return True
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return False
+
+
 def _with_dropout(cls: type[nn.Module], ctx: MixerContext, *args: Any, **kwargs: Any) -> nn.Module:
-    """``cls(*args, **kwargs)``, with ``dropout=ctx.dropout`` when ``cls`` accepts it."""
-    if "dropout" in inspect.signature(cls).parameters:
+    """``cls(*args, **kwargs)``, with ``dropout=ctx.dropout`` when ``cls`` takes it."""
+    if takes_dropout(cls):
         kwargs["dropout"] = ctx.dropout
     return cls(*args, **kwargs)
 
@@ -780,5 +795,6 @@ __all__ = [
     "split_seeds",
     "sweep",
     "sweep_one",
+    "takes_dropout",
     "train_run",
 ]
