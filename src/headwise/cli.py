@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ def run_mqar(args: argparse.Namespace) -> int:
 
     env = environment(args.device)
     env["workers"] = str(args.workers)
+    env["load_average_at_start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     start = time.perf_counter()
     runs = mqar.sweep(
         args.mixers, args.configs, device=args.device, workers=args.workers, show_progress=True
