@@ -1,5 +1,7 @@
 """Command line: ``headwise demo`` runs every pattern through ``auto`` and checks it;
-``headwise inspect`` writes the HTML head report of a Hugging Face model.
+``headwise inspect`` writes the HTML head report of a Hugging Face model; ``headwise mqar``
+trains every sequence mixer on Zoology's multi-query associative recall (``--preset cpu`` or
+Figure 2's ``--preset paper``) and writes results and a plot.
 
 The CLI is thin: it calls the same public API a user would. Every argument is checked before any
 work starts; a bad one prints one line, ``headwise <command>: error: ...``, on stderr and exits
@@ -9,8 +11,12 @@ with status 2 (as argparse does for unknown options), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -111,6 +117,70 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mqar_table(runs: list) -> str:
+    from headwise.evals import mqar
+
+    top = mqar.best(runs)
+    lines = [
+        "| mixer | L | d | best accuracy | best lr | epochs | lrs run | seconds (all lrs) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (mixer, length, dim), run in top.items():
+        mine = [r for r in runs if (r.mixer, r.seq_len, r.dim) == (mixer, length, dim)]
+        lines.append(
+            f"| {mixer} | {length} | {dim} | {run.accuracy:.3f} | {run.lr:g} | "
+            f"{len(run.curve)} | {len(mine)} | {sum(r.seconds for r in mine):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_mqar(args: argparse.Namespace) -> int:
+    from headwise.evals import mqar
+
+    env = environment(args.device)
+    env["workers"] = str(args.workers)
+    env["load_average_at_start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    start = time.perf_counter()
+    runs = mqar.sweep(
+        args.mixers, args.configs, device=args.device, workers=args.workers, show_progress=True
+    )
+    wall = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"mqar-{args.preset}-{env['device'].split(':')[0]}-{env['date'][:10]}"
+    payload = {
+        "environment": env,
+        "headwise": __version__,
+        "preset": args.preset,
+        "configs": [dataclasses.asdict(c) for c in args.configs],
+        "wall_seconds": wall,
+        "runs": mqar.runs_as_dicts(runs),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    plot = None
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot = mqar.plot_sweep(runs, out / f"{stem}.png")
+    text = "\n".join(
+        [
+            f"# MQAR ({args.preset} preset): Zoology's multi-query associative recall",
+            "",
+            *(f"- {k}: {v}" for k, v in env.items()),
+            f"- headwise {__version__}; wall time {wall:.0f} s for {len(runs)} runs",
+            f"- mixers: {', '.join(args.mixers)}",
+            f"- settings: {json.dumps([dataclasses.asdict(c) for c in args.configs[:1]])}",
+            "",
+            _mqar_table(runs),
+            "",
+            f"Curves: {stem}.json" + (f"; plot: {plot.name}" if plot else ""),
+            "",
+        ]
+    )
+    print(text)
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / stem}.md, .json" + (", .png" if plot else ""))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line on stderr (exit status 2), usage left out."""
 
@@ -188,7 +258,84 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="HTML file to write (default: %(default)s)",
     )
+    mqar = sub.add_parser(
+        "mqar",
+        help="train sequence mixers on Zoology's multi-query associative recall (MQAR)",
+        description="Train every named sequence mixer in Zoology's 2-layer model on MQAR "
+        "(Arora et al., ICLR 2024) over an lr sweep with early stop at 0.99, and write a "
+        "results file (Markdown + JSON with every curve) and a Figure-2-style plot.",
+    )
+    mqar.add_argument(
+        "--mixers",
+        default="all",
+        help="comma-separated mixer names, or 'all' (default: %(default)s)",
+    )
+    mqar.add_argument(
+        "--preset",
+        default="cpu",
+        choices=["cpu", "paper"],
+        help="cpu: L=64, K=4, d=64, vocab 512, 20k/1k examples, lr 3e-3 then 1e-3, 24 epochs; "
+        "paper: Zoology Figure 2 (vocab 8192, 100k/3k, L 64..512, d 64..512; needs a GPU) "
+        "(default: %(default)s)",
+    )
+    mqar.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    mqar.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        help="CPU only: runs in parallel processes of one thread each (default: %(default)s)",
+    )
+    for option, what in (
+        ("--epochs", "maximum epochs per run"),
+        ("--train", "training examples"),
+        ("--test", "test examples"),
+        ("--batch", "batch size"),
+        ("--patience", "plateau patience in epochs (cpu: 5; paper: none)"),
+    ):
+        mqar.add_argument(option, type=_positive_int, help=f"override the preset's {what}")
+    mqar.add_argument("--lrs", help="override the preset's learning rates, comma-separated")
+    mqar.add_argument(
+        "--out",
+        default="mqar-results",
+        metavar="DIR",
+        help="output directory (default: %(default)s)",
+    )
     return parser
+
+
+def _check_mqar(args: argparse.Namespace) -> str | None:
+    """Resolve ``--mixers``, the preset and its overrides into ``args``; why not, or ``None``."""
+    from headwise.evals import mqar
+
+    names = list(mqar.list_mixers()) if args.mixers == "all" else args.mixers.split(",")
+    for name in names:
+        try:
+            mqar.check_mixer(name.strip())
+        except ValueError as error:
+            return f"--mixers: {error}"
+    args.mixers = [n.strip() for n in names]
+    overrides = {}
+    for option, key in (
+        ("epochs", "max_epochs"),
+        ("train", "num_train"),
+        ("test", "num_test"),
+        ("batch", "batch_size"),
+        ("patience", "patience"),
+    ):
+        if getattr(args, option) is not None:
+            overrides[key] = getattr(args, option)
+    if args.lrs is not None:
+        try:
+            overrides["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+        except ValueError:
+            return f"--lrs must be comma-separated numbers; got {args.lrs!r}"
+    try:
+        args.configs = tuple(dataclasses.replace(c, **overrides) for c in mqar.PRESETS[args.preset])
+    except (TypeError, ValueError) as error:
+        return str(error)
+    if args.workers > 1 and args.device.type != "cpu":
+        args.workers = 1
+    return None
 
 
 def _check_device(text: str | None) -> torch.device | str:
@@ -254,8 +401,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_inspect(args)
     device = _check_device(args.device)
     if isinstance(device, str):
-        _fail(parser, "demo", device)
+        _fail(parser, args.command, device)
     args.device = device
+    if args.command == "mqar":
+        problem = _check_mqar(args)
+        if problem is not None:
+            _fail(parser, "mqar", problem)
+        return run_mqar(args)
     return run_demo(args)
 
 

@@ -2,7 +2,8 @@
 them in :mod:`~headwise.evals.text`, real models in :mod:`~headwise.evals.models`, long-context
 retrieval in :mod:`~headwise.evals.retrieval` and perplexity in
 :mod:`~headwise.evals.perplexity`, each under an attention configuration sized for the evaluated
-length (:mod:`~headwise.evals.sized`)."""
+length (:mod:`~headwise.evals.sized`). Zoology's multi-query associative recall, which trains
+every sequence mixer from scratch, is in :mod:`~headwise.evals.mqar`."""
 
 from headwise.evals.models import smollm2_for_eval
 from headwise.evals.perplexity import PerplexityScore, perplexity, token_nll
