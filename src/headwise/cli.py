@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train", "training examples"),
         ("--test", "test examples"),
         ("--batch", "batch size"),
-        ("--patience", "plateau patience in epochs (cpu: 5; paper: none)"),
+        ("--patience", "plateau patience in epochs (presets: none)"),
     ):
         mqar.add_argument(option, type=_positive_int, help=f"override the preset's {what}")
     mqar.add_argument("--lrs", help="override the preset's learning rates, comma-separated")
