@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from headwise.layers import BasedAttention, MultiHeadAttention
-from headwise.measure import environment, progress, time_call, time_interleaved, write_results
+from headwise.measure import (
+    environment,
+    progress,
+    seconds,
+    time_call,
+    time_interleaved,
+    write_results,
+)
 from headwise.ops.linear import linear_attention, tnl_decay
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def per_token(args: argparse.Namespace, device: torch.device) -> list[str]:
@@ -84,7 +80,7 @@ def per_token(args: argparse.Namespace, device: torch.device) -> list[str]:
         for r in range(args.rounds):
             for n in lengths:
                 if n < args.long or r < args.long_rounds:
-                    times[n].append(_seconds(lambda n=n: call(n), device))
+                    times[n].append(seconds(lambda n=n: call(n), device))
                 if bar is not None:
                     bar.update()
         if bar is not None:

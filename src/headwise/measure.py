@@ -101,7 +101,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return max(0, sampler.stop() - start)
 
 
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of one ``fn()`` call, device work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,7 +115,7 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
 def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int = 5) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
     fn()
-    times = sorted(_seconds(fn, device) for _ in range(repeats))
+    times = sorted(seconds(fn, device) for _ in range(repeats))
     return times[len(times) // 2]
 
 
@@ -130,7 +130,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(_seconds(fn, device))
+            times[name].append(seconds(fn, device))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 

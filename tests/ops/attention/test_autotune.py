@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import headwise.patterns as P
-from headwise import attention, explain
+from headwise import attention, explain, measure
 from headwise.ops.attention import autotune
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.native import available as native_available
@@ -52,7 +52,13 @@ def fake_clock(monkeypatch, costs=COSTS) -> list[str]:
         return real(name, call)
 
     monkeypatch.setattr(autotune, "run_backend", run)
-    monkeypatch.setattr(autotune, "perf_counter", lambda: now[0])
+
+    def seconds(fn, device):
+        start = now[0]
+        fn()
+        return now[0] - start
+
+    monkeypatch.setattr(measure, "seconds", seconds)
     return calls
 
 

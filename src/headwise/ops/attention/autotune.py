@@ -58,11 +58,11 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from time import perf_counter
 from typing import NamedTuple
 
 import torch
 
+from headwise import measure
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dropout import Dropout
 from headwise.ops.attention.native.build import private_cache
@@ -176,23 +176,13 @@ def _time(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[st
     shared machine hit every candidate alike."""
     for fn in fns.values():
         fn()
-    samples = {name: [_seconds(fn, device)] for name, fn in fns.items()}
+    samples = {name: [measure.seconds(fn, device)] for name, fn in fns.items()}
     best = min(first for (first,) in samples.values())
     kept = [name for name, (first,) in samples.items() if first <= PRUNE * best]
     for _ in range(ROUNDS - 1):
         for name in kept:
-            samples[name].append(_seconds(fns[name], device))
+            samples[name].append(measure.seconds(fns[name], device))
     return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return perf_counter() - start
 
 
 def _fastest(times: dict[str, float], candidates: tuple[str, ...]) -> str:
