@@ -92,7 +92,7 @@ def attention(
     dropout = None
     if problem.dropout_p > 0:
         seed = dropout_seed
-        if seed is None and choice.backend != "sdpa":  # sdpa draws its own mask
+        if seed is None and not chosen.draws_own_mask:
             seed = draw_seed()
         dropout = Dropout(problem.dropout_p, seed)
     if (

@@ -43,6 +43,8 @@ class Backend:
     summary = ""
     #: whether ``run`` applies the non-finite rule itself (else :func:`attention` does)
     screens_non_finite = False
+    #: whether its dropout draws its own mask from torch's generator (no keep_mask seed)
+    draws_own_mask = False
 
     def reasons(self, problem: AttentionProblem) -> list[str]:
         raise NotImplementedError
@@ -74,6 +76,7 @@ def _sdpa_causal_kind(pattern: Pattern | None) -> str | None:
 class SdpaBackend(Backend):
     name = "sdpa"
     summary = "torch.nn.functional.scaled_dot_product_attention (dense or plain causal)"
+    draws_own_mask = True
 
     def reasons(self, problem):
         reasons = []
