@@ -140,45 +140,63 @@ def run_mqar(args: argparse.Namespace) -> int:
     env = environment(args.device)
     env["workers"] = str(args.workers)
     env["load_average_at_start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    start = time.perf_counter()
-    runs = mqar.sweep(
-        args.mixers, args.configs, device=args.device, workers=args.workers, show_progress=True
-    )
-    wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"mqar-{args.preset}-{env['device'].split(':')[0]}-{env['date'][:10]}"
+    stem = out / f"mqar-{args.preset}-{env['device'].split(':')[0]}-{env['date'][:10]}"
+    start = time.perf_counter()
+
+    def write(runs: list, done: int, total: int) -> None:
+        _write_mqar(args, env, stem, runs, time.perf_counter() - start, done, total)
+
+    mqar.sweep(
+        args.mixers,
+        args.configs,
+        device=args.device,
+        workers=args.workers,
+        show_progress=True,
+        on_done=write,
+    )
+    print((stem.with_suffix(".md")).read_text())
+    print(f"wrote {stem}.md, .json" + (", .png" if stem.with_suffix(".png").exists() else ""))
+    return 0
+
+
+def _write_mqar(args, env, stem: Path, runs: list, wall: float, done: int, total: int) -> None:
+    """The results files (Markdown, JSON with every curve, plot) of the runs finished so far:
+    rewritten after every job, so a stopped sweep leaves what it finished."""
+    from headwise.evals import mqar
+
+    state = "complete" if done == total else f"partial: {done} of {total} jobs finished"
+    settings = [dataclasses.asdict(c) for c in args.configs]
     payload = {
         "environment": env,
         "headwise": __version__,
         "preset": args.preset,
-        "configs": [dataclasses.asdict(c) for c in args.configs],
+        "state": state,
+        "configs": settings,
         "wall_seconds": wall,
         "runs": mqar.runs_as_dicts(runs),
     }
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     plot = None
     if importlib.util.find_spec("matplotlib") is not None:
-        plot = mqar.plot_sweep(runs, out / f"{stem}.png")
+        plot = mqar.plot_sweep(runs, stem.with_suffix(".png"))
     text = "\n".join(
         [
             f"# MQAR ({args.preset} preset): Zoology's multi-query associative recall",
             "",
             *(f"- {k}: {v}" for k, v in env.items()),
-            f"- headwise {__version__}; wall time {wall:.0f} s for {len(runs)} runs",
+            f"- headwise {__version__}; {state}; wall time {wall:.0f} s for {len(runs)} runs",
             f"- mixers: {', '.join(args.mixers)}",
-            f"- settings: {json.dumps([dataclasses.asdict(c) for c in args.configs[:1]])}",
+            f"- settings: {json.dumps(settings[:1])}",
             "",
             _mqar_table(runs),
             "",
-            f"Curves: {stem}.json" + (f"; plot: {plot.name}" if plot else ""),
+            f"Curves: {stem.name}.json" + (f"; plot: {plot.name}" if plot else ""),
             "",
         ]
     )
-    print(text)
-    (out / f"{stem}.md").write_text(text)
-    print(f"wrote {out / stem}.md, .json" + (", .png" if plot else ""))
-    return 0
+    stem.with_suffix(".md").write_text(text)
 
 
 class _Parser(argparse.ArgumentParser):

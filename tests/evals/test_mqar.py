@@ -4,6 +4,11 @@ every mixer, a tiny end-to-end run that beats chance for attention, and the CLI.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -176,36 +181,83 @@ def test_plateau_rule():
 
 
 def test_cli_mqar_smoke(tmp_path, capsys):
-    code = cli.main(
-        [
-            "mqar",
-            "--mixers",
-            "attention,base_conv",
-            "--epochs",
-            "1",
-            "--train",
-            "64",
-            "--test",
-            "32",
-            "--batch",
-            "32",
-            "--lrs",
-            "1e-3",
-            "--workers",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    code = cli.main(_tiny_args(tmp_path))
     assert code == 0
     (result,) = tmp_path.glob("*.json")
     payload = json.loads(result.read_text())
+    assert payload["state"] == "complete"
     assert {r["mixer"] for r in payload["runs"]} == {"attention", "base_conv"}
     assert all(len(r["curve"]) == 1 for r in payload["runs"])
     assert "date" in payload["environment"] and "torch" in payload["environment"]
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
+
+
+def _tiny_args(tmp_path, mixers="attention,base_conv"):
+    return [
+        "mqar",
+        *("--mixers", mixers, "--epochs", "1", "--train", "64", "--test", "32"),
+        *("--batch", "32", "--lrs", "1e-3", "--workers", "1", "--device", "cpu"),
+        *("--out", str(tmp_path)),
+    ]
+
+
+def test_sweep_reports_each_finished_job_in_job_order():
+    config = mqar.MQARConfig(num_train=64, num_test=32, batch_size=32, max_epochs=1, lrs=(1e-3,))
+    seen = []
+    runs = mqar.sweep(
+        ["base_conv", "attention"],
+        [config],
+        show_progress=False,
+        on_done=lambda runs, done, total: seen.append(([r.mixer for r in runs], done, total)),
+    )
+    assert seen == [(["base_conv"], 1, 2), (["base_conv", "attention"], 2, 2)]
+    assert [r.mixer for r in runs] == ["base_conv", "attention"]
+
+
+def test_cli_mqar_keeps_finished_jobs_when_a_later_one_fails(tmp_path, monkeypatch):
+    real = mqar.sweep_one
+
+    def failing(mixer, *args, **kwargs):
+        if mixer == "base_conv":
+            raise RuntimeError("stopped")
+        return real(mixer, *args, **kwargs)
+
+    monkeypatch.setattr(mqar, "sweep_one", failing)
+    with pytest.raises(RuntimeError, match="stopped"):
+        cli.main(_tiny_args(tmp_path))
+    (result,) = tmp_path.glob("*.json")
+    payload = json.loads(result.read_text())
+    assert payload["state"] == "partial: 1 of 2 jobs finished"
+    assert [r["mixer"] for r in payload["runs"]] == ["attention"]
+    assert "partial: 1 of 2" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_pool_workers_exit_when_their_parent_is_killed(tmp_path):
+    script = (
+        "import multiprocessing, os, sys, time\n"
+        "from headwise.evals import mqar\n"
+        "if __name__ == '__main__':\n"
+        "    spawn = multiprocessing.get_context('spawn')\n"
+        "    pool = spawn.Pool(1, mqar._start_worker, (os.getpid(),))\n"
+        "    print(pool.apply(os.getpid), flush=True)\n"
+        "    pool.apply_async(time.sleep, (120,))\n"
+        "    time.sleep(120)\n"
+    )
+    path = tmp_path / "parent.py"
+    path.write_text(script)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)  # no clean-up runs in the parent
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the pool worker outlived its killed parent")
 
 
 @pytest.mark.parametrize(

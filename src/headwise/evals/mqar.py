@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -702,10 +704,22 @@ def sweep_one(
     return runs
 
 
-def _sweep_job(job: tuple[str, MQARConfig, str, bool]) -> list[Run]:
+def _sweep_job(job: tuple[int, str, MQARConfig, str, bool]) -> tuple[int, list[Run]]:
+    index, mixer, config, device, show = job
+    return index, sweep_one(mixer, config, device=device, show_progress=show)
+
+
+def _start_worker(parent: int) -> None:
+    """A pool worker: one torch thread, and gone within a second of its parent (a parent killed
+    by a signal runs no clean-up, and would leave its workers training)."""
     torch.set_num_threads(1)
-    mixer, config, device, show = job
-    return sweep_one(mixer, config, device=device, show_progress=show)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def sweep(
@@ -715,25 +729,40 @@ def sweep(
     device: torch.device | str = "cpu",
     workers: int = 1,
     show_progress: bool = True,
+    on_done: Callable[[list[Run], int, int], None] | None = None,
 ) -> list[Run]:
-    """:func:`sweep_one` for every mixer and config. With ``workers > 1`` (CPU only) the jobs
-    run in that many processes of one torch thread each, longest-first by mixer order."""
+    """:func:`sweep_one` for every mixer and config (configs outer, mixers inner). With
+    ``workers > 1`` (CPU only) the jobs run in that many processes of one torch thread each, in
+    that order, each taking the next job when it finishes one. ``on_done(runs, done, total)``
+    is called after each (mixer, config) job with the runs finished so far, in job order (e.g.
+    to write partial results). The runs are returned in job order."""
     for name in mixers:
         check_mixer(name)
     workers = check_int("workers", workers, minimum=1)
-    jobs = [(m, c, str(device), show_progress) for c in configs for m in mixers]
-    if workers == 1:
-        return [
-            run
-            for job in jobs
-            for run in sweep_one(job[0], job[1], device=job[2], show_progress=job[3])
-        ]
-    if torch.device(device).type != "cpu":
+    if workers > 1 and torch.device(device).type != "cpu":
         raise ValueError(f"workers > 1 needs device cpu; got {device}")
-    import multiprocessing
+    jobs = [
+        (i, m, c, str(device), show_progress)
+        for i, (c, m) in enumerate((c, m) for c in configs for m in mixers)
+    ]
+    finished: dict[int, list[Run]] = {}
 
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return [run for runs in pool.imap(_sweep_job, jobs) for run in runs]
+    def done(index: int, runs: list[Run]) -> None:
+        finished[index] = runs
+        if on_done is not None:
+            on_done([r for i in sorted(finished) for r in finished[i]], len(finished), len(jobs))
+
+    if workers == 1:
+        for job in jobs:
+            done(*_sweep_job(job))
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, _start_worker, (os.getpid(),)) as pool:
+            for index, runs in pool.imap_unordered(_sweep_job, jobs):
+                done(index, runs)
+    return [r for i in sorted(finished) for r in finished[i]]
 
 
 def best(runs: Sequence[Run]) -> dict[tuple[str, int, int], Run]:

@@ -1,5 +1,6 @@
-"""``auto`` with the Taylor map on short sequences: the quadratic form on ``1 + z + z^2/2`` (no
-features built) equals the chunked path over the features, outputs and every gradient."""
+"""``auto`` on short sequences: the quadratic form (Taylor's closed form ``1 + z + z^2/2`` with no
+features built, or ``phi(q) phi(k)^T`` for the other maps below the break-even length) equals the
+chunked path over the features, outputs and every gradient."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import torch
 from linear_helpers import make_inputs
 
 from conftest import assert_fa3_close
-from headwise.ops.linear import linear_attention
+from headwise.ops.linear import api, linear_attention
 from headwise.ops.linear.api import PARALLEL_MAX_LENGTH
 
 
-def _run(inputs, dtype, backend, causal):
+def _run(inputs, dtype, backend, causal, feature_map="taylor", normalize=True):
     q, k, v, lam, _ = inputs
     side = torch.float64 if dtype == torch.float64 else torch.float32
     leaves = [q.to(dtype), k.to(dtype), v.to(dtype), lam.to(side)]
     for x in leaves:
         x.requires_grad_()
     o = linear_attention(
-        *leaves[:3], feature_map="taylor", decay=leaves[3], causal=causal, normalize=True,
+        *leaves[:3], feature_map=feature_map, decay=leaves[3], causal=causal, normalize=normalize,
         backend=backend, chunk_size=8,
     )  # fmt: skip
     grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -58,3 +59,30 @@ def test_auto_builds_no_taylor_features_on_short_sequences_only():
 
     assert 1 + dim + dim * dim not in saved_widths(9)
     assert 1 + dim + dim * dim in saved_widths(PARALLEL_MAX_LENGTH + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    ("feature_map", "normalize"), [("elu+1", True), ("relu", True), (None, False)]
+)
+def test_parallel_features_match_chunked(dtype, causal, feature_map, normalize):
+    inputs = make_inputs(batch=2, length=19, heads=3, dim=8, dim_v=5, state=False)
+    args = (causal, feature_map, normalize)
+    oracle = _run(inputs, torch.float64, "naive", *args)
+    chunked = _run(inputs, dtype, "chunk", *args)
+    parallel = _run(inputs, dtype, "auto", *args)
+    for name in oracle:
+        assert_fa3_close(parallel[name], chunked[name], oracle[name], dtype, what=name)
+
+
+def test_auto_takes_the_quadratic_form_below_the_break_even_only(monkeypatch):
+    calls = []
+    real = api._run
+    monkeypatch.setattr(api, "_run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    # F = E = 8 (unnormalized): quadratic while L * 16 <= 8 * 64, i.e. L <= 32
+    for length, chunked in ((32, False), (33, True)):
+        calls.clear()
+        q = torch.randn(1, length, 2, 8)
+        linear_attention(q, q, q, feature_map="elu+1")
+        assert bool(calls) == chunked, length

@@ -56,7 +56,11 @@ def test_triton_rejects_what_it_cannot_run_and_auto_falls_back():
         linear_attention(q[..., :4], q[..., :4], q[..., :4], backend="triton", chunk_size=24)
     with pytest.raises(ValueError, match="dtype"):
         linear_attention(q.double(), q.double(), q.double(), backend="triton")
-    # auto never picks Triton for CPU tensors, and for unsupported cases it uses the chunk path
+    # auto never picks Triton for CPU tensors (here it takes the quadratic form of a short
+    # sequence, which sums in another order than the chunk path)
     torch.testing.assert_close(
-        linear_attention(q, q, q, backend="auto"), linear_attention(q, q, q, backend="chunk")
+        linear_attention(q, q, q, backend="auto"),
+        linear_attention(q, q, q, backend="chunk"),
+        rtol=1e-4,
+        atol=1e-4,
     )

@@ -21,6 +21,12 @@ _DEFAULT_CHUNK = 64
 #: ``similarity`` (Taylor: ``O(L D)`` per token instead of the chunked ``O(C D'^2)`` work on
 #: ``D' = 1 + D + D^2`` features): Based's "parallel" training view.
 PARALLEL_MAX_LENGTH = 512
+#: For feature maps without a closed form, ``auto`` takes the quadratic form on the features
+#: ``phi(q) phi(k)^T`` while ``L <= PARALLEL_BREAK_EVEN * F E / (F + E)`` (``F`` features,
+#: ``E`` value columns, ``+1`` when normalized): there its ``L^2 (F + E)`` work costs less than
+#: the chunked path (measured on CPU, forward and backward: 0.3x the chunked time at ``L = 64``,
+#: ``F = E = 64``, 0.8x at ``F = E = 16``; break-even near the bound).
+PARALLEL_BREAK_EVEN = 8
 
 
 def linear_attention(
@@ -69,7 +75,8 @@ def linear_attention(
             non-decreasing, ends at ``T``. Empty sequences are allowed.
         backend: ``auto`` (Triton on CUDA when installed, else ``chunk``; but up to
             ``PARALLEL_MAX_LENGTH`` tokens, without state or packing, the quadratic form when the
-            feature map has a closed-form ``similarity``, as ``taylor`` does), ``chunk``,
+            feature map has a closed-form ``similarity``, as ``taylor`` does, or when the
+            sequence is short for its widths: ``PARALLEL_BREAK_EVEN``), ``chunk``,
             ``triton``, ``naive`` (quadratic reference) or ``recurrent`` (token loop reference).
 
     Returns:
@@ -101,20 +108,18 @@ def linear_attention(
     lengths = list(seqlens_from_cu("cu_seqlens", cu_seqlens, q.shape[0])) if varlen else None
 
     similarity = getattr(fmap, "similarity", None)
-    if (
+    parallel = (
         backend == "auto"
-        and similarity is not None
         and not varlen
         and initial_state is None
         and not return_state
         and q.shape[1] <= PARALLEL_MAX_LENGTH
-    ):
-        vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
-        dtype = compute_dtype(q.dtype)
-        o = _parallel(similarity(q.to(dtype), k.to(dtype)), vv, lam, causal)
-        if normalize:
-            o = o[..., :-1] / (o[..., -1:] + eps)
-        return o.to(v.dtype)
+    )
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+    dtype = compute_dtype(q.dtype)
+    if parallel and similarity is not None:
+        scores = similarity(q.to(dtype), k.to(dtype))
+        return _finish_parallel(scores, vv, lam, causal, normalize, eps, v.dtype)
 
     qf, kf = fmap.query(q), fmap.key(k)
     if qf.shape[-1] != kf.shape[-1]:
@@ -122,7 +127,10 @@ def linear_attention(
             f"feature_map gave query features {tuple(qf.shape)} and key features "
             f"{tuple(kf.shape)}; the last dims must match"
         )
-    vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+    features, columns = qf.shape[-1], vv.shape[-1]
+    if parallel and q.shape[1] * (features + columns) <= PARALLEL_BREAK_EVEN * features * columns:
+        scores = torch.einsum("blhf,bshf->bhls", qf.to(dtype), kf.to(dtype))
+        return _finish_parallel(scores, vv, lam, causal, normalize, eps, v.dtype)
     batch = len(lengths) if varlen else q.shape[0]
     if initial_state is not None:
         _check_state(initial_state, (batch, heads, qf.shape[-1], vv.shape[-1]), q)
@@ -261,6 +269,15 @@ def _run(
     return forward + backward.flip(1) - diagonal, None
 
 
+def _finish_parallel(scores, vv, lam, causal, normalize, eps, dtype):
+    """The quadratic form's output in ``dtype`` from the similarities ``scores``; with
+    ``normalize``, ``vv``'s last column (ones) gives the denominators."""
+    o = _parallel(scores, vv, lam, causal)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
+    return o.to(dtype)
+
+
 def _parallel(
     scores: torch.Tensor, v: torch.Tensor, lam: torch.Tensor | None, causal: bool
 ) -> torch.Tensor:
@@ -269,8 +286,9 @@ def _parallel(
     dtype = scores.dtype
     if lam is not None:
         pos = torch.arange(v.shape[1], device=v.device, dtype=dtype)
-        scores = scores * lam.to(dtype)[:, None, None] ** (pos[:, None] - pos[None, :]).abs()
-    if causal:
+        weight = lam.to(dtype)[:, None, None] ** (pos[:, None] - pos[None, :]).abs()
+        scores = scores * (weight.tril() if causal else weight)  # one pass over the scores
+    elif causal:
         scores = scores.tril()
     return torch.einsum("bhts,bshe->bthe", scores, v.to(dtype))
 
