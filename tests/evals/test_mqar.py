@@ -141,8 +141,9 @@ def test_dropout_reaches_layers_that_take_it():
     assert isinstance(mqar._with_dropout(Plain, ctx, 8), Plain)
 
 
-def test_non_causal_mixers_are_refused():
-    for name in mqar.NON_CAUSAL:
+def test_refused_mixers_say_why():
+    assert {"agent", "inline", "gaussian", "gaussian_sequence"} <= set(mqar.REFUSED)
+    for name in mqar.REFUSED:
         with pytest.raises(ValueError, match="cannot be used"):
             mqar.MQARModel(name, vocab_size=V, dim=16, seq_len=L)
     with pytest.raises(ValueError, match="mixer must be one of"):
