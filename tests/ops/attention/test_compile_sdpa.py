@@ -133,3 +133,21 @@ def test_eager_calls_take_the_operator_only_where_sdpa_would_take_its_flash_kern
     assert not sdpa_ops._operator_serves(q[:, :0], q, q, None, 0.0)
     strided = torch.randn(1, 6, 2, 8)[..., ::2]
     assert not sdpa_ops._operator_serves(strided, q, q, None, 0.0)
+
+
+def test_bad_entries_get_zero_gradient_even_from_rows_giving_them_a_subnormal_weight():
+    # rows 2.. give the NaN value at key 2 the weight e^-100 / n (below 2^-126: no row is
+    # poisoned, yet a nonzero subnormal in SDPA's kernel): its gradient is still exactly 0, as in
+    # the oracle
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 8, 1, 4, generator=gen) for _ in range(3))
+    v[0, 2, 0, 1] = NAN
+    bias = torch.zeros(1, 1, 8, 8)
+    bias[..., 2] = -100.0
+    for backend in ("sdpa", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, P.causal(), bias=bias, backend=backend)
+        assert not out.isnan().any()
+        grads = torch.autograd.grad(out.sum(), leaves)
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert grads[2][0, 2, 0, 1] == 0, backend
