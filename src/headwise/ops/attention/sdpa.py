@@ -99,20 +99,25 @@ def _forward(
     bias: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation)
     diagonal: Optional[int],  # noqa: UP045
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Lq, H, D), lse (B, H, Lq))`` of CPU ``(B, L, H, D)`` inputs (one head dim; ``lse``
-    in float32, float64 for float64 inputs) under the non-finite rule."""
-    run = _runner(diagonal, scale)
-    if (diagonal is not None or bias is not None) and has_non_finite(q, k, v):
-        return run_poisoned(run, q, k, v, None, None, bias, None)
-    return _flash(q, k, v, bias, diagonal, scale)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, D), lse (B, H, Lq), dirty)`` of CPU ``(B, L, H, D)`` inputs (one head
+    dim; ``lse`` in float32, float64 for float64 inputs) under the non-finite rule; ``dirty``: a
+    bool scalar, whether the rule's screen found a non-finite entry (the backward pass then
+    looks again instead of paying the screen on every call)."""
+    dirty = (diagonal is not None or bias is not None) and has_non_finite(q, k, v)
+    if dirty:
+        out, lse = run_poisoned(_runner(diagonal, scale), q, k, v, None, None, bias, None)
+    else:
+        out, lse = _flash(q, k, v, bias, diagonal, scale)
+    return out, lse, torch.tensor(dirty)
 
 
 @_forward.register_fake
 def _(q, k, v, bias, diagonal, scale):
     batch, q_len, heads = q.shape[:3]
     lse = q.new_empty(batch, heads, q_len, dtype=torch.promote_types(q.dtype, torch.float32))
-    return q.new_empty(batch, q_len, heads, v.shape[3]), lse
+    dirty = torch.empty((), dtype=torch.bool, device=q.device)
+    return q.new_empty(batch, q_len, heads, v.shape[3]), lse, dirty
 
 
 @torch.library.custom_op("headwise::sdpa_attention_bwd", mutates_args=())
@@ -124,15 +129,16 @@ def _backward(
     bias: Optional[torch.Tensor],  # noqa: UP045
     out: torch.Tensor,
     lse: torch.Tensor,
+    dirty: torch.Tensor,
     diagonal: Optional[int],  # noqa: UP045
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of :func:`_forward` (``lse`` takes no gradient). Under the rule: the
-    kernel's backward on the clean inputs (its outputs recomputed) with the poisoned rows' output
-    gradients 0, and 0 at the bad entries, as autograd gives through :func:`.nonfinite.
-    run_poisoned`."""
+    """``(dq, dk, dv)`` of :func:`_forward` (``lse`` takes no gradient). Where the forward pass
+    found a non-finite entry (``dirty``): the kernel's backward on the clean inputs (its outputs
+    recomputed) with the poisoned rows' output gradients 0, and 0 at the bad entries, as autograd
+    gives through :func:`.nonfinite.run_poisoned`."""
     found = None
-    if (diagonal is not None or bias is not None) and has_non_finite(q, k, v):
+    if dirty.item():
         found = poisoned_rows(_runner(diagonal, scale), q, k, v, None, None, bias, None)
     dirty = q, k, v
     if found is not None:
@@ -151,7 +157,7 @@ def _backward(
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, bias, out, lse, diagonal, scale):
+def _(grad_out, q, k, v, bias, out, lse, dirty, diagonal, scale):
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
@@ -161,12 +167,12 @@ def _setup_context(ctx, inputs, output):
     ctx.diagonal, ctx.scale = diagonal, scale
 
 
-def _gradients(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse, grad_dirty):
     refuse_double_backward("the 'sdpa' backend's fused CPU kernel")
-    q, k, v, bias, out, lse = ctx.saved_tensors
+    q, k, v, bias, out, lse, dirty = ctx.saved_tensors
     bias = None if bias is None else bias.detach()
     dq, dk, dv = torch.ops.headwise.sdpa_attention_bwd(
-        grad_out, q, k, v, bias, out, lse, ctx.diagonal, ctx.scale
+        grad_out, q, k, v, bias, out, lse, dirty, ctx.diagonal, ctx.scale
     )
     return dq, dk, dv, None, None, None
 
@@ -208,7 +214,7 @@ def sdpa_attention(
         # every row sees every key: nothing to look for
         out = _plain(q, k, v, bias, diagonal, scale, dropout_p)
     elif _operator_serves(q, k, v, bias, dropout_p):
-        out, _ = torch.ops.headwise.sdpa_attention_fwd(q, k, v, bias, diagonal, scale)
+        out = torch.ops.headwise.sdpa_attention_fwd(q, k, v, bias, diagonal, scale)[0]
     elif has_non_finite(q, k, v):
         # run_poisoned passes dropout_p to the pass that makes out, None to its weight pass
         def run(q, k, v, _pattern, _scale, bias, _mod, dropout):
