@@ -5,7 +5,7 @@ Eager: ``attention(q, k, v, causal(), backend="sdpa")`` (the operators
 (``has_non_finite`` then ``F.scaled_dot_product_attention(is_causal=True)``), forward and
 forward+backward, timed in turn round by round. Compiled: one transformer block (bench_attention's)
 with causal attention on ``sdpa`` and, for comparison, on ``native`` (the other custom operator),
-eager vs ``torch.compile`` with graph breaks counted. Writes ``sdpa-compile-<device>-<date>.md``.
+eager vs ``torch.compile`` with graph breaks counted. Writes ``<name>-cpu-<date>.md``.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--compile-heads", type=int, default=4)
     parser.add_argument("--compile-backends", nargs="*", default=["sdpa", "native"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["eager", "compiled"])
+    parser.add_argument("--name", default="sdpa-compile", help="results file stem")
     args = parser.parse_args()
     env = environment(torch.device("cpu"))
     lines = ["# headwise: causal attention on sdpa's custom operators\n"]
@@ -142,7 +143,7 @@ def main() -> None:
         bench_eager(args, lines)
     if "compiled" not in args.skip:
         bench_compiled(argparse.Namespace(**{**vars(args), "heads": args.compile_heads}), lines)
-    write_results(RESULTS, "sdpa-compile-cpu", env, "\n".join(lines) + "\n")
+    write_results(RESULTS, f"{args.name}-cpu", env, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
