@@ -42,6 +42,21 @@ def test_causal_layer_compiles_in_one_graph_and_matches_eager(backend):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # inductor's C++ build: about 20 s on a loaded 2-core machine
+def test_inductor_compiles_the_operator():
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, pattern=P.causal(), backend="sdpa")
+    compiled = torch.compile(layer, fullgraph=True)
+    x_eager, x_compiled = (torch.randn(1, 35, 16).requires_grad_() for _ in range(2))
+    with torch.no_grad():
+        x_compiled.copy_(x_eager)
+    y_eager, y_compiled = layer(x_eager), compiled(x_compiled)
+    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+    (g_eager,) = torch.autograd.grad(y_eager.square().sum(), x_eager)
+    (g_compiled,) = torch.autograd.grad(y_compiled.square().sum(), x_compiled)
+    torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-5)
+
+
 def dirty_inputs(bad, dtype=torch.float32):
     """Causal GQA inputs with one bad entry at position 5: hidden from rows 0-4."""
     gen = torch.Generator().manual_seed(1)
