@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from headwise.ops.attention.blockwise import blockwise_attention
 from headwise.ops.attention.native import available as native_available
@@ -24,6 +23,7 @@ from headwise.ops.attention.native import native_attention
 from headwise.ops.attention.native import why_not as native_why_not
 from headwise.ops.attention.problem import AttentionProblem, bias_4d
 from headwise.ops.attention.reference import reference_attention
+from headwise.ops.attention.sdpa import sdpa_attention
 from headwise.patterns import Pattern
 
 #: the reference backend materializes B*H*Lq*Lk scores; ``auto`` refuses it above this size
@@ -76,6 +76,8 @@ def _sdpa_causal_kind(pattern: Pattern | None) -> str | None:
 class SdpaBackend(Backend):
     name = "sdpa"
     summary = "torch.nn.functional.scaled_dot_product_attention (dense or plain causal)"
+    # in its custom operator on CPU, where torch.compile does not trace (.sdpa)
+    screens_non_finite = True
     draws_own_mask = True
 
     def reasons(self, problem):
@@ -101,41 +103,18 @@ class SdpaBackend(Backend):
         return reasons
 
     def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
-        q_len, kv_len = q.shape[1], k.shape[1]
-        head_dim, value_dim = q.shape[-1], v.shape[-1]
-        if scale is None:
-            scale = head_dim**-0.5
         kind = _sdpa_causal_kind(pattern)
-        mask = None
-        is_causal = False
-        if kind != "none":
-            diagonal = 0 if kind == "top_left" else kv_len - q_len
-            # is_causal only where it is plain top-left causal and the scale positive: SDPA's CPU
-            # kernel scales its -inf causal fill, and -inf * scale is NaN or +inf for scale <= 0
-            if diagonal == 0 and bias is None and scale > 0:
-                is_causal = True
-            else:
-                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
-                mask = mask.tril(diagonal)
-        if bias is not None:
-            attn_bias = bias_4d(bias).to(q.dtype)
-            mask = attn_bias if mask is None else attn_bias.masked_fill(~mask, float("-inf"))
-        if head_dim != value_dim:
-            # SDPA's fused kernels need one head dim for q, k and v, and otherwise fall back to
-            # the L x L math path; zero padding changes neither the scores nor the kept output.
-            width = max(head_dim, value_dim)
-            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            dropout_p=0.0 if dropout is None else dropout.p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=q.shape[2] != k.shape[2],
+        diagonal = {"none": None, "top_left": 0}.get(kind, k.shape[1] - q.shape[1])
+        out = sdpa_attention(
+            q,
+            k,
+            v,
+            diagonal,
+            q.shape[-1] ** -0.5 if scale is None else scale,
+            bias,
+            0.0 if dropout is None else dropout.p,
         )
-        return out.transpose(1, 2)[..., :value_dim], None
+        return out, None
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,8 +1,8 @@
 """Attention's non-finite rule (stated in :mod:`headwise.ops.attention.api`), in one place for
 every backend: :func:`has_non_finite` looks, :func:`poisoned_rows` finds the rows a bad key or
-value reaches, :func:`run_poisoned` runs a backend under the rule. The ``native`` custom operator
-applies it inside its own implementation (:mod:`.native.autograd`), where ``torch.compile``
-does not trace the data-dependent branch.
+value reaches, :func:`run_poisoned` runs a backend under the rule. The ``native`` and ``sdpa``
+custom operators apply it inside their own implementations (:mod:`.native.autograd`,
+:mod:`.sdpa`), where ``torch.compile`` does not trace the data-dependent branch.
 """
 
 from __future__ import annotations
