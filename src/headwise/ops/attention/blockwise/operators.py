@@ -61,19 +61,25 @@ def _forward(
     block: int,
     dropout_p: float,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Lq, H, Dv) in q's dtype, lse (B, H, Lq) float32, float64 for float64)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, Dv) in q's dtype, lse (B, H, Lq) float32, float64 for float64,
+    screened)``: ``screened`` (a bool scalar) tells the backward pass whether the non-finite rule
+    has inputs to look at, so that it looks only then."""
     pattern, run, dropout = _runner(pattern_key, q, k, block, dropout_p, seed)
-    if hides_keys(pattern, bias, None) and has_non_finite(q, k, v):
-        return run_poisoned(run, q, k, v, pattern, scale, bias, None, dropout)
-    return run(q, k, v, pattern, scale, bias, None, dropout)
+    screened = hides_keys(pattern, bias, None) and has_non_finite(q, k, v)
+    if screened:
+        out, lse = run_poisoned(run, q, k, v, pattern, scale, bias, None, dropout)
+    else:
+        out, lse = run(q, k, v, pattern, scale, bias, None, dropout)
+    # contiguous, as the fake implementation says (the step-by-step path gives a transpose)
+    return out.contiguous(), lse.contiguous(), torch.tensor(screened)
 
 
 @_forward.register_fake
 def _(q, k, v, bias, pattern_key, scale, block, dropout_p, seed):
     batch, q_len, heads = q.shape[:3]
     lse = q.new_empty(batch, heads, q_len, dtype=compute_dtype(q.dtype))
-    return q.new_empty(batch, q_len, heads, v.shape[3]), lse
+    return q.new_empty(batch, q_len, heads, v.shape[3]), lse, torch.empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op("headwise::blockwise_attention_bwd", mutates_args=())
@@ -86,6 +92,7 @@ def _backward(
     bias: Optional[torch.Tensor],  # noqa: UP045
     out: torch.Tensor,
     lse: torch.Tensor,
+    screened: torch.Tensor,
     pattern_key: str,
     scale: float,
     block: int,
@@ -94,13 +101,11 @@ def _backward(
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dbias)`` of :func:`_forward` (``dbias`` empty unless ``bias_grad``).
-    Under the non-finite rule the backward is that of the clean inputs with the poisoned rows'
-    output gradients zeroed (their forward outputs, recomputed), and the bad entries get
-    gradient 0."""
+    Where the forward pass ``screened`` its inputs, under the non-finite rule, the backward is
+    that of the clean inputs with the poisoned rows' output gradients zeroed (their forward
+    outputs, recomputed), and the bad entries get gradient 0."""
     pattern, run, dropout = _runner(pattern_key, q, k, block, dropout_p, seed)
-    found = None
-    if hides_keys(pattern, bias, None) and has_non_finite(q, k, v):
-        found = poisoned_rows(run, q, k, v, pattern, scale, bias, None)
+    found = poisoned_rows(run, q, k, v, pattern, scale, bias, None) if screened.item() else None
     if found is not None:
         bad = [~torch.isfinite(t) for t in (q, k, v)]
         q, k, v, poisoned = found
@@ -117,13 +122,15 @@ def _backward(
     )  # fmt: skip
     if found is not None:
         dq, dk, dv = (d.masked_fill(b, 0) for d, b in zip((dq, dk, dv), bad))
-    return dq, dk, dv, q.new_zeros(0) if dbias is None else dbias
+    # contiguous, as the fake implementation says
+    d_bias = q.new_zeros(0) if dbias is None else dbias.contiguous()
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_bias
 
 
 @_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, bias, out, lse, pattern_key, scale, block, p, seed, bias_grad):
-    d_bias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_bias
+def _(grad_out, grad_lse, q, k, v, bias, out, lse, screened, key, scale, block, p, seed, bias_grad):
+    d_bias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -132,16 +139,16 @@ def _setup_context(ctx, inputs, output):
     ctx.pattern, ctx.params = _pattern_of(key), (scale, block, dropout_p, seed)
 
 
-def _gradients(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse, _):
     refuse_double_backward("the 'blockwise' backend")
-    q, k, v, bias, out, lse = ctx.saved_tensors
+    q, k, v, bias, out, lse, screened = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     bias = None if bias is None else bias.detach()
     # the key again: an eager call's key may have made way for newer patterns since
+    key = pattern_key(ctx.pattern)
     dq, dk, dv, d_bias = torch.ops.headwise.blockwise_attention_bwd(
-        grad_out, grad_lse, q, k, v, bias, out, lse, pattern_key(ctx.pattern), *ctx.params,
-        bias_grad,
-    )  # fmt: skip
+        grad_out, grad_lse, q, k, v, bias, out, lse, screened, key, *ctx.params, bias_grad
+    )
     return dq, dk, dv, d_bias if bias_grad else None, None, None, None, None, None
 
 
@@ -161,6 +168,7 @@ def blockwise_operator(
     """``(out, lse)`` of ``headwise::blockwise_attention_fwd``, the non-finite rule applied."""
     p, seed = (0.0, 0) if dropout is None else (dropout.p, dropout.seed)
     seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # int64 for the operator
-    return torch.ops.headwise.blockwise_attention_fwd(
+    out, lse, _ = torch.ops.headwise.blockwise_attention_fwd(
         q, k, v, bias, pattern_key(pattern), scale, block, p, seed
     )
+    return out, lse
