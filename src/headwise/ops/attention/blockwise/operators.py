@@ -13,6 +13,12 @@ the layers around it compile into one graph. The pattern travels as a string key
 operators use). The non-finite rule of :mod:`headwise.ops.attention.api` is applied inside the
 operators (:mod:`..nonfinite`), so its data-dependent branch is never traced.
 
+Why not trace the passes with their plans as constants: measured (2-core CPU, loaded, one
+thread; L=1024, H=4, D=64, a window of 64, forward), the loop over the plan's groups took 74 s
+to compile with inductor and ran no faster compiled than eager (15.8 vs 14.7 ms; this operator
+12.2 ms, batched runs included): the time is in the fused kernel's calls, which inductor keeps as
+they are, and the graph grows with the number of groups.
+
 Inputs are ``(B, L, H, D)`` tensors of any dtype and device the blockwise path serves; ``bias``
 is optional and gets its gradient when it requires one; attention dropout is ``(dropout_p,
 seed)`` (:class:`~headwise.ops.attention.dropout.Dropout`). The backward pass is hand-written and
