@@ -8,7 +8,7 @@ into one output, so the backward pass fills one gradient per input. The backward
 times larger. It is hand-written and not differentiable: a backward pass that builds a graph
 (``create_graph=True``) raises :class:`headwise._checks.Unsupported` instead of returning second
 derivatives that treat the first ones as constants. Without a ``score_mod`` the passes run inside
-custom operators (:mod:`.operator`); a ``score_mod`` (a Python function) runs through
+custom operators (:mod:`.operators`); a ``score_mod`` (a Python function) runs through
 :class:`BlockwiseFunction`.
 
 Attention dropout runs step by step (the fused kernel would draw its own mask): each group's
