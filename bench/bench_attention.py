@@ -437,13 +437,19 @@ def bench_compiled(args, device, dtype, lines, env):
     side = math.isqrt(args.compile_length)
     length, width = side * side, args.heads * args.dim
     windows = [P.sliding_window(w) for w in (16, 32, 64, 128)]
-    cases = [
-        ("causal", P.causal(), "auto"),
-        ("sliding_window(64)", P.sliding_window(64), "auto"),
-        ("per_head(4 windows)", P.per_head([windows[h % 4] for h in range(args.heads)]), "auto"),
-        (f"neighborhood({side}x{side}, 7)", P.neighborhood((side, side), 7), "auto"),
-        ("sliding_window(64)", P.sliding_window(64), "blockwise"),
-    ]
+    patterns = {
+        "causal": P.causal(),
+        "sliding_window(64)": P.sliding_window(64),
+        "per_head(4 windows)": P.per_head([windows[h % 4] for h in range(args.heads)]),
+        f"neighborhood({side}x{side}, 7)": P.neighborhood((side, side), 7),
+        "documents(4, causal)": P.documents([length // 4] * 4, causal=True),
+    }
+    common = ["causal", "sliding_window(64)", "per_head(4 windows)"]
+    rows = {
+        "auto": [*common, f"neighborhood({side}x{side}, 7)"],
+        "blockwise": [*common, "documents(4, causal)"],
+    }
+    cases = [(name, patterns[name], kind) for kind in args.compile_backends for name in rows[kind]]
     section = [
         f"\n## torch.compile: one transformer block (B={args.batch}, L={length}, E={width}, "
         f"H={args.heads}, {args.dtype})\n",
@@ -515,6 +521,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-max", type=int, default=4096)
     parser.add_argument("--compile-length", type=int, default=1024, help="a square number")
+    parser.add_argument(
+        "--compile-backends",
+        nargs="+",
+        default=["auto", "blockwise"],
+        choices=["auto", "blockwise"],
+        help="whose rows the compiled-block section times",
+    )
     parser.add_argument(
         "--skip",
         nargs="*",

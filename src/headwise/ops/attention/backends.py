@@ -222,6 +222,7 @@ def _with_bias(score_mod, bias, batch, heads, q_len, kv_len):
 class BlockwiseBackend(Backend):
     name = "blockwise"
     summary = "PyTorch row blocks that skip empty key blocks; exact, forward+backward anywhere"
+    screens_non_finite = True  # blockwise_attention applies the rule itself
 
     def reasons(self, problem):
         return []

@@ -32,10 +32,18 @@ Thread count (``torch.set_num_threads``): on the fused CPU path (float32/bfloat1
 ``score_mod``; backward without bias or LSE gradient) results are bitwise the same for any
 number of threads; on the step-by-step path they agree to a few ulps only.
 
+``torch.compile``: without a ``score_mod`` a call is one custom operator
+(``headwise::blockwise_attention_fwd``, its backward ``headwise::blockwise_attention_bwd``), so a
+model compiles into one graph with ``fullgraph=True``; the plan is built inside the operator, as
+in eager calls, and the non-finite rule is applied there too. A ``score_mod`` (a Python function)
+runs through an autograd Function instead, which dynamo breaks the graph around.
+
 Files, in reading order (the oracle is :mod:`headwise.ops.attention.reference`):
 ``plan.py`` (plan structures and the planner), ``fused.py`` (the fused CPU kernel path),
 ``stepwise.py`` (the softmax written out, forward and backward), ``heads.py`` (heads grouped by
-pattern), ``function.py`` (the autograd Function), ``api.py`` (:func:`blockwise_attention`).
+pattern), ``function.py`` (both passes over head groups; the autograd Function of the
+``score_mod`` path), ``operators.py`` (the custom operators), ``api.py``
+(:func:`blockwise_attention`).
 """
 
 from headwise.ops.attention.blockwise.api import blockwise_attention

@@ -149,7 +149,7 @@ def fused_forward(q, k, v, bias, pattern, scale, plan):
     q = q.contiguous()
     k, v = _repeat_kv(k, heads).contiguous(), _repeat_kv(v, heads).contiguous()
     out = q.new_zeros(batch, q_len, heads, v.shape[3])
-    lse = torch.full((batch, heads, q_len), float("-inf"), device=q.device)
+    lse = torch.full((batch, heads, q_len), float("-inf"), device=q.device, dtype=torch.float32)
     gather = PanelGather(plan, k, v)
     for panel in plan:
         k_panel, v_panel = gather(panel)
