@@ -239,7 +239,8 @@ def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
 def bench_fresh_varlen(args, device, dtype, lines):
     """Packed training with new ``cu_seqlens`` every batch (no plan reused): the plan's share of
     an ``attention_varlen`` call, and packed headwise vs a loop of SDPA calls, one per document,
-    timed round by round in the same run."""
+    timed round by round in the same run; each loop call runs on the batch the packed call
+    before it had (random batches differ in work by tens of percent)."""
     lines.append("\n## Fresh cu_seqlens every call: packed attention vs a per-document SDPA loop\n")
     lines.append(
         f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents. "
@@ -256,15 +257,19 @@ def bench_fresh_varlen(args, device, dtype, lines):
         total = 16384 if kind == "16k/10" else 32 * 512
         data = [torch.randn(total, args.heads, args.dim, device=device, dtype=dtype) for _ in "qkv"]
 
-        def packed(grad, batches=batches, data=data):
-            cu, causal = next(batches)
+        # the loop runs on the batch the packed call just had (same documents, same work);
+        # the next packed call draws a new one
+        current = {}
+
+        def packed(grad, batches=batches, data=data, current=current):
+            cu, causal = current["batch"] = next(batches)
             leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
             return _run(
                 lambda: attention_varlen(*leaves, cu.to(device), causal=causal), leaves, grad
             )
 
-        def loop(grad, batches=batches, data=data):
-            cu, causal = next(batches)
+        def loop(grad, data=data, current=current):
+            cu, causal = current["batch"]
             leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
 
             def forward():

@@ -122,6 +122,52 @@ def test_gradients_are_timed_without_touching_the_callers_graph(cache, monkeypat
         assert explain(q, k, v, P.causal()).source == "measured"
 
 
+def test_a_repeated_call_takes_the_remembered_choice(cache, monkeypatch):
+    fake_clock(monkeypatch)
+    q, k, v = inputs()
+    first = explain(q, k, v, P.causal())
+    assert (first.backend, first.source) == ("blockwise", "measured")
+    # the same call again: neither the backends' reasons nor the class key are looked at
+    looked = []
+    real_class = autotune.problem_class
+    monkeypatch.setattr(autotune, "problem_class", lambda p: looked.append(1) or real_class(p))
+    sdpa_reasons = BACKENDS["sdpa"].reasons
+    monkeypatch.setattr(BACKENDS["sdpa"], "reasons", lambda p: looked.append(2) or sdpa_reasons(p))
+    again = explain(q, k, v, P.causal())
+    assert (again.backend, again.source, again.times, looked) == (
+        "blockwise",
+        "cached",
+        first.times,
+        [],
+    )
+    again.times.clear()  # the caller's own copy
+    assert explain(q, k, v, P.causal()).times == first.times
+    # another problem, or other candidates, or another thread count: asked again
+    explain(q, k, v, P.sliding_window(3))
+    assert looked == [2, 1]
+    explain(q, k, v, P.causal(), backend=("native", "sdpa"))
+    assert looked == [2, 1, 2, 1]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        explain(q, k, v, P.causal())
+    finally:
+        torch.set_num_threads(threads)
+    assert looked == [2, 1, 2, 1, 2, 1]
+    # a new measurement forgets every remembered answer (new times may change one)
+    looked.clear()
+    explain(*inputs(100), P.causal())
+    assert looked == [2, 1]
+    explain(q, k, v, P.causal())
+    assert looked == [2, 1, 2, 1]
+    # the fixed rule and compilation are never served from memory
+    monkeypatch.setenv("HEADWISE_AUTOTUNE", "0")
+    assert explain(q, k, v, P.causal()).source == "fixed"
+    monkeypatch.setenv("HEADWISE_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert explain(q, k, v, P.causal()).source == "fixed"
+
+
 # ----------------------------------------------------------------- the cache
 def test_a_cached_class_is_not_timed_again(cache, monkeypatch):
     calls = fake_clock(monkeypatch)

@@ -19,7 +19,13 @@ from test_attention import check_against_oracle, make_inputs
 
 import headwise.patterns as P
 from headwise.ops.attention import attention, explain
-from headwise.ops.attention.native import available, lanes, tile_plan, tiles_forward
+from headwise.ops.attention.native import (
+    available,
+    lanes,
+    tile_plan,
+    tiles_backward,
+    tiles_forward,
+)
 from headwise.ops.attention.plan_cache import PlanCache
 from headwise.ops.attention.reference import reference_attention
 from strategies import pattern_leaves
@@ -142,6 +148,30 @@ def test_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@needs_kernel
+def test_every_item_runs_once_whatever_the_thread_count():
+    # threads claim ranges of forward items and backward units as they go: each exactly once,
+    # also with more threads than ranges (3 batches x 3 heads x 3 tiles; 3 backward units)
+    q, k, v = (t.detach() for t in make_inputs(3, 37, 37, 3, 3, 16))
+    pattern = P.sliding_window(9) | P.sinks(2)
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((3, 3, 37), float("nan"))
+        tiles_forward(q, k, v, pattern, 0.25, out=(out, lse))
+        grads = (torch.full_like(q, float("nan")), torch.zeros_like(k), torch.zeros_like(v))
+        tiles_backward(d_out, None, q, k, v, out, lse, pattern, 0.25, grads)
+        return out, lse, *grads
+
+    results = _with_threads((1, 2, 5, 16), run)
+    assert all(not t.isnan().any() for t in results[1])
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), pattern)
+    torch.testing.assert_close(results[1][0].double(), ref, atol=2e-6, rtol=0)
+    for count in (2, 5, 16):
+        assert all(torch.equal(a, b) for a, b in zip(results[1], results[count])), count
 
 
 def _with_threads(counts, run):

@@ -42,6 +42,7 @@ rule, exactly as before).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import functools
@@ -56,7 +57,7 @@ import statistics
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,6 +81,8 @@ ROUNDS = 3
 PRUNE = 2.0
 #: version of the cache file's layout
 FORMAT = 1
+#: dispatch answers remembered per process, for the calls used last (:meth:`TimesTable.recall`)
+CHOICES = 1024
 
 
 class Call(NamedTuple):
@@ -159,6 +162,13 @@ def _why_not_timed(problem: AttentionProblem, viable: tuple[str, ...], timed: tu
         if len(viable) == 1:
             return "one backend can serve this call"
         return "flex is not timed off CUDA (it compiles per shape there)"
+    return why_not_now(problem)
+
+
+def why_not_now(problem: AttentionProblem) -> str:
+    """Why no call of ``problem`` may be timed (or take a remembered choice) at this moment:
+    ``torch.compile`` tracing, CUDA graph capture, a device other than CPU and CUDA; ``""``
+    when it may."""
     if torch.compiler.is_compiling():
         return "inside torch.compile tracing"
     if problem.device.type not in ("cpu", "cuda"):
@@ -346,6 +356,28 @@ class TimesTable:
         self._classes: dict[str, dict[str, float]] | None = None
         self._path: Path | None = None
         self._warned = False
+        # the dispatcher's answers taken from these times, per exact call (LRU order)
+        self._choices: collections.OrderedDict[Hashable, object] = collections.OrderedDict()
+
+    def recall(self, call: Hashable):
+        """The answer :meth:`remember` kept for ``call`` (any hashable description of it), or
+        ``None``."""
+        with self._lock:
+            answer = self._choices.get(call)
+            if answer is not None:
+                self._choices.move_to_end(call)
+            return answer
+
+    def remember(self, call: Hashable, answer: object) -> None:
+        """Keep the dispatcher's ``answer`` for ``call``, taken from this table's times, for the
+        :data:`CHOICES` calls used last: a call seen again skips the backends' reasons and the
+        class key. :meth:`store` forgets every answer (new times may change one); a table
+        replaced by another (the tests' fresh tables) takes its answers with it."""
+        with self._lock:
+            self._choices[call] = answer
+            self._choices.move_to_end(call)
+            while len(self._choices) > CHOICES:
+                self._choices.popitem(last=False)
 
     def lookup(self, key: str, candidates: tuple[str, ...]) -> dict[str, float] | None:
         """The times of class ``key`` if they cover every one of ``candidates``."""
@@ -369,6 +401,7 @@ class TimesTable:
 
     def store(self, key: str, times: dict[str, float]) -> None:
         with self._lock:
+            self._choices.clear()  # new times may change an answer taken from the old ones
             classes = self._loaded()
             classes[key] = times
             if self._path is None:

@@ -17,12 +17,17 @@ entries: a large problem never silently falls back to the L x L path.
 That priority is the fixed rule. Unless ``HEADWISE_AUTOTUNE=0``, ``auto`` (and a tuple of names)
 then picks, among the backends with no reasons against them, the one measured fastest for the
 call's class of problem (:mod:`headwise.ops.attention.autotune`); the fixed rule stays the order
-until a class is timed, and the answer wherever timing does not apply.
+until a class is timed, and the answer wherever timing does not apply. A choice taken from a
+timed class is remembered per exact problem and candidates (:meth:`TimesTable.recall
+<headwise.ops.attention.autotune.TimesTable.recall>`), so a repeated call skips the backends'
+reasons and the class key: the same answer, a dictionary lookup.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from headwise._checks import ArgumentTypeError
 from headwise.ops.attention import autotune
@@ -93,6 +98,12 @@ def choose(
         _check_names(tuple(backend))
         candidates = tuple(backend)
     tuning = autotune.enabled()
+    if tuning and not autotune.why_not_now(problem):
+        remembered = autotune.TABLE.recall((problem, candidates, torch.get_num_threads()))
+        if remembered is not None:
+            backend, reasons, times = remembered  # copied: the caller may change its own
+            reasons = {name: list(why) for name, why in reasons.items()}
+            return Explanation(backend, candidates, reasons, dict(times), "cached")
     reasons: dict[str, list[str]] = {}
     viable: list[str] = []
     for name in candidates:
@@ -111,6 +122,10 @@ def choose(
     if not viable:
         return Explanation(None, candidates, reasons)
     tuned = autotune.tune(problem, tuple(viable), call)
+    if tuned.source in ("measured", "cached"):
+        # the class's times are in the table now: the same problem gets this answer again
+        answer = (tuned.backend, {name: list(why) for name, why in reasons.items()}, tuned.times)
+        autotune.TABLE.remember((problem, candidates, torch.get_num_threads()), answer)
     return Explanation(tuned.backend, candidates, reasons, tuned.times, tuned.source, tuned.note)
 
 

@@ -214,18 +214,14 @@ class _Call:
                 )
         if len(set(heads)) != len(heads) or not all(0 <= h < all_heads for h in heads):
             raise ValueError(f"head groups must name distinct heads < {all_heads}; got {heads}")
-        self.heads = torch.tensor(heads, dtype=torch.int32)
         self.empty = self.batch * q_len * kv_len * len(heads) == 0
         if self.empty:
+            self.heads = torch.tensor(heads, dtype=torch.int32)
             return
-        self.head_plan = torch.tensor(head_plan, dtype=torch.int32)
-        self.head_rank = torch.tensor(head_rank, dtype=torch.int32)
-        tiles = [len(self.plans[i].rows) for i in head_plan]
-        self.tile_offsets = torch.tensor([0, *tiles]).cumsum(0)
-        kv = self.heads // self.group
-        units = [torch.nonzero(kv == j).flatten() for j in torch.unique(kv)]
-        self.unit_heads = torch.cat(units).to(torch.int32)
-        self.unit_offsets = torch.tensor([0, *[len(u) for u in units]]).cumsum(0)
+        tiles = tuple(plan.tiles for plan in self.plans)
+        layout = _head_layout(tuple(heads), tuple(head_plan), tuple(head_rank), tiles, self.group)
+        self.heads, self.head_plan, self.head_rank, self.tile_offsets = layout[:4]
+        self.unit_heads, self.unit_offsets = layout[4:]
         self.rpb = self.rpb_index = None
         if relative is not None:
             if len(self.plans) != 1 or groups[0][0] != relative.pattern:
@@ -250,9 +246,10 @@ class _Call:
                 raise ValueError(f"bias must broadcast to {shape}; got {tuple(bias.shape)}")
             full = bias.detach().float().reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
             self.bias = full.expand(shape)
-        self.plan_structs = (PlanStruct * len(self.plans))(
-            *[p.as_struct(self.rpb_index) for p in self.plans]
-        )
+        structs = [
+            p.struct if self.rpb_index is None else p.as_struct(self.rpb_index) for p in self.plans
+        ]
+        self.plan_structs = (PlanStruct * len(self.plans))(*structs)
 
     def problem(
         self, out, lse, dout=None, dlse=None, dq=None, dk=None, dv=None, drpb=None
@@ -298,6 +295,36 @@ class _Call:
             status = list(_pool(threads).map(call, bounds[:-1], bounds[1:]))
         if any(status):
             raise MemoryError("the native tile kernel could not allocate its scratch memory")
+
+
+@functools.lru_cache(maxsize=256)
+def _head_layout(
+    heads: tuple[int, ...],
+    head_plan: tuple[int, ...],
+    head_rank: tuple[int, ...],
+    tiles: tuple[int, ...],
+    group: int,
+) -> tuple[torch.Tensor, ...]:
+    """``struct problem``'s head arrays, int32 ``heads, head_plan, head_rank`` and int64
+    ``tile_offsets`` (each head's first forward item per batch; ``tiles``: each plan's tile
+    count), int32 ``unit_heads`` and int64 ``unit_offsets`` (the backward units: the heads of
+    each K/V head, in K/V head order). Built once per layout (the kernel only reads them)."""
+    offsets = [0]
+    for index in head_plan:
+        offsets.append(offsets[-1] + tiles[index])
+    kv = [h // group for h in heads]
+    units = [[i for i, j in enumerate(kv) if j == unit] for unit in sorted(set(kv))]
+    unit_offsets = [0]
+    for members in units:
+        unit_offsets.append(unit_offsets[-1] + len(members))
+    return (
+        torch.tensor(heads, dtype=torch.int32),
+        torch.tensor(head_plan, dtype=torch.int32),
+        torch.tensor(head_rank, dtype=torch.int32),
+        torch.tensor(offsets, dtype=torch.int64),
+        torch.tensor([i for members in units for i in members], dtype=torch.int32),
+        torch.tensor(unit_offsets, dtype=torch.int64),
+    )
 
 
 def _pairwise_sum(parts: torch.Tensor) -> torch.Tensor:

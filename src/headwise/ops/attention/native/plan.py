@@ -55,6 +55,15 @@ class TilePlan:
             None if rpb_index is None else rpb_index.data_ptr(),
         )
 
+    @functools.cached_property
+    def tiles(self) -> int:
+        return len(self.rows)
+
+    @functools.cached_property
+    def struct(self) -> PlanStruct:
+        """:meth:`as_struct` without a relative-position index, made once per plan."""
+        return self.as_struct()
+
     def key_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every key entry in kernel order: its position and its tile."""
         lengths = self.seg_len.long()

@@ -30,7 +30,8 @@
  *
  * Work is split over PyTorch's OpenMP runtime when built with -fopenmp (same libgomp.so.1 soname,
  * so it is the runtime already loaded): forward items are (batch, head, tile); backward units are
- * (batch, K/V head) so that no two threads add into the same dK, dV rows.
+ * (batch, K/V head) so that no two threads add into the same dK, dV rows. Threads take ranges of
+ * items as they go (guided self-scheduling, claim()), not an even split fixed in advance.
  */
 #include <float.h>
 #include <math.h>
@@ -807,14 +808,12 @@ static int64_t tile_keys(const struct problem *p, int64_t hs, int64_t t) {
     return plan->key_offsets[t + 1] - plan->key_offsets[t];
 }
 
-/* Forward: items (batch, head, tile), tile fastest, split evenly over the threads. Returns 0,
- * or -1 when scratch memory could not be allocated. */
-static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
-    struct scratch w;
-    int failed = scratch_init(&w, p, 0);
+/* Forward items begin..end-1 ((batch, head, tile), tile fastest) with the thread's scratch */
+static void forward_items(const struct problem *p, int64_t begin, int64_t end,
+                          struct scratch *w) {
     const int64_t per_batch = p->tile_offsets[p->n_heads];
     int64_t hs = 0;
-    for (int64_t item = begin; !failed && item < end;) {
+    for (int64_t item = begin; item < end;) {
         const int64_t b = item / per_batch, i = item % per_batch;
         if (i < p->tile_offsets[hs]) hs = 0;
         while (i >= p->tile_offsets[hs + 1]) ++hs;
@@ -826,13 +825,20 @@ static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
                tile_keys(p, hs, t1) > p->long_keys)
             ++t1;
         if (t1 > t) {
-            forward_group(p, b, hs, t, t1, &w);
+            forward_group(p, b, hs, t, t1, w);
             item += t1 - t;
         } else {
-            tile_forward(p, b, hs, t, &w);
+            tile_forward(p, b, hs, t, w);
             ++item;
         }
     }
+}
+
+/* Forward items begin..end-1. Returns 0, or -1 when scratch memory could not be allocated. */
+static int forward_range(const struct problem *p, int64_t begin, int64_t end) {
+    struct scratch w;
+    const int failed = scratch_init(&w, p, 0);
+    if (!failed) forward_items(p, begin, end, &w);
     scratch_free(&w);
     return failed;
 }
@@ -855,47 +861,85 @@ static void add_rounded(const struct problem *p, struct scratch *w, int64_t dk_a
     }
 }
 
-/* Backward: units (batch, K/V head), each every tile of every query head sharing that K/V
- * head, so a unit's dK, dV rows are its own. */
-static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
-    struct scratch w;
-    int failed = scratch_init(&w, p, 1);
+/* Backward units begin..end-1 ((batch, K/V head)), each every tile of every query head sharing
+ * that K/V head, so a unit's dK, dV rows are its own. */
+static void backward_units(const struct problem *p, int64_t begin, int64_t end,
+                           struct scratch *w) {
     const int half = p->grad_dtype != DTYPE_F32;
-    for (int64_t unit = begin; !failed && unit < end; ++unit) {
+    for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t b = unit / p->n_units, j = unit % p->n_units;
         const int64_t kv = p->heads[p->unit_heads[p->unit_offsets[j]]] / p->group;
         const int64_t dk_at = b * p->dk_sb + kv * p->dk_sh, dv_at = b * p->dv_sb + kv * p->dv_sh;
         struct grad_rows grad = {(float *)p->dk + dk_at, (float *)p->dv + dv_at, p->dk_st,
                                  p->dv_st};
         if (half) {
-            grad = (struct grad_rows){w.dk_sum, w.dv_sum, p->dim, p->dim_v};
-            memset(w.dk_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim));
-            memset(w.dv_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim_v));
+            grad = (struct grad_rows){w->dk_sum, w->dv_sum, p->dim, p->dim_v};
+            memset(w->dk_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim));
+            memset(w->dv_sum, 0, sizeof(float) * (size_t)(p->kv_len * p->dim_v));
         }
         for (int64_t i = p->unit_offsets[j]; i < p->unit_offsets[j + 1]; ++i) {
             const int64_t hs = p->unit_heads[i];
             const int64_t tiles = p->plans[p->head_plan[hs]].tiles;
-            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, &w, &grad);
+            for (int64_t t = 0; t < tiles; ++t) tile_backward(p, b, hs, t, w, &grad);
         }
-        if (half) add_rounded(p, &w, dk_at, dv_at);
+        if (half) add_rounded(p, w, dk_at, dv_at);
     }
+}
+
+/* Backward units begin..end-1. Returns 0, or -1 when scratch memory could not be allocated. */
+static int backward_range(const struct problem *p, int64_t begin, int64_t end) {
+    struct scratch w;
+    const int failed = scratch_init(&w, p, 1);
+    if (!failed) backward_units(p, begin, end, &w);
     scratch_free(&w);
     return failed;
 }
 
+/* The next range of items for a thread to run, guided self-scheduling: a thread takes
+ * max(min_size, remaining / (2 threads)) of the items still untaken, so the ranges shrink as the
+ * work runs out and a thread the OS deschedules (a loaded machine) holds back only its current
+ * range, where an even split would make every other thread wait at the end for its whole share.
+ * Returns the range's size (0: none left) and its first item in *begin. Which thread runs an
+ * item never changes its result: tiles and units are independent, and a forward group's sums
+ * do not depend on the tiles grouped with it. */
+static int64_t claim(int64_t *next, int64_t items, int64_t threads, int64_t min_size,
+                     int64_t *begin) {
+    int64_t first = __atomic_load_n(next, __ATOMIC_RELAXED), size;
+    do {
+        const int64_t left = items - first;
+        if (left <= 0) return 0;
+        size = left / (2 * threads);
+        size = size < min_size ? min_size : size;
+        size = size > left ? left : size;
+    } while (!__atomic_compare_exchange_n(next, &first, first + size, 1, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED));
+    *begin = first;
+    return size;
+}
+
 static int run(const struct problem *p, int backward, int64_t items, int threads) {
-    int (*range)(const struct problem *, int64_t, int64_t) =
-        backward ? backward_range : forward_range;
     int failed = 0;
 #ifdef _OPENMP
+    int64_t next = 0;
+    /* forward ranges of at least a group of tiles, so long tiles still go together */
+    const int64_t min_size = backward ? 1 : GROUP_TILES;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-        failed |= range(p, items * i / n, items * (i + 1) / n);
+        struct scratch w;
+        failed = scratch_init(&w, p, backward);
+        const int64_t n = omp_get_num_threads();
+        int64_t begin, size;
+        while (!failed && (size = claim(&next, items, n, min_size, &begin)) > 0) {
+            if (backward)
+                backward_units(p, begin, begin + size, &w);
+            else
+                forward_items(p, begin, begin + size, &w);
+        }
+        scratch_free(&w);
     }
 #else
     (void)threads;
-    failed = range(p, 0, items);
+    failed = backward ? backward_range(p, 0, items) : forward_range(p, 0, items);
 #endif
     return failed;
 }
