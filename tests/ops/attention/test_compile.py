@@ -10,11 +10,10 @@ import torch
 import headwise.patterns as P
 from headwise.layers import MultiHeadAttention
 from headwise.layers.neighborhood import NeighborhoodAttention2D
-from headwise.ops.attention import attention, attention_varlen
+from headwise.ops.attention import attention, attention_varlen, pattern_keys
 from headwise.ops.attention.mods import relative_position_bias
-from headwise.ops.attention.native import autograd as native_ops
 from headwise.ops.attention.native import available, native_attention
-from headwise.ops.attention.native.autograd import pattern_key
+from headwise.ops.attention.pattern_keys import pattern_key
 
 NAN = float("nan")
 pytestmark = pytest.mark.skipif(not available(), reason="native tile kernel not built")
@@ -136,7 +135,7 @@ def test_opcheck(case):
 
 
 def test_eager_keys_make_way_but_backward_still_finds_its_pattern(monkeypatch):
-    monkeypatch.setattr(native_ops, "RECENT_PATTERNS", 2)
+    monkeypatch.setattr(pattern_keys, "RECENT_PATTERNS", 2)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 9, 2, 4, generator=gen).requires_grad_() for _ in range(3))
     first = P.sliding_window(1, 1)

@@ -11,7 +11,7 @@ import torch
 import headwise.patterns as P
 from headwise.layers import MultiHeadAttention
 from headwise.ops.attention import attention
-from headwise.ops.attention.native.autograd import pattern_key
+from headwise.ops.attention.pattern_keys import pattern_key
 
 NAN = float("nan")
 

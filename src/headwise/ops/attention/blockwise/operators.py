@@ -9,8 +9,8 @@ tensor turned into a slice and each loop bound is a graph break. As operators re
 ``register_autograd``; PyTorch's custom-operator guide, "Python custom operators"), each pass is
 one opaque node of the graph: the plans and head groups are built inside, as in eager calls, and
 the layers around it compile into one graph. The pattern travels as a string key
-(:func:`headwise.ops.attention.native.autograd.pattern_key`, the registry the ``native``
-operators use). The non-finite rule of :mod:`headwise.ops.attention.api` is applied inside the
+(:func:`headwise.ops.attention.pattern_keys.pattern_key`, the registry the ``native``
+operators use too). The non-finite rule of :mod:`headwise.ops.attention.api` is applied inside the
 operators (:mod:`..nonfinite`), so its data-dependent branch is never traced.
 
 Why not trace the passes with their plans as constants: measured (2-core CPU, loaded, one
@@ -34,8 +34,8 @@ import torch
 from headwise.ops.attention.blockwise.function import backward_groups, forward_groups
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.dropout import Dropout
-from headwise.ops.attention.native.autograd import _pattern_of, pattern_key
 from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
+from headwise.ops.attention.pattern_keys import pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
 from headwise.ops.attention.reference import compute_dtype
 from headwise.patterns import Pattern
@@ -45,7 +45,7 @@ def _runner(key, q, k, block, dropout_p, seed):
     """``(pattern, run, dropout)``: ``run`` is a backend's ``run`` (for :mod:`..nonfinite`) over
     :func:`.function.forward_groups` with the pattern's head groups; ``dropout`` ``None`` when
     ``dropout_p`` is 0."""
-    pattern = _pattern_of(key)
+    pattern = pattern_of(key)
     groups = head_passes(pattern, q.shape[1], k.shape[1], block)
     # the operator's int is int64: seeds at or above 2^63 travel as their two's complement
     dropout = Dropout(dropout_p, seed % (1 << 64)) if dropout_p > 0 else None
@@ -142,7 +142,7 @@ def _(grad_out, grad_lse, q, k, v, bias, out, lse, screened, key, scale, block, 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, key, scale, block, dropout_p, seed = inputs
     ctx.save_for_backward(q, k, v, bias, *output)
-    ctx.pattern, ctx.params = _pattern_of(key), (scale, block, dropout_p, seed)
+    ctx.pattern, ctx.params = pattern_of(key), (scale, block, dropout_p, seed)
 
 
 def _gradients(ctx, grad_out, grad_lse, _):

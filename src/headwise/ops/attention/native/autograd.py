@@ -7,8 +7,9 @@ head_passes`). The operators are registered with ``torch.library`` (``custom_op`
 implementations giving the output shapes, ``register_autograd``), so ``torch.compile`` sees each
 pass as one opaque node and traces no plan, ctypes call, cache or lock (PyTorch's custom-operator
 guide, "Python custom operators"). An operator takes tensors and scalars only: the pattern
-travels as a string key into a process-wide registry (:func:`pattern_key`), filled outside the
-traced region, and the head groups and plans are built inside the operator's implementation.
+travels as a string key into a process-wide registry
+(:func:`headwise.ops.attention.pattern_keys.pattern_key`), filled outside the traced region, and
+the head groups and plans are built inside the operator's implementation.
 The one ``score_mod`` taken is a neighborhood's relative-position table
 (:func:`headwise.ops.attention.mods.relative_position_bias`): a tensor input, whose gradient
 the kernel computes; ``bias`` is an optional tensor without gradient. The non-finite rule of
@@ -22,10 +23,6 @@ the seed (:mod:`headwise.ops.attention.dropout`).
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import itertools
-import threading
 from typing import Optional
 
 import torch
@@ -37,83 +34,10 @@ from headwise.ops.attention.mods import RelativePositionTable, relative_position
 from headwise.ops.attention.native.build import available
 from headwise.ops.attention.native.call import supports, tiles_backward, tiles_forward
 from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
+from headwise.ops.attention.pattern_keys import intern, pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
 from headwise.patterns import Pattern, full
 from headwise.types import ScoreMod
-
-#: patterns of eager calls keep their keys while among this many most recently used
-RECENT_PATTERNS = 256
-
-_LOCK = threading.Lock()
-_patterns: dict[str, Pattern | None] = {}  # key -> pattern
-_recent: collections.OrderedDict[Pattern | None, str] = collections.OrderedDict()
-_pinned: dict[Pattern | None, str] = {}  # patterns of compiled graphs: kept for good
-_serial = itertools.count()
-
-
-def _intern(pattern: Pattern | None, pin: bool) -> str:
-    with _LOCK:
-        key = _pinned.get(pattern) or _recent.get(pattern)
-        if key is None:
-            key = f"pattern-{next(_serial)}"
-            _patterns[key] = pattern
-        if pattern in _pinned:
-            return key
-        if pin:
-            _pinned[pattern] = key
-            _recent.pop(pattern, None)
-            return key
-        _recent[pattern] = key
-        _recent.move_to_end(pattern)
-        while len(_recent) > RECENT_PATTERNS:
-            del _patterns[_recent.popitem(last=False)[1]]
-        return key
-
-
-def _whole(pattern: Pattern | None) -> bool:
-    """Whether ``pattern`` holds its fields: a pattern built inside the code dynamo traces
-    reaches :func:`_pinned_key` as an empty shell (its fields are pending side effects)."""
-    if pattern is None:
-        return True
-    if dataclasses.is_dataclass(pattern):
-        return all(f.name in vars(pattern) for f in dataclasses.fields(pattern))
-    return bool(vars(pattern))
-
-
-@torch.compiler.assume_constant_result
-def _pinned_key(pattern: Pattern | None) -> str | None:
-    # run by dynamo while tracing, its result a constant of the graph
-    return _intern(pattern, pin=True) if _whole(pattern) else None
-
-
-@torch.compiler.disable
-def _key_outside(pattern: Pattern | None) -> str:
-    # a graph break: dynamo hands over the pattern built while tracing as a real object
-    return _intern(pattern, pin=True)
-
-
-def pattern_key(pattern: Pattern | None) -> str:
-    """The operators' key for ``pattern`` (equal patterns share one). While ``torch.compile``
-    traces, the key is made outside the graph and kept for good (the graph holds it as a
-    constant): with no graph break for a pattern built before the traced code runs (a layer's),
-    with one for a pattern built inside it. In eager calls the key is kept while among the
-    :data:`RECENT_PATTERNS` most recently used (fresh ``documents`` patterns every batch do not
-    pile up)."""
-    if torch.compiler.is_compiling():
-        key = _pinned_key(pattern)
-        return _key_outside(pattern) if key is None else key
-    return _intern(pattern, pin=False)
-
-
-def _pattern_of(key: str) -> Pattern | None:
-    try:
-        return _patterns[key]
-    except KeyError:
-        raise RuntimeError(
-            f"native attention: no pattern is registered under {key!r} (keys come from "
-            "pattern_key and are dropped once it has served RECENT_PATTERNS newer patterns in "
-            "eager calls)"
-        ) from None
 
 
 def _runner(key, q, k, bias, table, scale, dropout_p, seed):
@@ -122,7 +46,7 @@ def _runner(key, q, k, bias, table, scale, dropout_p, seed):
     weight pass) and :func:`.call.tiles_backward` on the kernel with the pattern's head groups,
     the table, the bias and ``dropout``: ``(dropout_p, seed)``, ``None`` when ``dropout_p`` is
     0."""
-    pattern = _pattern_of(key)
+    pattern = pattern_of(key)
     passes = head_passes(pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK)
     groups = [(p or full(), heads) for p, heads in passes]
     relative = None if table is None else RelativePositionTable(pattern, table)
@@ -213,7 +137,7 @@ def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, pattern_key, scale, dr
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, table, key, scale, dropout_p, seed = inputs
     ctx.save_for_backward(q, k, v, bias, table, *output)
-    ctx.pattern, ctx.scale, ctx.dropout = _pattern_of(key), scale, (dropout_p, seed)
+    ctx.pattern, ctx.scale, ctx.dropout = pattern_of(key), scale, (dropout_p, seed)
 
 
 def _gradients(ctx, grad_out, grad_lse):
@@ -221,7 +145,7 @@ def _gradients(ctx, grad_out, grad_lse):
     q, k, v, bias, table, out, lse = ctx.saved_tensors
     bias = None if bias is None else bias.detach()
     # the key again: an eager call's key may have made way for newer patterns since
-    key = _intern(ctx.pattern, pin=False)
+    key = intern(ctx.pattern, pin=False)
     dq, dk, dv, d_table = torch.ops.headwise.native_attention_bwd(
         grad_out, grad_lse, q, k, v, bias, table, out, lse, key, ctx.scale, *ctx.dropout
     )
