@@ -124,13 +124,16 @@ def time_interleaved(
 ) -> dict[str, float]:
     """Median seconds of each ``fn()`` over ``rounds`` rounds that call every function once in
     turn, after one warm-up call each: slow phases of a shared machine then hit all of them
-    alike, so ratios between them hold better than with one function timed after the other."""
+    alike, so ratios between them hold better than with one function timed after the other.
+    Each round starts one function later than the one before, so no function always runs first
+    (after the previous round's last one has left the caches cold)."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(seconds(fn, device))
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(seconds(fns[name], device))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
