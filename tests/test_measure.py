@@ -10,11 +10,12 @@ from headwise.measure import progress, time_interleaved, write_results
 
 def test_time_interleaved_calls_each_function_in_turn_and_returns_medians():
     calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("dense", "sparse")}
-    times = time_interleaved(fns, torch.device("cpu"), rounds=3)
-    # one warm-up call each, then three rounds of dense, sparse
-    assert calls == ["dense", "sparse"] * 4
-    assert set(times) == {"dense", "sparse"} and all(t >= 0 for t in times.values())
+    names = ("dense", "sparse", "auto")
+    fns = {name: (lambda name=name: calls.append(name)) for name in names}
+    times = time_interleaved(fns, torch.device("cpu"), rounds=4)
+    # one warm-up call each, then rounds that each start one function later
+    assert calls == [*names, *names, "sparse", "auto", "dense", "auto", "dense", "sparse", *names]
+    assert set(times) == set(names) and all(t >= 0 for t in times.values())
 
 
 def test_write_results_names_the_file_by_stem_and_recorded_date(tmp_path, capsys):
