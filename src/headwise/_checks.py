@@ -47,9 +47,7 @@ def check_ints(name: str, values: Any, *, minimum: int | None = None) -> tuple[i
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ArgumentTypeError(f"{name} must be a sequence of integers; got {values!r}")
     items = values.tolist() if hasattr(values, "tolist") else list(values)
-    if hasattr(values, "is_floating_point") and (
-        values.is_floating_point() or values.is_complex()
-    ):
+    if hasattr(values, "is_floating_point") and (values.is_floating_point() or values.is_complex()):
         raise ArgumentTypeError(f"{name} must hold integers; got a {values.dtype} tensor")
     return tuple(check_int(f"{name}[{i}]", v, minimum=minimum) for i, v in enumerate(items))
 

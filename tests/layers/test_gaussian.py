@@ -95,8 +95,8 @@ def _official_multihead(x, layer):
         mixture = 1
         for delta, c in zip(layer.mean_offsets[i], layer.scales[i]):
             y_norm = (chunk - (mean + delta)) / torch.sqrt(var)
-            mixture = mixture * torch.exp(-(y_norm**2) / (2.0 * c**2)) / torch.sqrt(
-                2 * torch.pi * c**2
+            mixture = (
+                mixture * torch.exp(-(y_norm**2) / (2.0 * c**2)) / torch.sqrt(2 * torch.pi * c**2)
             )
         mixture = mixture / mixture.sum(dim=axis, keepdim=True).clamp(min=layer.eps)
         outputs.append(torch.where(mask, chunk * mixture, chunk))

@@ -209,11 +209,7 @@ class Neighborhood(Pattern):
         keys = positions[None, :]
         d = self.axis_parameters(axis)[2]
         inner = keys // d
-        return (
-            (keys % d == group[:, None])
-            & (inner >= lo[:, None])
-            & (inner <= hi[:, None])
-        )
+        return (keys % d == group[:, None]) & (inner >= lo[:, None]) & (inner <= hi[:, None])
 
     def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
         allowed = torch.ones_like(q_idx + kv_idx, dtype=torch.bool)

@@ -72,9 +72,7 @@ def test_double_backward_is_refused_not_silently_wrong(backend, dtype, extra):
     if extra.get("bias"):
         bias = torch.randn(2, 6, 6, dtype=dtype, requires_grad=True)
     score_mod = learnable_bias_mod() if extra.get("score_mod") else None
-    out = attention(
-        q, k, v, P.sliding_window(3), bias=bias, score_mod=score_mod, backend=backend
-    )
+    out = attention(q, k, v, P.sliding_window(3), bias=bias, score_mod=score_mod, backend=backend)
     # first derivatives still work
     torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
     with pytest.raises(Unsupported, match="double backward"):

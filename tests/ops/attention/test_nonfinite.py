@@ -23,9 +23,7 @@ B, L, H, HKV, D = 2, 24, 4, 2, 8
 
 def inputs(dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return tuple(
-        torch.randn(B, L, heads, D, generator=gen).to(dtype) for heads in (H, HKV, HKV)
-    )
+    return tuple(torch.randn(B, L, heads, D, generator=gen).to(dtype) for heads in (H, HKV, HKV))
 
 
 def key_padding(lengths):

@@ -99,7 +99,7 @@ def per_thread_count(name, dtype, extra, with_lse):
         kwargs["bias"] = torch.randn(4, 128, 128, generator=gen).to(dtype).requires_grad_()
     elif extra == "score_mod":
         kwargs["score_mod"] = lambda s, b, h, i, j: 5 * torch.tanh(s / 5)
-    inputs = [q, k, v, *kwargs.values()][:4 if extra == "bias" else 3]
+    inputs = [q, k, v, *kwargs.values()][: 4 if extra == "bias" else 3]
     threads = torch.get_num_threads()
     results = []
     try:
@@ -146,4 +146,3 @@ def test_step_by_step_blockwise_differs_by_rounding_only(name, dtype, extra, wit
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-
