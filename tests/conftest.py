@@ -113,3 +113,32 @@ def smollm2():
     from headwise.hf.pretrained import smollm2 as load
 
     return load()
+
+
+def assert_same_step(module, compiled, x):
+    """Compiled and eager agree on the output and on every gradient."""
+    x_eager, x_compiled = (x.clone().requires_grad_() for _ in range(2))
+    y_eager, y_compiled = module(x_eager), compiled(x_compiled)
+    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y_eager)
+    wrt = [*module.parameters()]
+    g_eager = torch.autograd.grad(y_eager, [x_eager, *wrt], grad)
+    g_compiled = torch.autograd.grad(y_compiled, [x_compiled, *wrt], grad)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def assert_poisoned_as_reference(run, compiled, leaves):
+    """``compiled(*leaves[1])`` (``out, lse``) equals ``run(*leaves[0], "reference")`` on inputs
+    where the non-finite rule poisons some rows but not all, output, LSE and finite gradients."""
+    (out_r, lse_r), (out_c, lse_c) = run(*leaves[0], "reference"), compiled(*leaves[1])
+    assert out_r.isnan().any() and not out_r.isnan().all()
+    torch.testing.assert_close(out_c, out_r, equal_nan=True, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse_c, lse_r, equal_nan=True, atol=1e-6, rtol=1e-5)
+    # poisoned rows pass no gradient, whatever reaches them
+    grads = torch.randn_like(out_r), torch.randn_like(lse_r)
+    g_reference = torch.autograd.grad((out_r, lse_r), leaves[0], grads)
+    g_compiled = torch.autograd.grad((out_c, lse_c), leaves[1], grads)
+    for a, b in zip(g_compiled, g_reference):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

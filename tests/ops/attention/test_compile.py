@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import headwise.patterns as P
+from conftest import assert_poisoned_as_reference, assert_same_step
 from headwise.layers import MultiHeadAttention
 from headwise.layers.neighborhood import NeighborhoodAttention2D
 from headwise.ops.attention import attention, attention_varlen, pattern_keys
@@ -36,19 +37,6 @@ def graph_breaks(fn, *args) -> int:
     explained = torch._dynamo.explain(fn)(*args)
     assert explained.graph_count == 1, explained.break_reasons
     return explained.graph_break_count
-
-
-def assert_same_step(module, compiled, x):
-    """Compiled and eager agree on the output and on every gradient."""
-    x_eager, x_compiled = (x.clone().requires_grad_() for _ in range(2))
-    y_eager, y_compiled = module(x_eager), compiled(x_compiled)
-    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(y_eager)
-    wrt = [*module.parameters()]
-    g_eager = torch.autograd.grad(y_eager, [x_eager, *wrt], grad)
-    g_compiled = torch.autograd.grad(y_compiled, [x_compiled, *wrt], grad)
-    for a, b in zip(g_compiled, g_eager):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", PATTERNS)
@@ -93,17 +81,7 @@ def test_compiled_non_finite_rule_matches_the_reference(bad, value):
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     leaves = [(q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_())
               for _ in range(2)]  # fmt: skip
-    (out_r, lse_r), (out_c, lse_c) = run(*leaves[0], "reference"), compiled(*leaves[1])
-    assert out_r.isnan().any() and not out_r.isnan().all()
-    torch.testing.assert_close(out_c, out_r, equal_nan=True, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse_c, lse_r, equal_nan=True, atol=1e-6, rtol=1e-5)
-    # poisoned rows pass no gradient, whatever reaches them
-    grads = torch.randn_like(out_r), torch.randn_like(lse_r)
-    g_reference = torch.autograd.grad((out_r, lse_r), leaves[0], grads)
-    g_compiled = torch.autograd.grad((out_c, lse_c), leaves[1], grads)
-    for a, b in zip(g_compiled, g_reference):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_poisoned_as_reference(run, compiled, leaves)
 
 
 def operator_cases():
