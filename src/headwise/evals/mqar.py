@@ -29,6 +29,7 @@ axis (no context reaches a query) and is non-causal along the sequence axis.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import os
 import threading
@@ -747,8 +748,8 @@ def sweep(
     if workers > 1 and torch.device(device).type != "cpu":
         raise ValueError(f"workers > 1 needs device cpu; got {device}")
     jobs = [
-        (i, m, c, str(device), show_progress)
-        for i, (c, m) in enumerate((c, m) for c in configs for m in mixers)
+        (i, mixer, config, str(device), show_progress)
+        for i, (config, mixer) in enumerate(itertools.product(configs, mixers))
     ]
     finished: dict[int, list[Run]] = {}
 

@@ -36,9 +36,15 @@ _MIX2 = 0x94D049BB133111EB
 UNIFORM_BITS = 24
 
 
-def _signed(value: int) -> int:
-    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+def to_int64(value: int) -> int:
+    """A uint64 (a seed, a constant) as the int64 with the same bits: torch has no uint64
+    arithmetic, and a custom operator's ``int`` is int64."""
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def from_int64(value: int) -> int:
+    """The uint64 with the bits of int64 ``value``: :func:`to_int64` undone."""
+    return value % (1 << 64)
 
 
 def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -108,9 +114,9 @@ def keep_mask(
     h = _positions(head_ids, heads, device)
     counter = (b.view(-1, 1, 1, 1) * heads + h.view(1, -1, 1, 1)) * q_len + i.view(1, 1, -1, 1)
     counter = counter * kv_len + j.view(1, 1, 1, -1)
-    z = _signed(seed) + (counter + 1) * _signed(_GOLDEN)
-    z = (z ^ _shift(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shift(z, 27)) * _signed(_MIX2)
+    z = to_int64(seed) + (counter + 1) * to_int64(_GOLDEN)
+    z = (z ^ _shift(z, 30)) * to_int64(_MIX1)
+    z = (z ^ _shift(z, 27)) * to_int64(_MIX2)
     z = z ^ _shift(z, 31)
     return _shift(z, 64 - UNIFORM_BITS) >= cut
 

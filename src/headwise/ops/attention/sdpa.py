@@ -140,7 +140,7 @@ def _backward(
     found = None
     if dirty.item():
         found = poisoned_rows(_runner(diagonal, scale), q, k, v, None, None, bias, None)
-    dirty = q, k, v
+    inputs = q, k, v
     if found is not None:
         q, k, v, poisoned = found
         out, lse = _flash(q, k, v, bias, diagonal, scale)
@@ -152,7 +152,7 @@ def _backward(
     )  # fmt: skip
     grads = [g.transpose(1, 2) for g in grads]
     if found is not None:
-        grads = [torch.where(torch.isfinite(t), g, 0) for t, g in zip(dirty, grads)]
+        grads = [torch.where(torch.isfinite(t), g, 0) for t, g in zip(inputs, grads)]
     return tuple(g.contiguous() for g in grads)
 
 

@@ -33,7 +33,7 @@ import torch
 
 from headwise.ops.attention.blockwise.function import backward_groups, forward_groups
 from headwise.ops.attention.blockwise.heads import head_passes
-from headwise.ops.attention.dropout import Dropout
+from headwise.ops.attention.dropout import Dropout, from_int64, to_int64
 from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
 from headwise.ops.attention.pattern_keys import pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
@@ -48,7 +48,7 @@ def _runner(key, q, k, block, dropout_p, seed):
     pattern = pattern_of(key)
     groups = head_passes(pattern, q.shape[1], k.shape[1], block)
     # the operator's int is int64: seeds at or above 2^63 travel as their two's complement
-    dropout = Dropout(dropout_p, seed % (1 << 64)) if dropout_p > 0 else None
+    dropout = Dropout(dropout_p, from_int64(seed)) if dropout_p > 0 else None
 
     def run(q, k, v, _pattern, scale, bias, _score_mod, dropout):
         return forward_groups(q, k, v, bias, groups, scale, None, block, dropout)
@@ -173,7 +173,7 @@ def blockwise_operator(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``headwise::blockwise_attention_fwd``, the non-finite rule applied."""
     p, seed = (0.0, 0) if dropout is None else (dropout.p, dropout.seed)
-    seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # int64 for the operator
+    seed = to_int64(seed)  # the operator's int
     out, lse, _ = torch.ops.headwise.blockwise_attention_fwd(
         q, k, v, bias, pattern_key(pattern), scale, block, p, seed
     )

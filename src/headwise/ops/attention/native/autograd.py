@@ -29,7 +29,7 @@ import torch
 
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
-from headwise.ops.attention.dropout import check_dropout, draw_seed
+from headwise.ops.attention.dropout import check_dropout, draw_seed, from_int64, to_int64
 from headwise.ops.attention.mods import RelativePositionTable, relative_position_of
 from headwise.ops.attention.native.build import available
 from headwise.ops.attention.native.call import supports, tiles_backward, tiles_forward
@@ -52,7 +52,7 @@ def _runner(key, q, k, bias, table, scale, dropout_p, seed):
     relative = None if table is None else RelativePositionTable(pattern, table)
 
     # the operator's int is int64: seeds at or above 2^63 travel as their two's complement
-    dropout = (dropout_p, seed % (1 << 64)) if dropout_p > 0 else None
+    dropout = (dropout_p, from_int64(seed)) if dropout_p > 0 else None
 
     def run(q, k, v, _pattern=None, _scale=None, _bias=None, _mod=None, dropout=dropout):
         return tiles_forward(q, k, v, groups, scale, relative=relative, bias=bias, dropout=dropout)
@@ -189,7 +189,7 @@ def native_attention(
         )
     p = check_dropout(dropout_p)
     seed = 0 if p == 0 else draw_seed() if seed is None else seed
-    seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # int64 for the operator
+    seed = to_int64(seed)  # the operator's int
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     table = None if relative is None else relative.table
     return torch.ops.headwise.native_attention_fwd(

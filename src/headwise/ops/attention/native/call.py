@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -309,14 +310,10 @@ def _head_layout(
     ``tile_offsets`` (each head's first forward item per batch; ``tiles``: each plan's tile
     count), int32 ``unit_heads`` and int64 ``unit_offsets`` (the backward units: the heads of
     each K/V head, in K/V head order). Built once per layout (the kernel only reads them)."""
-    offsets = [0]
-    for index in head_plan:
-        offsets.append(offsets[-1] + tiles[index])
+    offsets = list(itertools.accumulate((tiles[index] for index in head_plan), initial=0))
     kv = [h // group for h in heads]
     units = [[i for i, j in enumerate(kv) if j == unit] for unit in sorted(set(kv))]
-    unit_offsets = [0]
-    for members in units:
-        unit_offsets.append(unit_offsets[-1] + len(members))
+    unit_offsets = list(itertools.accumulate(map(len, units), initial=0))
     return (
         torch.tensor(heads, dtype=torch.int32),
         torch.tensor(head_plan, dtype=torch.int32),
