@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type (catchable as ``TypeError`` or ``ValueError``)."""
@@ -25,7 +27,8 @@ class Unsupported(ValueError):
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # torch.SymInt: a number torch.compile(dynamic=True) traces symbolically
+    return isinstance(value, numbers.Integral | torch.SymInt) and not isinstance(value, bool)
 
 
 def check_int(
@@ -34,7 +37,8 @@ def check_int(
     """``value`` as a Python ``int`` (bools, floats and strings refused), within the bounds."""
     if not _is_int(value):
         raise ArgumentTypeError(f"{name} must be an integer; got {value!r}")
-    value = int(value)
+    if not isinstance(value, torch.SymInt):  # int() would fix a traced length to one value
+        value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if maximum is not None and value > maximum:
@@ -70,7 +74,7 @@ def check_real(
 
     A tensor that requires grad is refused: turning it into a number would silently cut its
     gradient (a learnable temperature would never train)."""
-    if hasattr(value, "numel") and hasattr(value, "item"):
+    if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():
             raise ArgumentTypeError(
                 f"{name} must be a real number; got a tensor of shape {tuple(value.shape)}"
@@ -81,10 +85,12 @@ def check_real(
                 "be lost); fold a learnable factor into q instead"
             )
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # torch.SymFloat/SymInt: numbers torch.compile(dynamic=True) traces symbolically
+    real = numbers.Real | torch.SymFloat | torch.SymInt
+    if isinstance(value, bool) or not isinstance(value, real):
         raise ArgumentTypeError(f"{name} must be a real number; got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
+    if value != value or value == math.inf or value == -math.inf:  # math.isfinite, for symbols too
         raise ValueError(f"{name} must be finite; got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value!r}")

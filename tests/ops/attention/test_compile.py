@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import headwise.patterns as P
 from conftest import assert_poisoned_as_reference, assert_same_step
@@ -48,6 +49,20 @@ def test_layer_compiles_in_one_graph_and_matches_eager(name):
     x = torch.randn(2, 35, 16)
     assert graph_breaks(lambda x: layer(x).sum(), x.clone().requires_grad_()) == 0
     assert_same_step(layer, torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
+
+
+@pytest.mark.parametrize("name", ["full", "sliding_window", "neighborhood_2d"])
+def test_layer_compiles_with_dynamic_shapes(name):
+    # dynamic=True traces Python numbers (dropout_p, scale) as symbols: the argument checks
+    # must take them without a graph break, and new lengths must not recompile per value
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, pattern=PATTERNS.get(name))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    lengths = (35,) if name == "neighborhood_2d" else (35, 23, 41)
+    counters.clear()
+    for batch, length in zip((2, 3, 4), lengths):  # (a size 1 is specialized: a new graph)
+        assert_same_step(layer, compiled, torch.randn(batch, length, 16))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.slow  # inductor's C++ build: about 15 s on a loaded 2-core machine
