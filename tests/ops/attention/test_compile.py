@@ -170,3 +170,15 @@ def test_pattern_built_inside_the_compiled_code():
     compiled = torch.compile(run, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), run(q, k, v))
     torch.testing.assert_close(compiled(q, k, v), run(q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["native", "blockwise"])
+def test_compiled_dropout_draws_a_new_mask_every_call(backend):
+    # the seed is drawn at run time, never frozen into the graph as a constant
+    q = torch.randn(2, 19, 2, 8)
+    pattern = P.sliding_window(4)
+    compiled = torch.compile(
+        lambda q: attention(q, q, q, pattern, dropout_p=0.5, backend=backend),
+        backend="aot_eager",
+    )
+    assert not torch.equal(compiled(q), compiled(q))
