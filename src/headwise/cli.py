@@ -142,7 +142,9 @@ def run_mqar(args: argparse.Namespace) -> int:
     env["load_average_at_start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"mqar-{args.preset}-{env['device'].split(':')[0]}-{env['date'][:10]}"
+    device = env["device"].split(":")[0]
+    name = "-".join(dict.fromkeys(("mqar", args.preset, device)))  # "cpu" once for cpu on cpu
+    stem = out / f"{name}-{env['date'][:10]}"
     start = time.perf_counter()
 
     def write(runs: list, done: int, total: int) -> None:

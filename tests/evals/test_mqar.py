@@ -185,6 +185,7 @@ def test_cli_mqar_smoke(tmp_path, capsys):
     code = cli.main(_tiny_args(tmp_path))
     assert code == 0
     (result,) = tmp_path.glob("*.json")
+    assert result.name.startswith("mqar-cpu-2")  # the preset and the device, "cpu" once
     payload = json.loads(result.read_text())
     assert payload["state"] == "complete"
     assert {r["mixer"] for r in payload["runs"]} == {"attention", "base_conv"}
