@@ -73,6 +73,7 @@ def _tiny() -> tuple[BertConfig, UnpaddedBert]:
     config = BertConfig(
         vocab_size=50, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
         intermediate_size=20, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     return config, UnpaddedBert(config).double()
 
@@ -80,7 +81,7 @@ def _tiny() -> tuple[BertConfig, UnpaddedBert]:
 def test_tiny_random_hf_equivalence_and_backward():
     torch.manual_seed(0)
     config, ours = _tiny()
-    hf_config = transformers.BertConfig(**config.__dict__, attention_probs_dropout_prob=0.0)
+    hf_config = transformers.BertConfig(**config.__dict__)
     hf = transformers.BertModel(hf_config).double().eval()
     ours.load_hf_state_dict(hf.state_dict())
     assert BertConfig.from_hf(hf_config) == config
@@ -93,6 +94,27 @@ def test_tiny_random_hf_equivalence_and_backward():
     (out.last_hidden_state.sum() + out.pooler_output.sum()).backward()
     grads = [p.grad for p in ours.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_attention_probability_dropout_follows_the_config():
+    # BERT drops attention probabilities in training (HF attention_probs_dropout_prob)
+    torch.manual_seed(2)
+    hf_config = transformers.BertConfig(
+        vocab_size=50, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
+        intermediate_size=20, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.5,
+    )  # fmt: skip
+    config = BertConfig.from_hf(hf_config)
+    assert config.attention_probs_dropout_prob == 0.5
+    ours = UnpaddedBert(config).double()
+    assert all(layer.attention.dropout == 0.5 for layer in ours.layers)
+    ids = torch.randint(1, 50, (2, 7))
+    first, second = (ours(ids).last_hidden_state for _ in range(2))
+    assert not torch.equal(first, second)
+    ours.eval()
+    torch.testing.assert_close(ours(ids).last_hidden_state, ours(ids).last_hidden_state)
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob must be in"):
+        BertConfig(attention_probs_dropout_prob=1.0)
 
 
 def test_empty_sequence_and_fast_path_vs_reference():

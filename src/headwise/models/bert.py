@@ -51,6 +51,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
@@ -65,10 +66,9 @@ class BertConfig:
         ):
             check_int(name, getattr(self, name), minimum=1)
         check_real("layer_norm_eps", self.layer_norm_eps, positive=True)
-        if not 0 <= check_real("hidden_dropout_prob", self.hidden_dropout_prob) < 1:
-            raise ValueError(
-                f"hidden_dropout_prob must be in [0, 1); got {self.hidden_dropout_prob}"
-            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= check_real(name, getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
         if self.pad_token_id is not None:
             check_int("pad_token_id", self.pad_token_id, minimum=0, maximum=self.vocab_size - 1)
         if self.hidden_act not in _ACTIVATIONS:
@@ -143,7 +143,12 @@ class BertLayer(nn.Module):
     def __init__(self, config: BertConfig, backend: Backend = "auto") -> None:
         super().__init__()
         width, eps = config.hidden_size, config.layer_norm_eps
-        self.attention = MultiHeadAttention(width, config.num_attention_heads, backend=backend)
+        self.attention = MultiHeadAttention(
+            width,
+            config.num_attention_heads,
+            backend=backend,
+            dropout=config.attention_probs_dropout_prob,
+        )
         self.attention_norm = nn.LayerNorm(width, eps=eps)
         self.intermediate = nn.Linear(width, config.intermediate_size)
         self.act = _ACTIVATIONS[config.hidden_act]()
@@ -173,9 +178,9 @@ class UnpaddedBert(nn.Module):
     tokens anywhere in a row; position ids are the padded column index, as Hugging Face's), or
     ``model(input_ids, cu_seqlens=cu)`` on packed ``(T,)`` ids (positions restart at 0 in each
     sequence). Returns a :class:`BertOutput` whose hidden states are packed ``(T, E)``.
-    Attention-probability dropout is not applied (the config has no
-    ``attention_probs_dropout_prob``); in ``eval()`` the model equals ``BertModel`` exactly, up
-    to float rounding.
+    In ``train()`` the hidden states and the attention probabilities are dropped as in BERT
+    (``hidden_dropout_prob``, ``attention_probs_dropout_prob``); in ``eval()`` the model equals
+    ``BertModel`` exactly, up to float rounding.
     """
 
     def __init__(
