@@ -9,8 +9,9 @@ import torch
 from linear_helpers import make_inputs
 
 from conftest import assert_fa3_close
-from headwise.ops.linear import api, linear_attention
+from headwise.ops.linear import api, linear_attention, taylor
 from headwise.ops.linear.api import PARALLEL_MAX_LENGTH
+from headwise.ops.linear.feature_maps import taylor_similarity
 
 
 def _run(inputs, dtype, backend, causal, feature_map="taylor", normalize=True):
@@ -102,6 +103,22 @@ def _run_fixed_decay(inputs, dtype, backend, causal, feature_map, normalize, dec
     return dict(zip(("o", "dq", "dk", "dv"), (o, *grads), strict=True))
 
 
+class _OwnSimilarity:
+    """Taylor features with a closed form that is not headwise's own: the generic path that
+    takes the similarities as given."""
+
+    tokenwise = True
+
+    def query(self, x):
+        return taylor(x)
+
+    def key(self, x):
+        return taylor(x)
+
+    def similarity(self, q, k):
+        return taylor_similarity(q, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("decay", [False, True])
@@ -111,7 +128,8 @@ def _run_fixed_decay(inputs, dtype, backend, causal, feature_map, normalize, dec
         ("elu+1", True, "ParallelFeatureLinearAttention"),
         ("relu", False, "ParallelFeatureLinearAttention"),
         (None, False, "ParallelFeatureLinearAttention"),
-        ("taylor", True, "ParallelLinearAttention"),
+        ("taylor", True, "ParallelFeatureLinearAttention"),
+        (_OwnSimilarity(), True, "ParallelLinearAttention"),
     ],
 )
 def test_parallel_function_matches_naive(

@@ -13,7 +13,11 @@ from headwise.ops.attention.mods import alibi_slopes
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.ops.linear import naive, triton_chunk
 from headwise.ops.linear.chunk import DecayedLinearAttention, chunk_forward, compute_dtype
-from headwise.ops.linear.feature_maps import FeatureMapLike, get_feature_map
+from headwise.ops.linear.feature_maps import (
+    FeatureMapLike,
+    get_feature_map,
+    taylor_similarity,
+)
 from headwise.ops.linear.parallel import (
     ParallelFeatureLinearAttention,
     ParallelLinearAttention,
@@ -120,10 +124,8 @@ def linear_attention(
         and not return_state
         and q.shape[1] <= PARALLEL_MAX_LENGTH
     )
-    dtype = compute_dtype(q.dtype)
     if parallel and similarity is not None:
-        scores = similarity(q.to(dtype), k.to(dtype))
-        return _finish_parallel(scores, v, lam, causal, normalize, eps)
+        return _finish_parallel(q, k, v, lam, causal, normalize, eps, similarity)
 
     qf, kf = fmap.query(q), fmap.key(k)
     if qf.shape[-1] != kf.shape[-1]:
@@ -133,7 +135,7 @@ def linear_attention(
         )
     features, columns = qf.shape[-1], v.shape[-1] + normalize
     if parallel and q.shape[1] * (features + columns) <= PARALLEL_BREAK_EVEN * features * columns:
-        return _finish_parallel((qf, kf), v, lam, causal, normalize, eps)
+        return _finish_parallel(qf, kf, v, lam, causal, normalize, eps)
     vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
     batch = len(lengths) if varlen else q.shape[0]
     if initial_state is not None:
@@ -273,22 +275,26 @@ def _run(
     return forward + backward.flip(1) - diagonal, None
 
 
-def _finish_parallel(scores, v, lam, causal, normalize, eps):
+def _finish_parallel(q, k, v, lam, causal, normalize, eps, similarity=None):
     """The quadratic form's output in ``v``'s dtype (:mod:`headwise.ops.linear.parallel`) from
-    the similarities ``scores: (B, H, L, S)`` of the feature map in the compute dtype, or from
-    its features ``(qf, kf)``; a decay that takes a gradient goes through autograd instead."""
+    the features ``q, k``, or from raw ``q, k`` and the feature map's closed-form
+    ``similarity`` (Taylor's with its own backward); a decay that takes a gradient goes through
+    autograd instead."""
     dtype = compute_dtype(v.dtype)
     weight = None if lam is None else decay_mask(lam, v.shape[1], causal, dtype)
     if weight is not None and weight.requires_grad:
-        if isinstance(scores, tuple):
-            scores = torch.einsum("blhf,bshf->bhls", *(x.to(dtype) for x in scores))
+        q, k = q.to(dtype), k.to(dtype)
+        scores = torch.einsum("blhf,bshf->bhls", q, k) if similarity is None else similarity(q, k)
         vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
         o = torch.einsum("bhts,bshe->bthe", scores * weight, vv.to(dtype))
         if normalize:
             o = o[..., :-1] / (o[..., -1:] + eps)
-    elif isinstance(scores, tuple):
-        o = ParallelFeatureLinearAttention.apply(*scores, v, weight, causal, normalize, eps, dtype)
+    elif similarity is None or similarity is taylor_similarity:
+        taylor = similarity is not None
+        args = (q, k, v, weight, causal, normalize, eps, dtype, taylor)
+        o = ParallelFeatureLinearAttention.apply(*args)
     else:
+        scores = similarity(q.to(dtype), k.to(dtype))
         o = ParallelLinearAttention.apply(scores, v, weight, causal, normalize, eps)
     return o.to(v.dtype)
 

@@ -82,15 +82,22 @@ class ParallelLinearAttention(torch.autograd.Function):
 
 
 class ParallelFeatureLinearAttention(torch.autograd.Function):
-    """``o = parallel(phi(q) phi(k)^T, v)`` from the features ``qf, kf: (B, L, H, F)``; the
-    other arguments as :class:`ParallelLinearAttention`. Also ``dQf = dS Kf``, ``dKf = dS^T
-    Qf``, each returned contiguous in ``(B, L, H, F)``."""
+    """``o = parallel(S, v)`` from ``qf, kf: (B, L, H, F)``: ``S = qf kf^T`` (features), or with
+    ``taylor`` Based's closed form ``S = 1 + z + z^2 / 2``, ``z = qf kf^T / sqrt(F)`` on the raw
+    ``q, k`` (:func:`headwise.ops.linear.feature_maps.taylor_similarity`, the same operations
+    in the same order; ``dz = dS (1 + z)``, ``z`` recomputed in the backward). The other
+    arguments as :class:`ParallelLinearAttention`. Backward ``dQf = dz Kf``, ``dKf = dz^T Qf``
+    (times ``1 / sqrt(F)`` with ``taylor``), each returned contiguous in ``(B, L, H, F)``."""
 
     @staticmethod
-    def forward(ctx, qf, kf, v, weight, causal, normalize, eps, dtype):
-        ctx.causal, ctx.q_dtype = causal, qf.dtype
+    def forward(ctx, qf, kf, v, weight, causal, normalize, eps, dtype, taylor):
+        ctx.causal, ctx.q_dtype, ctx.taylor = causal, qf.dtype, taylor
         qh, kh = _heads_first(qf, dtype), _heads_first(kf, dtype)
-        a = _mask_(qh @ kh.mT, weight, causal)
+        scores = qh @ kh.mT
+        if taylor:
+            z = scores.mul_(qh.shape[-1] ** -0.5)
+            scores = (z * 0.5).add_(1.0).mul_(z).add_(1.0)
+        a = _mask_(scores, weight, causal)
         o, saved = _attend(ctx, a, v, normalize, eps)
         ctx.save_for_backward(qh, kh, *saved, weight)
         return o.transpose(1, 2)
@@ -98,10 +105,13 @@ class ParallelFeatureLinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_o):
         qh, kh, *saved = ctx.saved_tensors
-        grad_a, grad_v = _attend_backward(ctx, grad_o, *saved)
-        grad_q = (grad_a @ kh).transpose(1, 2).to(ctx.q_dtype).contiguous()
-        grad_k = (grad_a.mT @ qh).transpose(1, 2).to(ctx.q_dtype).contiguous()
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        grad_z, grad_v = _attend_backward(ctx, grad_o, *saved)
+        if ctx.taylor:
+            scale = qh.shape[-1] ** -0.5
+            grad_z.mul_((qh @ kh.mT).mul_(scale).add_(1.0)).mul_(scale)
+        grad_q = (grad_z @ kh).transpose(1, 2).to(ctx.q_dtype).contiguous()
+        grad_k = (grad_z.mT @ qh).transpose(1, 2).to(ctx.q_dtype).contiguous()
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 def decay_mask(lam: torch.Tensor, length: int, causal: bool, dtype: torch.dtype) -> torch.Tensor:
