@@ -150,3 +150,25 @@ def test_parallel_function_matches_naive(
     assert calls
     for name in oracle:
         assert_fa3_close(parallel[name], chunked[name], oracle[name], dtype, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("feature_map", "normalize"), [(None, False), ("elu+1", True)])
+def test_parallel_function_single_head_views(dtype, feature_map, normalize):
+    # One head, q and k strided views of one projection (as MQAR's linear attention passes
+    # them): the matrices go to bmm uncopied.
+    gen = torch.Generator().manual_seed(0)
+    qk = (torch.randn(3, 13, 2, 1, 6, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    v = torch.randn(3, 13, 1, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    grad_o = torch.randn(3, 13, 1, 5, generator=gen, dtype=torch.float64)
+
+    def run(x, vv, backend):
+        o = linear_attention(
+            *x.unbind(2), vv, feature_map=feature_map, normalize=normalize, backend=backend
+        )
+        return [o, *torch.autograd.grad(o, [x, vv], grad_o.to(o.dtype))]
+
+    low = [qk.detach().to(dtype).requires_grad_(), v.detach().to(dtype).requires_grad_()]
+    oracle = run(qk, v, "naive")
+    for fast, naive, exact in zip(run(*low, "auto"), run(*low, "chunk"), oracle, strict=True):
+        assert_fa3_close(fast, naive, exact, dtype)

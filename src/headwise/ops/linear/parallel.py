@@ -23,9 +23,11 @@ import torch
 
 
 def _heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, L, H, X) -> (B, H, L, X)``, contiguous: ``bmm`` copies a strided batch matrix by
-    matrix."""
-    return x.transpose(1, 2).to(dtype).contiguous()
+    """``(B, L, H, X) -> (B, H, L, X)``: ``bmm`` takes each matrix with any row stride, but
+    copies a batch whose ``(B, H)`` strides do not merge matrix by matrix, so those are made
+    contiguous here once."""
+    x = x.transpose(1, 2).to(dtype)
+    return x if x.shape[1] == 1 and x.stride(-1) == 1 else x.contiguous()
 
 
 def _mask_(scores: torch.Tensor, weight: torch.Tensor | None, causal: bool) -> torch.Tensor:
