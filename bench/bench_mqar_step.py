@@ -19,6 +19,7 @@ Writes ``bench/results/mqar-step-cpu-<date>.md`` with device, versions, date and
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,7 +94,7 @@ def main() -> None:
     batches = list(zip(x.split(args.batch), y.split(args.batch)))
     names = [FLOOR, *mixers]
     calls = {name: training_steps(_model(name, args), batches, args.steps) for name in names}
-    begin = time.perf_counter()
+    begin, load = time.perf_counter(), os.getloadavg()[0]
     bar = progress(len(names) * (args.rounds + 1), "mqar step")
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(-1, args.rounds):  # round -1 warms every model up and is not recorded
@@ -123,8 +124,9 @@ def main() -> None:
         f"- median over {args.rounds} rounds of {args.steps} steps each (every round runs every "
         f"model once, rotated); `floor`: each mixer replaced by nn.Linear(d, d); s/epoch = "
         f"median x {STEPS_PER_EPOCH} steps (the CPU preset's epoch, test pass excluded)",
-        "- the machine may have been shared with other jobs (timings are noisy); total "
-        f"{total:.0f} s",
+        f"- load average (1 min) {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+        f"on {os.cpu_count()} cores (above ~1 other jobs shared the machine: timings are noisy); "
+        f"total {total:.0f} s",
         "",
         "| mixer | ms/step | vs floor | s/epoch | rounds (ms/step) |",
         "|---|---|---|---|---|",
