@@ -12,6 +12,8 @@ recall-throughput tradeoff", 2024) and the decay mask ``M[t, s] = lam^(t - s)`` 
 
     dV = A^T G,    dS = (G V^T - rowsum(G * O) 1^T) * M
 
+and for Taylor's ``z = q . k / sqrt(D)``, ``dz = dS (1 + z)``.
+
 Autograd through the same few operators builds the ones column of the normalizer, copies the
 masked scores and hands the feature map's backward permuted gradients; one function with this
 rule does neither. :func:`headwise.ops.linear.naive.quadratic_linear_attention` is its reference.
