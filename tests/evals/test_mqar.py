@@ -3,6 +3,7 @@ every mixer, a tiny end-to-end run that beats chance for attention, and the CLI.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_fa3_close
 from headwise import cli
 from headwise.evals import mqar
 
@@ -102,6 +104,54 @@ def test_model_is_causal(mixer):
     assert before.shape == (2, L, V)
     torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after[:, t:], before[:, t:])
+
+
+def _conv1d_reference(module, x):
+    """Zoology's ``ShortConvolution``: the depthwise ``nn.Conv1d`` cut to the first L outputs."""
+    return module.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+
+
+def _fft_reference(module, x):
+    """Zoology's ``fft_conv`` (FFT of size 2 L, ``y = h * u + u``) with the module's filter."""
+    length, n = x.shape[1], 2 * x.shape[1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    k_f = torch.fft.rfft(module.filter(length).to(dtype), n=n) / n
+    u = x.transpose(1, 2).to(dtype)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n, norm="forward")[..., :length]
+    return (y + u).transpose(1, 2).to(x.dtype)
+
+
+def _conv_forward_backward(module, x, run):
+    leaves = [x.detach().requires_grad_(), *module.parameters()]
+    out = run(module, leaves[0])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return [out, *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("length", "dim", "kernel", "max_len"),
+    [(7, 5, 3, 7), (2, 3, 4, 2), (13, 6, -1, 13), (9, 4, -1, 16), (64, 8, -1, 64)],
+)
+def test_base_conv_convolutions_match_zoology(dtype, length, dim, kernel, max_len):
+    """The short convolution's shifted multiply-adds equal the depthwise ``nn.Conv1d`` (a kernel
+    longer than the sequence included), the long one's Toeplitz product Zoology's FFT
+    convolution (a sequence shorter than ``max_len`` included): outputs and the gradients of the
+    input and every parameter, against the float64 reference."""
+    torch.manual_seed(0)
+    conv = mqar.BaseConv(dim, max_len, kernel).conv
+    reference = _conv1d_reference if kernel > 0 else _fft_reference
+    with torch.no_grad():  # O(1) filter taps, so that a wrong tap is visible in every output
+        for p in conv.parameters():
+            p.normal_()
+    x = torch.randn(3, length, dim, dtype=torch.float64)
+    oracle = _conv_forward_backward(copy.deepcopy(conv).double(), x, reference)
+    low = copy.deepcopy(conv).to(dtype)
+    naive = _conv_forward_backward(low, x.to(dtype), reference)
+    fast = _conv_forward_backward(low, x.to(dtype), lambda m, u: m(u))
+    for i, (f, n, o) in enumerate(zip(fast, naive, oracle, strict=True)):
+        assert f.dtype == dtype
+        assert_fa3_close(f, n, o, dtype, what=f"output/grad {i}")
 
 
 def test_model_zoology_init_and_tied_head():

@@ -7,7 +7,8 @@ last column holding the key sum ``z``), one per sequence for packed inputs.
 
 Files: ``naive.py`` (quadratic and recurrent references), ``chunk.py`` (Lightning Attention-2 in
 PyTorch plus the shared autograd rule), ``triton_chunk.py`` (the same algorithm as a Triton
-kernel), ``feature_maps.py``, ``api.py`` (the entry points: checks, dispatch, varlen).
+kernel), ``parallel.py`` (the quadratic form for short sequences, with its own backward),
+``feature_maps.py``, ``api.py`` (the entry points: checks, dispatch, varlen).
 """
 
 from headwise.ops.attention.mods import alibi_slopes

@@ -13,7 +13,16 @@ from headwise.ops.attention.mods import alibi_slopes
 from headwise.ops.attention.varlen import seqlens_from_cu
 from headwise.ops.linear import naive, triton_chunk
 from headwise.ops.linear.chunk import DecayedLinearAttention, chunk_forward, compute_dtype
-from headwise.ops.linear.feature_maps import FeatureMapLike, get_feature_map
+from headwise.ops.linear.feature_maps import (
+    FeatureMapLike,
+    get_feature_map,
+    taylor_similarity,
+)
+from headwise.ops.linear.parallel import (
+    ParallelFeatureLinearAttention,
+    ParallelLinearAttention,
+    decay_mask,
+)
 
 BACKENDS = ("auto", "chunk", "triton", "naive", "recurrent")
 _DEFAULT_CHUNK = 64
@@ -115,11 +124,8 @@ def linear_attention(
         and not return_state
         and q.shape[1] <= PARALLEL_MAX_LENGTH
     )
-    vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
-    dtype = compute_dtype(q.dtype)
     if parallel and similarity is not None:
-        scores = similarity(q.to(dtype), k.to(dtype))
-        return _finish_parallel(scores, vv, lam, causal, normalize, eps, v.dtype)
+        return _finish_parallel(q, k, v, lam, causal, normalize, eps, similarity)
 
     qf, kf = fmap.query(q), fmap.key(k)
     if qf.shape[-1] != kf.shape[-1]:
@@ -127,10 +133,10 @@ def linear_attention(
             f"feature_map gave query features {tuple(qf.shape)} and key features "
             f"{tuple(kf.shape)}; the last dims must match"
         )
-    features, columns = qf.shape[-1], vv.shape[-1]
+    features, columns = qf.shape[-1], v.shape[-1] + normalize
     if parallel and q.shape[1] * (features + columns) <= PARALLEL_BREAK_EVEN * features * columns:
-        scores = torch.einsum("blhf,bshf->bhls", qf.to(dtype), kf.to(dtype))
-        return _finish_parallel(scores, vv, lam, causal, normalize, eps, v.dtype)
+        return _finish_parallel(qf, kf, v, lam, causal, normalize, eps)
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
     batch = len(lengths) if varlen else q.shape[0]
     if initial_state is not None:
         _check_state(initial_state, (batch, heads, qf.shape[-1], vv.shape[-1]), q)
@@ -269,28 +275,28 @@ def _run(
     return forward + backward.flip(1) - diagonal, None
 
 
-def _finish_parallel(scores, vv, lam, causal, normalize, eps, dtype):
-    """The quadratic form's output in ``dtype`` from the similarities ``scores``; with
-    ``normalize``, ``vv``'s last column (ones) gives the denominators."""
-    o = _parallel(scores, vv, lam, causal)
-    if normalize:
-        o = o[..., :-1] / (o[..., -1:] + eps)
-    return o.to(dtype)
-
-
-def _parallel(
-    scores: torch.Tensor, v: torch.Tensor, lam: torch.Tensor | None, causal: bool
-) -> torch.Tensor:
-    """``o = [S * M] V`` from the similarities ``S: (B, H, L, L)`` of the feature map, with
-    ``M[t, s] = lam^(t - s)`` for ``s <= t`` (causal) or ``lam^|t - s|``; in ``S``'s dtype."""
-    dtype = scores.dtype
-    if lam is not None:
-        pos = torch.arange(v.shape[1], device=v.device, dtype=dtype)
-        weight = lam.to(dtype)[:, None, None] ** (pos[:, None] - pos[None, :]).abs()
-        scores = scores * (weight.tril() if causal else weight)  # one pass over the scores
-    elif causal:
-        scores = scores.tril()
-    return torch.einsum("bhts,bshe->bthe", scores, v.to(dtype))
+def _finish_parallel(q, k, v, lam, causal, normalize, eps, similarity=None):
+    """The quadratic form's output in ``v``'s dtype (:mod:`headwise.ops.linear.parallel`) from
+    the features ``q, k``, or from raw ``q, k`` and the feature map's closed-form
+    ``similarity`` (Taylor's with its own backward); a decay that takes a gradient goes through
+    autograd instead."""
+    dtype = compute_dtype(v.dtype)
+    weight = None if lam is None else decay_mask(lam, v.shape[1], causal, dtype)
+    if weight is not None and weight.requires_grad:
+        q, k = q.to(dtype), k.to(dtype)
+        scores = torch.einsum("blhf,bshf->bhls", q, k) if similarity is None else similarity(q, k)
+        vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+        o = torch.einsum("bhts,bshe->bthe", scores * weight, vv.to(dtype))
+        if normalize:
+            o = o[..., :-1] / (o[..., -1:] + eps)
+    elif similarity is None or similarity is taylor_similarity:
+        taylor = similarity is not None
+        args = (q, k, v, weight, causal, normalize, eps, dtype, taylor)
+        o = ParallelFeatureLinearAttention.apply(*args)
+    else:
+        scores = similarity(q.to(dtype), k.to(dtype))
+        o = ParallelLinearAttention.apply(scores, v, weight, causal, normalize, eps)
+    return o.to(v.dtype)
 
 
 def _select(backend: str, q: torch.Tensor, v: torch.Tensor, chunk_size: int | None):
