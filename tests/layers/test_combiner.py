@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_fa3_close
 
+from conftest import assert_fa3_close
 from headwise.layers import combiner
 from headwise.layers.combiner import CombinerAttention
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_fa3_close
 
+from conftest import assert_fa3_close
 from headwise import patterns
 from headwise.layers.multihead import MultiHeadAttention
 from headwise.layers.selective import SelectiveMultiHeadAttention
