@@ -236,3 +236,15 @@ def test_non_finite_input_takes_the_calls_and_their_rule(monkeypatch, causal):
     assert torch.isfinite(out[0]).all()  # the other sequence
     if causal:  # the rows before the NaN token
         assert torch.isfinite(out[1, :9]).all()
+
+
+def test_segment_max_has_amax_gradient_with_ties():
+    """The summaries' max splits the gradient evenly among tied maxima, as ``amax``."""
+    rows = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, -1.0]])  # (segment, position)
+    t = rows.view(1, 2, 4, 1, 1).expand(1, 2, 4, 1, 3).contiguous().requires_grad_()
+    grad = torch.randn(1, 2, 1, 3)
+    (got,) = torch.autograd.grad(combiner._SegmentMax.apply(t), t, grad)
+    (want,) = torch.autograd.grad(t.amax(2), t, grad)
+    assert torch.equal(combiner._SegmentMax.apply(t), t.amax(2))
+    torch.testing.assert_close(got, want)
+    assert (got[0, 1, :3] != 0).all() and (got[0, 1, 3] == 0).all()
