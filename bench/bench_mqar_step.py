@@ -5,7 +5,8 @@ One step of the CPU preset's training (B=64, L=64, d=64, vocab 512, AdamW, atten
 against ``attention`` timed in the same round (issue 16's budget: the slow mixers within ~1.3x
 of it). ``--baseline-src`` also times another checkout of headwise (e.g. the main branch's
 ``src``) in the same rounds, each round alternating a subprocess on either code, and prints the
-ratio of this code to that one per mixer.
+ratio of this code to that one per mixer, both as measured and with each code's times in units
+of its own ``attention`` step (which cancels load that differs between the two codes' runs).
 
     python bench/bench_mqar_step.py --mixers attention,selective,combiner
     python bench/bench_mqar_step.py --baseline-src /work/main/src --rounds 7
@@ -30,30 +31,31 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def step_times(mixers: list[str], steps: int) -> dict[str, float]:
-    """Median seconds per training step of each mixer's model (3 warm-up steps first), in this
-    process's headwise."""
+    """Median seconds per training step of each mixer's model, in this process's headwise: the
+    models step in turn (3 warm-up steps each first), so a slow phase hits all of them."""
     import torch.nn.functional as F
 
     from headwise.evals.mqar import IGNORE, MQARModel, mqar_data
 
     tokens, labels = mqar_data(512, 64 * (steps + 3), 64, 4, 1)
-    times = {}
+    models = {}
     for name in mixers:
         torch.manual_seed(0)
         model = MQARModel(name, vocab_size=512, dim=64, seq_len=64)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-        per_step = []
-        for i in range(steps + 3):
-            tok, lab = tokens[i * 64 : (i + 1) * 64], labels[i * 64 : (i + 1) * 64]
+        models[name] = model, opt
+    per_step: dict[str, list[float]] = {name: [] for name in mixers}
+    for i in range(steps + 3):
+        tok, lab = tokens[i * 64 : (i + 1) * 64], labels[i * 64 : (i + 1) * 64]
+        keep = lab != IGNORE
+        for name, (model, opt) in models.items():
             start = time.perf_counter()
-            keep = lab != IGNORE
             loss = F.cross_entropy(model(tok, keep), lab[keep])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            per_step.append(time.perf_counter() - start)
-        times[name] = statistics.median(per_step[3:])
-    return times
+            per_step[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times[3:]) for name, times in per_step.items()}
 
 
 def _worker(src: str | None, mixers: list[str], steps: int) -> dict[str, float]:
@@ -105,22 +107,29 @@ def main() -> None:
     head = "| mixer | " + " | ".join(f"{code} ms/step" for code in codes) + " | this / attention |"
     lines = [head, "|" + " --- |" * (len(codes) + 2)]
     if "baseline" in codes:
-        lines[0] = head + " baseline / attention | this / baseline |"
-        lines[1] += " --- | --- |"
+        lines[0] = head + " baseline / attention | this / baseline | same, per attention |"
+        lines[1] += " --- | --- | --- |"
     for name in mixers:
         row = [f"{ms[(code, name)]:.1f}" for code in codes]
         row.append(f"{ms[('this', name)] / ms[('this', 'attention')]:.2f}x")
         if "baseline" in codes:
             row.append(f"{ms[('baseline', name)] / ms[('baseline', 'attention')]:.2f}x")
             row.append(f"{ms[('this', name)] / ms[('baseline', name)]:.2f}x")
+            # each code's time in units of its own attention step: load that differs between
+            # the two codes' runs cancels
+            per_attention = (ms[("this", name)] / ms[("this", "attention")]) / (
+                ms[("baseline", name)] / ms[("baseline", "attention")]
+            )
+            row.append(f"{per_attention:.2f}x")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     table = "\n".join(lines)
     print(table)
     text = (
         "# MQAR training step per mixer (CPU preset shapes)\n\n"
         + "".join(f"- {key}: {value}\n" for key, value in env.items())
-        + f"- threads: {args.threads}; {args.steps} timed steps per model and round (median), "
-        f"{args.rounds} rounds (median of the round medians), codes alternating per round\n"
+        + f"- threads: {args.threads}; {args.steps} timed steps per model and round (median; "
+        f"the models step in turn), {args.rounds} rounds (median of the round medians), "
+        "the codes alternating per round\n"
         + (f"- baseline: `{args.baseline_src}`\n" if args.baseline_src else "")
         + "- the machine was shared with other work while this ran: absolute times are noisy, "
         "the ratios of one round's runs hold better\n\n"
