@@ -110,7 +110,7 @@ def _compacted(m, x):
 
     def project(proj):
         out = torch.einsum("bhte,hde->bhtd", x_sel, proj.weight.view(h, d, e))
-        return out + proj.bias.view(h, 1, d)
+        return out if proj.bias is None else out + proj.bias.view(h, 1, d)
 
     flat = (b * h, slots, 1, d)
     q, k, v = (project(p).reshape(flat) for p in (m.q_proj, m.k_proj, m.v_proj))
@@ -127,7 +127,7 @@ def _compacted(m, x):
     y = x.new_zeros(b, length, e).scatter_add(
         1, idx.reshape(b, h * slots, 1).expand(-1, -1, e), contrib.reshape(b, h * slots, e)
     )
-    return y + m.out_proj.bias
+    return y if m.out_proj.bias is None else y + m.out_proj.bias
 
 
 def _step(m, x, forward, seed=5):
@@ -148,15 +148,17 @@ SHAPES = [  # (batch, length, embed_dim, heads, head_dim, top_k)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize(
+    ("backend", "bias"), [("reference", True), ("auto", True), ("auto", False)]
+)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_equals_the_compacted_formulation_with_dropout_float32(causal, backend, shape):
+def test_equals_the_compacted_formulation_with_dropout_float32(causal, backend, bias, shape):
     """Training with dropout: the same outputs, gradients and dropout draws as the former
     per-head gathered formulation (the router takes no gradient in either)."""
     b, length, e, h, d, top_k = shape
     torch.manual_seed(0)
     m = SelectiveMultiHeadAttention(
-        e, h, head_dim=d, top_k=top_k, causal=causal, backend=backend, dropout=0.3
+        e, h, head_dim=d, top_k=top_k, causal=causal, bias=bias, backend=backend, dropout=0.3
     ).train()
     x = torch.randn(b, length, e, requires_grad=True)
     out, grads, after = _step(m, x, SelectiveMultiHeadAttention.forward)
