@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_fa3_close
+from headwise.layers import combiner
 from headwise.layers.combiner import CombinerAttention
 
 E, H = 8, 2
@@ -127,3 +129,122 @@ def test_embed_dim_is_the_deprecated_name_of_dim():
     assert m.dim == m.embed_dim == 16
     with pytest.raises(TypeError, match="give dim only"):
         CombinerAttention(16, 4, segment_len=2, embed_dim=16)
+
+
+SHAPES = [  # (batch, length, segment_len, dim, heads): n = 4, 5, 1, 5 segments
+    (3, 12, 3, 8, 2),
+    (2, 20, 4, 12, 3),
+    (2, 7, 7, 8, 2),
+    (2, 5, 1, 8, 2),
+]
+
+
+def _step(m, x, seed=5):
+    """Output, gradients of x and every parameter, and the next draw of torch's generator under
+    ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    out = m(x)
+    grads = torch.autograd.grad(out.float().square().sum(), [x, *m.parameters()])
+    return out, grads, torch.rand(())
+
+
+def _explicit_and_calls(shape, causal, dropout=0.3):
+    """The layer with ``backend="auto"`` (the explicit joint softmax at these sizes) and the same
+    layer on the attention calls (``backend="reference"``: keep_mask's dropout, as native)."""
+    b, length, s, e, h = shape
+    torch.manual_seed(0)
+    explicit = CombinerAttention(e, h, segment_len=s, causal=causal, dropout=dropout)
+    calls = CombinerAttention(
+        e, h, segment_len=s, causal=causal, dropout=dropout, backend="reference"
+    )
+    calls.load_state_dict(explicit.state_dict())
+    return explicit, calls, torch.randn(b, length, e)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_explicit_joint_softmax_equals_the_attention_calls_float32(shape, causal, training):
+    """Forward, backward and dropout draws (the seeds in the same order, the same keep masks)."""
+    explicit, calls, x = _explicit_and_calls(shape, causal)
+    explicit.train(training), calls.train(training)
+    x.requires_grad_()
+    out, grads, after = _step(explicit, x)
+    want, want_grads, want_after = _step(calls, x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, want_after)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_explicit_joint_softmax_bfloat16(shape, causal):
+    """bfloat16 with dropout: against the attention calls in float64 (same masks), within twice
+    the calls' own bfloat16 error."""
+    explicit, calls, x = _explicit_and_calls(shape, causal)
+    oracle = CombinerAttention(
+        shape[3], shape[4], segment_len=shape[2], causal=causal, dropout=0.3, backend="reference"
+    )
+    oracle.load_state_dict(calls.state_dict())
+    explicit, calls, oracle = explicit.bfloat16(), calls.bfloat16(), oracle.double()
+    x16 = x.bfloat16().requires_grad_()
+    fast, naive = _step(explicit, x16), _step(calls, x16)
+    exact = _step(oracle, x16.detach().double().requires_grad_())
+    assert_fa3_close(fast[0], naive[0], exact[0], torch.bfloat16, "out")
+    for i, (got, low, want) in enumerate(zip(fast[1], naive[1], exact[1])):
+        assert_fa3_close(got, low, want, torch.bfloat16, f"grad {i}")
+
+
+def _calls_taken(monkeypatch, m, x) -> bool:
+    """Whether ``m(x)`` ran the attention calls (:meth:`CombinerAttention._fixed`)."""
+    taken = []
+    fixed = CombinerAttention._fixed
+
+    def spy(self, *args):
+        taken.append(True)
+        return fixed(self, *args)
+
+    monkeypatch.setattr(CombinerAttention, "_fixed", spy)
+    m(x)
+    monkeypatch.undo()
+    return bool(taken)
+
+
+def test_which_path_serves_a_call(monkeypatch):
+    explicit, calls, x = _explicit_and_calls(SHAPES[0], True)
+    assert not _calls_taken(monkeypatch, explicit, x)
+    assert _calls_taken(monkeypatch, calls, x)  # a backend named by the caller
+    axial = CombinerAttention(8, 2, segment_len=3, variant="axial")
+    monkeypatch.setattr(CombinerAttention, "_fixed_explicit", None)  # never reached
+    axial(x)
+    monkeypatch.undo()
+    monkeypatch.setattr(combiner, "EXPLICIT_LIMIT", x.shape[0] * 2 * 12 * (3 + 4) - 1)
+    assert _calls_taken(monkeypatch, explicit, x)  # above the limit
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_non_finite_input_takes_the_calls_and_their_rule(monkeypatch, causal):
+    """A NaN token poisons exactly the rows the attention calls' non-finite rule says (the
+    explicit softmax would spread it through 0 * NaN to rows that give it no weight)."""
+    explicit, calls, x = _explicit_and_calls(SHAPES[1], causal)
+    explicit.eval(), calls.eval()
+    x[1, 9] = float("nan")  # segment 2 of 5
+    assert _calls_taken(monkeypatch, explicit, x)
+    out, want = explicit(x), calls(x)
+    torch.testing.assert_close(out, want, equal_nan=True)
+    assert torch.isfinite(out[0]).all()  # the other sequence
+    if causal:  # the rows before the NaN token
+        assert torch.isfinite(out[1, :9]).all()
+
+
+def test_segment_max_has_amax_gradient_with_ties():
+    """The summaries' max splits the gradient evenly among tied maxima, as ``amax``."""
+    rows = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, -1.0]])  # (segment, position)
+    t = rows.view(1, 2, 4, 1, 1).expand(1, 2, 4, 1, 3).contiguous().requires_grad_()
+    grad = torch.randn(1, 2, 1, 3)
+    (got,) = torch.autograd.grad(combiner._SegmentMax.apply(t), t, grad)
+    (want,) = torch.autograd.grad(t.amax(2), t, grad)
+    assert torch.equal(combiner._SegmentMax.apply(t), t.amax(2))
+    torch.testing.assert_close(got, want)
+    assert (got[0, 1, :3] != 0).all() and (got[0, 1, 3] == 0).all()
