@@ -32,8 +32,13 @@ from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
 from headwise.ops.attention.dropout import check_dropout, draw_seed, from_int64, to_int64
 from headwise.ops.attention.mods import RelativePositionTable, relative_position_of
 from headwise.ops.attention.native.build import available
-from headwise.ops.attention.native.call import supports, tiles_backward, tiles_forward
-from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
+from headwise.ops.attention.native.call import (
+    has_non_finite,
+    supports,
+    tiles_backward,
+    tiles_forward,
+)
+from headwise.ops.attention.nonfinite import poisoned_rows, run_poisoned
 from headwise.ops.attention.pattern_keys import intern, pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
 from headwise.patterns import Pattern, full
@@ -75,20 +80,26 @@ def _forward(
     scale: float,
     dropout_p: float,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Lq, H, Dv), lse (B, H, Lq))`` of ``(B, L, H, D)`` inputs (float32, bfloat16
-    or float16; ``out`` in their dtype, ``lse`` float32)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, Dv), lse (B, H, Lq), dirty)`` of ``(B, L, H, D)`` inputs (float32,
+    bfloat16 or float16; ``out`` in their dtype, ``lse`` float32); ``dirty``: a bool scalar,
+    whether the rule's screen found a non-finite entry (the backward pass looks again only
+    then: autograd's version counters keep the saved inputs as the forward pass saw them)."""
     pattern, run, _, dropout = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
-    if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
-        return run_poisoned(run, q, k, v, None, None, None, None, dropout)
-    return run(q, k, v)
+    dirty = hides_keys(pattern, bias, table) and has_non_finite(q, k, v)
+    if dirty:
+        out, lse = run_poisoned(run, q, k, v, None, None, None, None, dropout)
+    else:
+        out, lse = run(q, k, v)
+    return out, lse, torch.tensor(dirty)
 
 
 @_forward.register_fake
 def _(q, k, v, bias, table, pattern_key, scale, dropout_p, seed):
     batch, q_len, heads = q.shape[:3]
     lse = q.new_empty(batch, heads, q_len, dtype=torch.float32)
-    return q.new_empty(batch, q_len, heads, v.shape[3]), lse
+    dirty = torch.empty((), dtype=torch.bool, device=q.device)
+    return q.new_empty(batch, q_len, heads, v.shape[3]), lse, dirty
 
 
 @torch.library.custom_op("headwise::native_attention_bwd", mutates_args=())
@@ -102,18 +113,20 @@ def _backward(
     table: Optional[torch.Tensor],  # noqa: UP045
     out: torch.Tensor,
     lse: torch.Tensor,
+    dirty: torch.Tensor,
     pattern_key: str,
     scale: float,
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Under
-    the non-finite rule the backward is that of the clean inputs with the poisoned rows' output
-    gradients zeroed (their forward outputs, recomputed): bad entries, seen by poisoned rows
-    only (the kernel flushes weights below the poison threshold to 0), get gradient 0."""
-    pattern, run, run_backward, _ = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
+    """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Where the
+    forward pass found a non-finite entry (``dirty``), the backward is that of the clean inputs
+    with the poisoned rows' output gradients zeroed (their forward outputs, recomputed): bad
+    entries, seen by poisoned rows only (the kernel flushes weights below the poison threshold
+    to 0), get gradient 0."""
+    _, run, run_backward, _ = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
     found = None
-    if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
+    if dirty.item():
         found = poisoned_rows(run, q, k, v, None, None, None, None)
     if found is not None:
         q, k, v, poisoned = found
@@ -129,7 +142,7 @@ def _backward(
 
 
 @_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, pattern_key, scale, dropout_p, seed):
+def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, dirty, key, scale, dropout_p, seed):
     d_table = q.new_empty(0) if table is None else torch.empty_like(table)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_table
 
@@ -140,14 +153,14 @@ def _setup_context(ctx, inputs, output):
     ctx.pattern, ctx.scale, ctx.dropout = pattern_of(key), scale, (dropout_p, seed)
 
 
-def _gradients(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse, _grad_dirty):
     refuse_double_backward("the 'native' backend")
-    q, k, v, bias, table, out, lse = ctx.saved_tensors
+    q, k, v, bias, table, out, lse, dirty = ctx.saved_tensors
     bias = None if bias is None else bias.detach()
     # the key again: an eager call's key may have made way for newer patterns since
     key = intern(ctx.pattern, pin=False)
     dq, dk, dv, d_table = torch.ops.headwise.native_attention_bwd(
-        grad_out, grad_lse, q, k, v, bias, table, out, lse, key, ctx.scale, *ctx.dropout
+        grad_out, grad_lse, q, k, v, bias, table, out, lse, dirty, key, ctx.scale, *ctx.dropout
     )
     return dq, dk, dv, None, None if table is None else d_table, None, None, None, None
 
@@ -192,6 +205,7 @@ def native_attention(
     seed = to_int64(seed)  # the operator's int
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     table = None if relative is None else relative.table
-    return torch.ops.headwise.native_attention_fwd(
+    out, lse, _ = torch.ops.headwise.native_attention_fwd(
         q, k, v, bias, table, pattern_key(pattern), scale, p, seed
     )
+    return out, lse

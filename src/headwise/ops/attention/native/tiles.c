@@ -963,6 +963,54 @@ int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_
     return backward_range(p, begin, end);
 }
 
+/* whether one of n elements at stride st has all its exponent bits set (inf or NaN): float32
+ * bits, or the 16-bit words of bfloat16 and float16 with their exponent field `field` (plain
+ * loops that the compiler vectorizes: an OR per element, no early exit) */
+static int any_bad_32(const uint32_t *x, int64_t n, int64_t st) {
+    uint32_t bad = 0;
+    if (st == 1)
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    else
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i * st] & 0x7f800000u) == 0x7f800000u;
+    return bad != 0;
+}
+
+static int any_bad_16(const uint16_t *x, int64_t n, int64_t st, uint16_t field) {
+    uint16_t bad = 0;
+    if (st == 1)
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i] & field) == field;
+    else
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i * st] & field) == field;
+    return bad != 0;
+}
+
+/* 1 when every element of the 4-D tensor at base (sizes n0..n3, element strides s0..s3, of the
+ * dtype codes of struct problem) is finite, else 0: by the bits, no exponent field all ones
+ * (0x7f800000 in float32, 0x7f80 in bfloat16, 0x7c00 in float16), no copy; dims contiguous with
+ * the next inner one are read as one run. The screen of the non-finite rule (nonfinite.py) for
+ * the native operators. */
+int headwise_all_finite(const void *base, int64_t dtype, int64_t n0, int64_t n1, int64_t n2,
+                        int64_t n3, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+    int64_t n[4] = {n0, n1, n2, n3}, s[4] = {s0, s1, s2, s3};
+    for (int d = 0; d < 4; ++d)
+        if (n[d] == 0) return 1;
+    for (int inner = 3; inner > 0 && (n[inner - 1] == 1 || s[inner - 1] == s[3] * n[3]);) {
+        n[3] *= n[inner - 1]; /* n[inner - 1..3] read as one run */
+        n[--inner] = 1;
+    }
+    const uint16_t field = dtype == DTYPE_BF16 ? 0x7f80 : 0x7c00;
+    for (int64_t i0 = 0; i0 < n[0]; ++i0)
+        for (int64_t i1 = 0; i1 < n[1]; ++i1)
+            for (int64_t i2 = 0; i2 < n[2]; ++i2) {
+                const int64_t at = i0 * s[0] + i1 * s[1] + i2 * s[2];
+                const int bad = dtype == DTYPE_F32
+                                    ? any_bad_32((const uint32_t *)base + at, n[3], s[3])
+                                    : any_bad_16((const uint16_t *)base + at, n[3], s[3], field);
+                if (bad) return 0;
+            }
+    return 1;
+}
+
 int headwise_tiles_openmp(void) {
 #ifdef _OPENMP
     return 1;
