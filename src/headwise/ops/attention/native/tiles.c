@@ -411,14 +411,54 @@ static void scratch_free(struct scratch *w) {
     free(w->dv_sum);
 }
 
-/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes), src of the call's dtype */
+/* m[i][c] <- m[c][i]: the LANES x LANES block transposed in registers, log2(LANES) rounds of
+ * two-source shuffles (round b swaps the off-diagonal b x b blocks of every 2b x 2b block) */
+static inline void transpose_block(vf *m) {
+    _Pragma("GCC unroll 4") for (int b = LANES / 2; b >= 1; b /= 2) {
+        vi lo, hi;
+        for (int c = 0; c < LANES; ++c) {
+            lo[c] = c & b ? LANES + c - b : c;
+            hi[c] = c & b ? LANES + c : c + b;
+        }
+        _Pragma("GCC unroll 16") for (int i = 0; i < LANES; ++i) {
+            if (i & b) continue;
+            const vf a = m[i], x = m[i + b];
+            m[i] = __builtin_shuffle(a, x, lo);
+            m[i + b] = __builtin_shuffle(a, x, hi);
+        }
+    }
+}
+
+/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes), src of the call's dtype: LANES
+ * columns at a time, read as rows and transposed in registers */
 static void transpose_rows(const struct problem *p, vf *xt, const void *base, int64_t st,
                            const int32_t *rows, int64_t dim, float scale) {
-    memset(xt, 0, sizeof(vf) * (size_t)dim);
-    float *x = (float *)xt;
+    for (int64_t d0 = 0; d0 < dim; d0 += LANES) {
+        const int64_t n = dim - d0 < LANES ? dim - d0 : LANES;
+        vf m[LANES];
+        for (int lane = 0; lane < LANES; ++lane) {
+            m[lane] = splat(0.0f);
+            if (rows[lane] >= 0)
+                load_row((float *)(m + lane), 1, elem(p, base, rows[lane] * st + d0), n,
+                         p->dtype, scale);
+        }
+        transpose_block(m);
+        memcpy(xt + d0, m, sizeof(vf) * (size_t)n);
+    }
+}
+
+/* out row of each non-empty lane, columns d0..d0+cols-1 (cols <= LANES): scale[lane] * o[c]
+ * [lane], o transposed in registers so each row is written from consecutive floats */
+static void store_lanes(void *base, int64_t dtype, int64_t b_at,
+                        int64_t st, const int32_t *rows, const vf *o, int cols, vf scale) {
+    vf m[LANES];
+    for (int c = 0; c < LANES; ++c) m[c] = c < cols ? o[c] : splat(0.0f);
+    transpose_block(m);
+    const int64_t size = dtype == DTYPE_F32 ? 4 : 2;
     for (int lane = 0; lane < LANES; ++lane) {
         if (rows[lane] < 0) continue;
-        load_row(x + lane, LANES, elem(p, base, rows[lane] * st), dim, p->dtype, scale);
+        store_row((char *)base + (b_at + rows[lane] * st) * size, (const float *)(m + lane), 1,
+                  cols, dtype, scale[lane]);
     }
 }
 
@@ -704,12 +744,8 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
         const int cols = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
         for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
         MIX[cols](s, it.v + d0, it.v_st, it.start, it.len, it.segs, o);
-        for (int lane = 0; lane < LANES; ++lane) {
-            if (rows[lane] < 0) continue;
-            const int64_t at = b * p->o_sb + rows[lane] * p->o_st + h * p->o_sh + d0;
-            store_row((void *)elem(p, p->out, at), (const float *)o + lane, LANES, cols, p->dtype,
-                      inv_l[lane]);
-        }
+        store_lanes(p->out, p->dtype, b * p->o_sb + h * p->o_sh + d0, p->o_st, rows, o, cols,
+                    inv_l);
     }
     write_lse(p, &it, m_safe, l);
 }
@@ -780,12 +816,8 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
         const int cols = p->dim - d0 < DIM_CHUNK ? (int)(p->dim - d0) : DIM_CHUNK;
         for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
         MIX[cols](ds, k + d0, it.k_st, start, len, segs, o);
-        for (int lane = 0; lane < LANES; ++lane) {
-            if (rows[lane] < 0) continue;
-            const int64_t at = b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
-            store_row(grad_elem(p, p->dq, at), (const float *)o + lane, LANES, cols,
-                      p->grad_dtype, scale);
-        }
+        store_lanes(p->dq, p->grad_dtype, b * p->dq_sb + h * p->dq_sh + d0, p->dq_st, rows, o,
+                    cols, splat(scale));
     }
 
     /* dK += scale dS^T Q, dV += P^T dO, KEY_CHUNK keys at a time */
