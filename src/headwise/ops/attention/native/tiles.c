@@ -54,6 +54,7 @@
 #define KEY_CHUNK 8
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * LANES)));
 
 /* the tiles of one pattern (plan.py: TilePlan) */
 struct plan {
@@ -412,20 +413,73 @@ static void scratch_free(struct scratch *w) {
 }
 
 /* m[i][c] <- m[c][i]: the LANES x LANES block transposed in registers, log2(LANES) rounds of
- * two-source shuffles (round b swaps the off-diagonal b x b blocks of every 2b x 2b block) */
+ * two-source shuffles; round r (b = LANES / 2^(r+1)) swaps the off-diagonal b x b blocks of every
+ * 2b x 2b block: rows i and i + b (i & b = 0) take columns SWAP_LO[r][c] = c & b ? LANES + c - b
+ * : c and SWAP_HI[r][c] = c & b ? LANES + c : c + b of the pair (indices >= LANES: row i + b) */
+#if LANES == 16
+static const vi SWAP_LO[4] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+static const vi SWAP_HI[4] = {
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#else
+static const vi SWAP_LO[3] = {
+    {0, 1, 2, 3, 8, 9, 10, 11},
+    {0, 1, 8, 9, 4, 5, 12, 13},
+    {0, 8, 2, 10, 4, 12, 6, 14}};
+static const vi SWAP_HI[3] = {
+    {4, 5, 6, 7, 12, 13, 14, 15},
+    {2, 3, 10, 11, 6, 7, 14, 15},
+    {1, 9, 3, 11, 5, 13, 7, 15}};
+#endif
+
 static inline void transpose_block(vf *m) {
-    _Pragma("GCC unroll 4") for (int b = LANES / 2; b >= 1; b /= 2) {
-        vi lo, hi;
-        for (int c = 0; c < LANES; ++c) {
-            lo[c] = c & b ? LANES + c - b : c;
-            hi[c] = c & b ? LANES + c : c + b;
-        }
+    _Pragma("GCC unroll 4") for (int r = 0, b = LANES / 2; b >= 1; ++r, b /= 2) {
         _Pragma("GCC unroll 16") for (int i = 0; i < LANES; ++i) {
             if (i & b) continue;
             const vf a = m[i], x = m[i + b];
-            m[i] = __builtin_shuffle(a, x, lo);
-            m[i + b] = __builtin_shuffle(a, x, hi);
+            m[i] = __builtin_shuffle(a, x, SWAP_LO[r]);
+            m[i + b] = __builtin_shuffle(a, x, SWAP_HI[r]);
         }
+    }
+}
+
+/* LANES elements of dtype at src as floats times scale (load_row's values, a vector at once for
+ * float32 and bfloat16) */
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+static inline vf load_vec(const void *src, int64_t dtype, float scale) {
+    vf x;
+    if (dtype == DTYPE_F32) {
+        memcpy(&x, src, sizeof x);
+    } else if (dtype == DTYPE_BF16) {
+        vh h;
+        memcpy(&h, src, sizeof h);
+        x = (vf)(__builtin_convertvector(h, vi) << 16);
+    } else {
+        load_row((float *)&x, 1, src, LANES, dtype, 1.0f);
+    }
+    return x * scale;
+}
+
+/* store_row of LANES floats x * scale (float_to_bf16's rounding, a vector at once) */
+static inline void store_vec(void *dst, vf x, int64_t dtype, float scale) {
+    x *= scale;
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, &x, sizeof x);
+    } else if (dtype == DTYPE_BF16) {
+        const vu32 bits = (vu32)x;
+        const vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, nan = bits >> 16 | 0x40u;
+        const vi is_nan = (vi)(bits & 0x7fffffffu) > 0x7f800000;
+        const vi word = ((vi)nan & is_nan) | ((vi)rounded & ~is_nan);
+        const vh h = __builtin_convertvector(word, vh);
+        memcpy(dst, &h, sizeof h);
+    } else {
+        store_row(dst, (const float *)&x, 1, LANES, dtype, 1.0f);
     }
 }
 
@@ -438,9 +492,12 @@ static void transpose_rows(const struct problem *p, vf *xt, const void *base, in
         vf m[LANES];
         for (int lane = 0; lane < LANES; ++lane) {
             m[lane] = splat(0.0f);
-            if (rows[lane] >= 0)
-                load_row((float *)(m + lane), 1, elem(p, base, rows[lane] * st + d0), n,
-                         p->dtype, scale);
+            if (rows[lane] < 0) continue;
+            const void *src = elem(p, base, rows[lane] * st + d0);
+            if (n == LANES)
+                m[lane] = load_vec(src, p->dtype, scale);
+            else
+                load_row((float *)(m + lane), 1, src, n, p->dtype, scale);
         }
         transpose_block(m);
         memcpy(xt + d0, m, sizeof(vf) * (size_t)n);
@@ -449,16 +506,19 @@ static void transpose_rows(const struct problem *p, vf *xt, const void *base, in
 
 /* out row of each non-empty lane, columns d0..d0+cols-1 (cols <= LANES): scale[lane] * o[c]
  * [lane], o transposed in registers so each row is written from consecutive floats */
-static void store_lanes(void *base, int64_t dtype, int64_t b_at,
-                        int64_t st, const int32_t *rows, const vf *o, int cols, vf scale) {
+static void store_lanes(void *base, int64_t dtype, int64_t b_at, int64_t st, const int32_t *rows,
+                        const vf *o, int cols, vf scale) {
     vf m[LANES];
     for (int c = 0; c < LANES; ++c) m[c] = c < cols ? o[c] : splat(0.0f);
     transpose_block(m);
     const int64_t size = dtype == DTYPE_F32 ? 4 : 2;
     for (int lane = 0; lane < LANES; ++lane) {
         if (rows[lane] < 0) continue;
-        store_row((char *)base + (b_at + rows[lane] * st) * size, (const float *)(m + lane), 1,
-                  cols, dtype, scale[lane]);
+        void *dst = (char *)base + (b_at + rows[lane] * st) * size;
+        if (cols == LANES)
+            store_vec(dst, m[lane], dtype, scale[lane]);
+        else
+            store_row(dst, (const float *)(m + lane), 1, cols, dtype, scale[lane]);
     }
 }
 
