@@ -9,8 +9,11 @@ checkout and, with ``--baseline``, in another one, timed in turn round by round.
 
 Each round starts one worker process per checkout (``PYTHONPATH`` = its ``src``; the order
 alternates between rounds), which times ``--steps`` training steps after 3 warm-up steps, and
-``native_attention`` forward (no grad) and forward+backward; each figure is the median over
-rounds of the workers' medians. Results go to ``bench/results/native-small-cpu-<date>.md``.
+``native_attention`` forward (no grad) and forward+backward, in CPU time of the worker's one
+thread (``time.thread_time``: on a shared machine a call that is descheduled midway would
+otherwise count the other jobs' time slices, which the longer calls catch more often); each
+figure is the median over rounds of the workers' medians. Results go to
+``bench/results/native-small-cpu-<date>.md``.
 """
 
 from __future__ import annotations
@@ -54,12 +57,12 @@ def _worker(mixers: list[str], steps: int) -> dict[str, float]:
         for i in range(steps + 3):
             tok, lab = tokens[i * 64 : (i + 1) * 64], labels[i * 64 : (i + 1) * 64]
             keep = lab != IGNORE
-            start = time.perf_counter()
+            start = time.thread_time()
             loss = F.cross_entropy(model(tok, keep), lab[keep])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            times.append(time.perf_counter() - start)
+            times.append(time.thread_time() - start)
         result[f"step {name}"] = _median(times[3:]) * 1e3
     # the operator alone: q, k, v as slices of one projection, as the layers give them
     for label, pattern in (("sliding_window(16)", P.sliding_window(16)), ("causal", P.causal())):
@@ -82,9 +85,9 @@ def _worker(mixers: list[str], steps: int) -> dict[str, float]:
             fn()
             times = []
             for _ in range(30):
-                start = time.perf_counter()
+                start = time.thread_time()
                 fn()
-                times.append(time.perf_counter() - start)
+                times.append(time.thread_time() - start)
             result[f"native {label} {part}"] = _median(times) * 1e3
     return result
 
@@ -129,8 +132,8 @@ def main() -> None:
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [
         f"- this checkout: {SOURCE}; baseline: {args.baseline or 'none'}",
-        "- MQAR model B=64, L=64, d=64, vocab 512, 2 layers, attention dropout 0.1; ms per "
-        "training step (forward, backward, AdamW), median of "
+        "- MQAR model B=64, L=64, d=64, vocab 512, 2 layers, attention dropout 0.1; CPU ms "
+        "(thread time) per training step (forward, backward, AdamW), median of "
         f"{args.steps} steps per worker, then median over {args.rounds} rounds (worker processes "
         "of the two checkouts alternate); native rows: native_attention on (64, 64, 1, 64) "
         "slices of one projection, dropout 0.1",

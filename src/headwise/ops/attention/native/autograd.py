@@ -14,7 +14,9 @@ The one ``score_mod`` taken is a neighborhood's relative-position table
 (:func:`headwise.ops.attention.mods.relative_position_bias`): a tensor input, whose gradient
 the kernel computes; ``bias`` is an optional tensor without gradient. The non-finite rule of
 :mod:`headwise.ops.attention.api` is applied inside the operators (:mod:`..nonfinite`), so its
-data-dependent branch is never traced. The backward pass is hand-written and not
+data-dependent branch is never traced; its screen (:func:`.call.has_non_finite`, read by the
+kernel) runs once, in the forward pass, whose bool output ``dirty`` tells the backward pass
+whether to look for poisoned rows. The backward pass is hand-written and not
 differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupported`. bfloat16 and
 float16 inputs are read by the kernel as they are (gradients accumulate in float32 and are rounded
 once); attention dropout (``dropout_p`` > 0) regenerates its keep mask in the backward pass from

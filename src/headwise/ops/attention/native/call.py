@@ -69,7 +69,8 @@ def has_non_finite(*tensors: torch.Tensor) -> bool:
     that function). Exact: a sum that overflows is no false alarm here."""
     lib = library()
     for t in tensors:
-        if lib is None or t.dim() != 4 or t.dtype not in DTYPES or t.device.type != "cpu":
+        native = t.dim() == 4 and t.dtype in DTYPES and t.layout == torch.strided
+        if lib is None or not native or t.device.type != "cpu":
             if nonfinite.has_non_finite(t):
                 return True
         elif not lib.headwise_all_finite(t.data_ptr(), DTYPES[t.dtype], *t.shape, *t.stride()):

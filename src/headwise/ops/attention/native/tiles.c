@@ -15,6 +15,9 @@
  * displacements (KEY_CHUNK keys, KEY_CHUNK accumulators), so nothing is packed per tile and a
  * tile can be small (4 x 4 on a 2-D grid) without losing efficiency: a query costs the keys of
  * its tile's union, where a block of a fused attention kernel costs the union of a larger group.
+ * A tile's q and dO rows become lane vectors, and its O and dQ lanes become rows again, a
+ * LANES x LANES block at a time through an in-register transpose (transpose_block), so rows are
+ * read and written a vector at a time.
  *
  * q, k, v, out and dO may be bfloat16 or float16 (struct problem's dtype): elements are widened
  * to float32 as they are read (q and dO rows per tile; K and V rows the first time a thread reads
