@@ -1,7 +1,7 @@
 """The native operators' screen for the non-finite rule (:func:`headwise.ops.attention.native.
 call.has_non_finite`, read by the kernel in place): an inf or NaN at any position of any view,
-in every dtype the kernel takes, is found; finite extremes are not; and the backward pass looks
-again only where the forward pass found something (its ``dirty`` flag)."""
+in every dtype the kernel takes, is found; finite extremes are not; and the native operators
+screen through it."""
 
 from __future__ import annotations
 
@@ -53,19 +53,17 @@ def test_screen_passes_finite_extremes_and_empty_tensors(dtype):
     assert not has_non_finite(torch.full((1, 4, 1, 4), info.max, dtype=dtype), torch.ones(1))
 
 
-def test_backward_screens_only_when_forward_found_a_bad_entry(monkeypatch):
-    screens, searches = [], []
-    screen, search = autograd.has_non_finite, autograd.poisoned_rows
+def test_the_operators_apply_the_rule_through_this_screen(monkeypatch):
+    screens = []
+    screen = autograd.has_non_finite
     monkeypatch.setattr(autograd, "has_non_finite", lambda *t: screens.append(1) or screen(*t))
-    monkeypatch.setattr(autograd, "poisoned_rows", lambda *a: searches.append(1) or search(*a))
     q, k, v = (torch.randn(2, 9, 2, 8, requires_grad=True) for _ in range(3))
-    out, _ = native_attention(q, k, v, P.sliding_window(3))
-    out.sum().backward()
-    assert (len(screens), len(searches)) == (1, 0)  # the forward's screen only
     with torch.no_grad():
         k[1, 4, 0, 2] = float("nan")
-    q.grad = k.grad = v.grad = None
     out, _ = native_attention(q, k, v, P.sliding_window(3))
     out.nan_to_num().sum().backward()
-    assert (len(screens), len(searches)) == (2, 1)  # the backward looks for the poisoned rows
+    assert len(screens) == 2  # forward and backward
+    # the rule: rows that see the bad key are NaN, the bad entry gets gradient 0
+    assert out[1, 4:7, 0].isnan().all() and not out[1, :4].isnan().any()
+    assert not out[:, :, 1].isnan().any() and not out[0].isnan().any()
     assert torch.isfinite(k.grad).all() and k.grad[1, 4, 0, 2] == 0

@@ -14,9 +14,8 @@ The one ``score_mod`` taken is a neighborhood's relative-position table
 (:func:`headwise.ops.attention.mods.relative_position_bias`): a tensor input, whose gradient
 the kernel computes; ``bias`` is an optional tensor without gradient. The non-finite rule of
 :mod:`headwise.ops.attention.api` is applied inside the operators (:mod:`..nonfinite`), so its
-data-dependent branch is never traced; its screen (:func:`.call.has_non_finite`, read by the
-kernel) runs once, in the forward pass, whose bool output ``dirty`` tells the backward pass
-whether to look for poisoned rows. The backward pass is hand-written and not
+data-dependent branch is never traced; its screen (:func:`.call.has_non_finite`) is read by the
+kernel in place, one pass over each tensor's bits. The backward pass is hand-written and not
 differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupported`. bfloat16 and
 float16 inputs are read by the kernel as they are (gradients accumulate in float32 and are rounded
 once); attention dropout (``dropout_p`` > 0) regenerates its keep mask in the backward pass from
@@ -82,26 +81,20 @@ def _forward(
     scale: float,
     dropout_p: float,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out (B, Lq, H, Dv), lse (B, H, Lq), dirty)`` of ``(B, L, H, D)`` inputs (float32,
-    bfloat16 or float16; ``out`` in their dtype, ``lse`` float32); ``dirty``: a bool scalar,
-    whether the rule's screen found a non-finite entry (the backward pass looks again only
-    then: autograd's version counters keep the saved inputs as the forward pass saw them)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, Dv), lse (B, H, Lq))`` of ``(B, L, H, D)`` inputs (float32, bfloat16
+    or float16; ``out`` in their dtype, ``lse`` float32)."""
     pattern, run, _, dropout = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
-    dirty = hides_keys(pattern, bias, table) and has_non_finite(q, k, v)
-    if dirty:
-        out, lse = run_poisoned(run, q, k, v, None, None, None, None, dropout)
-    else:
-        out, lse = run(q, k, v)
-    return out, lse, torch.tensor(dirty)
+    if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
+        return run_poisoned(run, q, k, v, None, None, None, None, dropout)
+    return run(q, k, v)
 
 
 @_forward.register_fake
 def _(q, k, v, bias, table, pattern_key, scale, dropout_p, seed):
     batch, q_len, heads = q.shape[:3]
     lse = q.new_empty(batch, heads, q_len, dtype=torch.float32)
-    dirty = torch.empty((), dtype=torch.bool, device=q.device)
-    return q.new_empty(batch, q_len, heads, v.shape[3]), lse, dirty
+    return q.new_empty(batch, q_len, heads, v.shape[3]), lse
 
 
 @torch.library.custom_op("headwise::native_attention_bwd", mutates_args=())
@@ -115,20 +108,18 @@ def _backward(
     table: Optional[torch.Tensor],  # noqa: UP045
     out: torch.Tensor,
     lse: torch.Tensor,
-    dirty: torch.Tensor,
     pattern_key: str,
     scale: float,
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Where the
-    forward pass found a non-finite entry (``dirty``), the backward is that of the clean inputs
-    with the poisoned rows' output gradients zeroed (their forward outputs, recomputed): bad
-    entries, seen by poisoned rows only (the kernel flushes weights below the poison threshold
-    to 0), get gradient 0."""
-    _, run, run_backward, _ = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
+    """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Under
+    the non-finite rule the backward is that of the clean inputs with the poisoned rows' output
+    gradients zeroed (their forward outputs, recomputed): bad entries, seen by poisoned rows
+    only (the kernel flushes weights below the poison threshold to 0), get gradient 0."""
+    pattern, run, run_backward, _ = _runner(pattern_key, q, k, bias, table, scale, dropout_p, seed)
     found = None
-    if dirty.item():
+    if hides_keys(pattern, bias, table) and has_non_finite(q, k, v):
         found = poisoned_rows(run, q, k, v, None, None, None, None)
     if found is not None:
         q, k, v, poisoned = found
@@ -144,7 +135,7 @@ def _backward(
 
 
 @_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, dirty, key, scale, dropout_p, seed):
+def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, pattern_key, scale, dropout_p, seed):
     d_table = q.new_empty(0) if table is None else torch.empty_like(table)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_table
 
@@ -155,14 +146,14 @@ def _setup_context(ctx, inputs, output):
     ctx.pattern, ctx.scale, ctx.dropout = pattern_of(key), scale, (dropout_p, seed)
 
 
-def _gradients(ctx, grad_out, grad_lse, _grad_dirty):
+def _gradients(ctx, grad_out, grad_lse):
     refuse_double_backward("the 'native' backend")
-    q, k, v, bias, table, out, lse, dirty = ctx.saved_tensors
+    q, k, v, bias, table, out, lse = ctx.saved_tensors
     bias = None if bias is None else bias.detach()
     # the key again: an eager call's key may have made way for newer patterns since
     key = intern(ctx.pattern, pin=False)
     dq, dk, dv, d_table = torch.ops.headwise.native_attention_bwd(
-        grad_out, grad_lse, q, k, v, bias, table, out, lse, dirty, key, ctx.scale, *ctx.dropout
+        grad_out, grad_lse, q, k, v, bias, table, out, lse, key, ctx.scale, *ctx.dropout
     )
     return dq, dk, dv, None, None if table is None else d_table, None, None, None, None
 
@@ -207,7 +198,6 @@ def native_attention(
     seed = to_int64(seed)  # the operator's int
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     table = None if relative is None else relative.table
-    out, lse, _ = torch.ops.headwise.native_attention_fwd(
+    return torch.ops.headwise.native_attention_fwd(
         q, k, v, bias, table, pattern_key(pattern), scale, p, seed
     )
-    return out, lse
