@@ -511,6 +511,13 @@ def bench_compiled(args, device, dtype, lines, env):
     write_results(RESULTS, f"compile-{device.type}", env, "\n".join(header + section) + "\n")
 
 
+def _load(when: str) -> str:
+    """A results-file line: the machine's load average (timings on a shared machine are
+    noisy; the interleaved ratios less so)."""
+    one, five, fifteen = os.getloadavg()
+    return f"- load average {when} (1/5/15 min): {one:.1f} / {five:.1f} / {fifteen:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -545,6 +552,7 @@ def main() -> None:
     env = environment(device)
     lines = ["# headwise softmax attention benchmark\n"]
     lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines.append(_load("at the start"))
     lines.append("")
     print("\n".join(lines), flush=True)
     if "lengths" not in args.skip:
@@ -561,6 +569,7 @@ def main() -> None:
         bench_recompiles(args, device, dtype, lines)
     if "compiled" not in args.skip:
         bench_compiled(args, device, dtype, lines, env)
+    lines.insert(lines.index(""), _load("at the end"))
     suffix = "-backward" if args.backward else ""
     write_results(RESULTS, f"{args.name}-{device.type}{suffix}", env, "\n".join(lines) + "\n")
 

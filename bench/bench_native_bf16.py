@@ -16,6 +16,7 @@ non-finite keys) on the same problem. Results go to ``bench/results/native-bf16-
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -81,12 +82,12 @@ def main() -> None:
         f"D={args.dim}, backend native",
         f"- every candidate of a row called in turn for {args.rounds} rounds after a warm-up; "
         "median ms; ratio = time / float32 time (<= 1: no slower than float32)",
-        "- the machine was shared with other jobs (2 cores, 7 users): absolute times are noisy, "
-        "the interleaved ratios less so",
+        "- the machine was shared with other jobs (2 cores, 3 engineers): absolute times are "
+        "noisy, the interleaved ratios less so; load average (1/5/15 min) at the start: "
+        + " / ".join(f"{x:.1f}" for x in os.getloadavg()),
         "- 'bfloat16 (in-kernel)' is the kernel reading bf16 as it is; 'via float32 copies' is "
         "the path before (copies of q, k, v, the result cast back); the attention() rows add "
-        "the public entry point's checks, whose scan for non-finite keys costs more on bf16 "
-        "(a float32-accumulated sum per tensor) than on float32",
+        "the public entry point's checks",
         "",
         "| pattern | pass | candidate | ms | / float32 |",
         "|---|---|---|---|---|",
@@ -113,6 +114,7 @@ def main() -> None:
     if bar is not None:
         bar.close()
         print("\n".join(lines[-12 * len(args.kernels) :]))
+    lines.append("\n- load average at the end: " + " / ".join(f"{x:.1f}" for x in os.getloadavg()))
     write_results(RESULTS, f"native-bf16-{device.type}", env, "\n".join(lines) + "\n")
 
 

@@ -14,7 +14,8 @@ The one ``score_mod`` taken is a neighborhood's relative-position table
 (:func:`headwise.ops.attention.mods.relative_position_bias`): a tensor input, whose gradient
 the kernel computes; ``bias`` is an optional tensor without gradient. The non-finite rule of
 :mod:`headwise.ops.attention.api` is applied inside the operators (:mod:`..nonfinite`), so its
-data-dependent branch is never traced. The backward pass is hand-written and not
+data-dependent branch is never traced; its screen (:func:`.call.has_non_finite`) is read by the
+kernel in place, one pass over each tensor's bits. The backward pass is hand-written and not
 differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupported`. bfloat16 and
 float16 inputs are read by the kernel as they are (gradients accumulate in float32 and are rounded
 once); attention dropout (``dropout_p`` > 0) regenerates its keep mask in the backward pass from
@@ -32,8 +33,13 @@ from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
 from headwise.ops.attention.dropout import check_dropout, draw_seed, from_int64, to_int64
 from headwise.ops.attention.mods import RelativePositionTable, relative_position_of
 from headwise.ops.attention.native.build import available
-from headwise.ops.attention.native.call import supports, tiles_backward, tiles_forward
-from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
+from headwise.ops.attention.native.call import (
+    has_non_finite,
+    supports,
+    tiles_backward,
+    tiles_forward,
+)
+from headwise.ops.attention.nonfinite import poisoned_rows, run_poisoned
 from headwise.ops.attention.pattern_keys import intern, pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
 from headwise.patterns import Pattern, full

@@ -83,6 +83,7 @@ _ENTRY_POINTS = (
     "headwise_tiles_backward_range",
     "headwise_tiles_openmp",
     "headwise_tiles_lanes",
+    "headwise_all_finite",
 )
 
 
@@ -221,6 +222,7 @@ def _open(path: Path, digest: str) -> ctypes.CDLL | None:
         entry.argtypes = [problem, ctypes.c_int]
     for entry in entries[2:4]:
         entry.argtypes = [problem, _I64, _I64]
+    entries[6].argtypes = [_PTR, *[_I64] * 9]
     return lib
 
 

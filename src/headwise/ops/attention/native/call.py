@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from headwise.ops.attention import nonfinite
 from headwise.ops.attention.dropout import check_dropout, threshold
 from headwise.ops.attention.mods import RelativePositionTable
 from headwise.ops.attention.native.build import PlanStruct, ProblemStruct, available, library
@@ -59,6 +60,22 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     bfloat16 and float16, and the kernel compiled."""
     cpu = all(t.device.type == "cpu" and t.dtype == q.dtype for t in (q, k, v))
     return cpu and q.dtype in DTYPES and available()
+
+
+def has_non_finite(*tensors: torch.Tensor) -> bool:
+    """Whether some entry of these tensors is inf or NaN: the screen of the non-finite rule
+    (:func:`headwise.ops.attention.nonfinite.has_non_finite`) read by the kernel in place, one
+    pass over the bits of each element, for 4-D CPU tensors of the kernel's dtypes (others go to
+    that function). Exact: a sum that overflows is no false alarm here."""
+    lib = library()
+    for t in tensors:
+        native = t.dim() == 4 and t.dtype in DTYPES and t.layout == torch.strided
+        if lib is None or not native or t.device.type != "cpu":
+            if nonfinite.has_non_finite(t):
+                return True
+        elif not lib.headwise_all_finite(t.data_ptr(), DTYPES[t.dtype], *t.shape, *t.stride()):
+            return True
+    return False
 
 
 # Every tensor handed to C goes through _operand (read by C) or _target (written by C): the

@@ -15,6 +15,9 @@
  * displacements (KEY_CHUNK keys, KEY_CHUNK accumulators), so nothing is packed per tile and a
  * tile can be small (4 x 4 on a 2-D grid) without losing efficiency: a query costs the keys of
  * its tile's union, where a block of a fused attention kernel costs the union of a larger group.
+ * A tile's q and dO rows become lane vectors, and its O and dQ lanes become rows again, a
+ * LANES x LANES block at a time through an in-register transpose (transpose_block), so rows are
+ * read and written a vector at a time.
  *
  * q, k, v, out and dO may be bfloat16 or float16 (struct problem's dtype): elements are widened
  * to float32 as they are read (q and dO rows per tile; K and V rows the first time a thread reads
@@ -54,6 +57,7 @@
 #define KEY_CHUNK 8
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * LANES)));
 
 /* the tiles of one pattern (plan.py: TilePlan) */
 struct plan {
@@ -411,14 +415,113 @@ static void scratch_free(struct scratch *w) {
     free(w->dv_sum);
 }
 
-/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes), src of the call's dtype */
+/* m[i][c] <- m[c][i]: the LANES x LANES block transposed in registers, log2(LANES) rounds of
+ * two-source shuffles; round r (b = LANES / 2^(r+1)) swaps the off-diagonal b x b blocks of every
+ * 2b x 2b block: rows i and i + b (i & b = 0) take columns SWAP_LO[r][c] = c & b ? LANES + c - b
+ * : c and SWAP_HI[r][c] = c & b ? LANES + c : c + b of the pair (indices >= LANES: row i + b) */
+#if LANES == 16
+static const vi SWAP_LO[4] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+static const vi SWAP_HI[4] = {
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#else
+static const vi SWAP_LO[3] = {
+    {0, 1, 2, 3, 8, 9, 10, 11},
+    {0, 1, 8, 9, 4, 5, 12, 13},
+    {0, 8, 2, 10, 4, 12, 6, 14}};
+static const vi SWAP_HI[3] = {
+    {4, 5, 6, 7, 12, 13, 14, 15},
+    {2, 3, 10, 11, 6, 7, 14, 15},
+    {1, 9, 3, 11, 5, 13, 7, 15}};
+#endif
+
+static inline void transpose_block(vf *m) {
+    _Pragma("GCC unroll 4") for (int r = 0, b = LANES / 2; b >= 1; ++r, b /= 2) {
+        _Pragma("GCC unroll 16") for (int i = 0; i < LANES; ++i) {
+            if (i & b) continue;
+            const vf a = m[i], x = m[i + b];
+            m[i] = __builtin_shuffle(a, x, SWAP_LO[r]);
+            m[i + b] = __builtin_shuffle(a, x, SWAP_HI[r]);
+        }
+    }
+}
+
+/* LANES elements of dtype at src as floats times scale (load_row's values, a vector at once for
+ * float32 and bfloat16) */
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+static inline vf load_vec(const void *src, int64_t dtype, float scale) {
+    vf x;
+    if (dtype == DTYPE_F32) {
+        memcpy(&x, src, sizeof x);
+    } else if (dtype == DTYPE_BF16) {
+        vh h;
+        memcpy(&h, src, sizeof h);
+        x = (vf)(__builtin_convertvector(h, vi) << 16);
+    } else {
+        load_row((float *)&x, 1, src, LANES, dtype, 1.0f);
+    }
+    return x * scale;
+}
+
+/* store_row of LANES floats x * scale (float_to_bf16's rounding, a vector at once) */
+static inline void store_vec(void *dst, vf x, int64_t dtype, float scale) {
+    x *= scale;
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, &x, sizeof x);
+    } else if (dtype == DTYPE_BF16) {
+        const vu32 bits = (vu32)x;
+        const vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, nan = bits >> 16 | 0x40u;
+        const vi is_nan = (vi)(bits & 0x7fffffffu) > 0x7f800000;
+        const vi word = ((vi)nan & is_nan) | ((vi)rounded & ~is_nan);
+        const vh h = __builtin_convertvector(word, vh);
+        memcpy(dst, &h, sizeof h);
+    } else {
+        store_row(dst, (const float *)&x, 1, LANES, dtype, 1.0f);
+    }
+}
+
+/* xt[d][lane] = scale * src[row_lane][d] (0 for empty lanes), src of the call's dtype: LANES
+ * columns at a time, read as rows and transposed in registers */
 static void transpose_rows(const struct problem *p, vf *xt, const void *base, int64_t st,
                            const int32_t *rows, int64_t dim, float scale) {
-    memset(xt, 0, sizeof(vf) * (size_t)dim);
-    float *x = (float *)xt;
+    for (int64_t d0 = 0; d0 < dim; d0 += LANES) {
+        const int64_t n = dim - d0 < LANES ? dim - d0 : LANES;
+        vf m[LANES];
+        for (int lane = 0; lane < LANES; ++lane) {
+            m[lane] = splat(0.0f);
+            if (rows[lane] < 0) continue;
+            const void *src = elem(p, base, rows[lane] * st + d0);
+            if (n == LANES)
+                m[lane] = load_vec(src, p->dtype, scale);
+            else
+                load_row((float *)(m + lane), 1, src, n, p->dtype, scale);
+        }
+        transpose_block(m);
+        memcpy(xt + d0, m, sizeof(vf) * (size_t)n);
+    }
+}
+
+/* out row of each non-empty lane, columns d0..d0+cols-1 (cols <= LANES): scale[lane] * o[c]
+ * [lane], o transposed in registers so each row is written from consecutive floats */
+static void store_lanes(void *base, int64_t dtype, int64_t b_at, int64_t st, const int32_t *rows,
+                        const vf *o, int cols, vf scale) {
+    vf m[LANES];
+    for (int c = 0; c < LANES; ++c) m[c] = c < cols ? o[c] : splat(0.0f);
+    transpose_block(m);
+    const int64_t size = dtype == DTYPE_F32 ? 4 : 2;
     for (int lane = 0; lane < LANES; ++lane) {
         if (rows[lane] < 0) continue;
-        load_row(x + lane, LANES, elem(p, base, rows[lane] * st), dim, p->dtype, scale);
+        void *dst = (char *)base + (b_at + rows[lane] * st) * size;
+        if (cols == LANES)
+            store_vec(dst, m[lane], dtype, scale[lane]);
+        else
+            store_row(dst, (const float *)(m + lane), 1, cols, dtype, scale[lane]);
     }
 }
 
@@ -704,12 +807,8 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
         const int cols = p->dim_v - d0 < DIM_CHUNK ? (int)(p->dim_v - d0) : DIM_CHUNK;
         for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
         MIX[cols](s, it.v + d0, it.v_st, it.start, it.len, it.segs, o);
-        for (int lane = 0; lane < LANES; ++lane) {
-            if (rows[lane] < 0) continue;
-            const int64_t at = b * p->o_sb + rows[lane] * p->o_st + h * p->o_sh + d0;
-            store_row((void *)elem(p, p->out, at), (const float *)o + lane, LANES, cols, p->dtype,
-                      inv_l[lane]);
-        }
+        store_lanes(p->out, p->dtype, b * p->o_sb + h * p->o_sh + d0, p->o_st, rows, o, cols,
+                    inv_l);
     }
     write_lse(p, &it, m_safe, l);
 }
@@ -780,12 +879,8 @@ static void tile_backward(const struct problem *p, int64_t b, int64_t hs, int64_
         const int cols = p->dim - d0 < DIM_CHUNK ? (int)(p->dim - d0) : DIM_CHUNK;
         for (int c = 0; c < cols; ++c) o[c] = splat(0.0f);
         MIX[cols](ds, k + d0, it.k_st, start, len, segs, o);
-        for (int lane = 0; lane < LANES; ++lane) {
-            if (rows[lane] < 0) continue;
-            const int64_t at = b * p->dq_sb + rows[lane] * p->dq_st + h * p->dq_sh + d0;
-            store_row(grad_elem(p, p->dq, at), (const float *)o + lane, LANES, cols,
-                      p->grad_dtype, scale);
-        }
+        store_lanes(p->dq, p->grad_dtype, b * p->dq_sb + h * p->dq_sh + d0, p->dq_st, rows, o,
+                    cols, splat(scale));
     }
 
     /* dK += scale dS^T Q, dV += P^T dO, KEY_CHUNK keys at a time */
@@ -961,6 +1056,54 @@ int headwise_tiles_forward_range(const struct problem *p, int64_t begin, int64_t
 
 int headwise_tiles_backward_range(const struct problem *p, int64_t begin, int64_t end) {
     return backward_range(p, begin, end);
+}
+
+/* whether one of n elements at stride st has all its exponent bits set (inf or NaN): float32
+ * bits, or the 16-bit words of bfloat16 and float16 with their exponent field `field` (plain
+ * loops that the compiler vectorizes: an OR per element, no early exit) */
+static int any_bad_32(const uint32_t *x, int64_t n, int64_t st) {
+    uint32_t bad = 0;
+    if (st == 1)
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    else
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i * st] & 0x7f800000u) == 0x7f800000u;
+    return bad != 0;
+}
+
+static int any_bad_16(const uint16_t *x, int64_t n, int64_t st, uint16_t field) {
+    uint16_t bad = 0;
+    if (st == 1)
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i] & field) == field;
+    else
+        for (int64_t i = 0; i < n; ++i) bad |= (x[i * st] & field) == field;
+    return bad != 0;
+}
+
+/* 1 when every element of the 4-D tensor at base (sizes n0..n3, element strides s0..s3, of the
+ * dtype codes of struct problem) is finite, else 0: by the bits, no exponent field all ones
+ * (0x7f800000 in float32, 0x7f80 in bfloat16, 0x7c00 in float16), no copy; dims contiguous with
+ * the next inner one are read as one run. The screen of the non-finite rule (nonfinite.py) for
+ * the native operators. */
+int headwise_all_finite(const void *base, int64_t dtype, int64_t n0, int64_t n1, int64_t n2,
+                        int64_t n3, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+    int64_t n[4] = {n0, n1, n2, n3}, s[4] = {s0, s1, s2, s3};
+    for (int d = 0; d < 4; ++d)
+        if (n[d] == 0) return 1;
+    for (int inner = 3; inner > 0 && (n[inner - 1] == 1 || s[inner - 1] == s[3] * n[3]);) {
+        n[3] *= n[inner - 1]; /* n[inner - 1..3] read as one run */
+        n[--inner] = 1;
+    }
+    const uint16_t field = dtype == DTYPE_BF16 ? 0x7f80 : 0x7c00;
+    for (int64_t i0 = 0; i0 < n[0]; ++i0)
+        for (int64_t i1 = 0; i1 < n[1]; ++i1)
+            for (int64_t i2 = 0; i2 < n[2]; ++i2) {
+                const int64_t at = i0 * s[0] + i1 * s[1] + i2 * s[2];
+                const int bad = dtype == DTYPE_F32
+                                    ? any_bad_32((const uint32_t *)base + at, n[3], s[3])
+                                    : any_bad_16((const uint16_t *)base + at, n[3], s[3], field);
+                if (bad) return 0;
+            }
+    return 1;
 }
 
 int headwise_tiles_openmp(void) {
