@@ -27,6 +27,8 @@ class Unsupported(ValueError):
 
 
 def _is_int(value: Any) -> bool:
+    if type(value) is int:  # the common case, without the ABC checks below (plans check many)
+        return True
     # torch.SymInt: a number torch.compile(dynamic=True) traces symbolically
     return isinstance(value, numbers.Integral | torch.SymInt) and not isinstance(value, bool)
 
