@@ -1,5 +1,6 @@
 """The benchmark timer: interleaved rounds, medians; results files and progress bars."""
 
+import itertools
 import sys
 
 import pytest
@@ -8,14 +9,23 @@ import torch
 from headwise.measure import progress, time_interleaved, write_results
 
 
-def test_time_interleaved_calls_each_function_in_turn_and_returns_medians():
+def test_time_interleaved_calls_each_function_once_a_round_in_varied_order():
     calls = []
-    names = ("dense", "sparse", "auto")
+    names = ("dense", "sparse", "auto", "reference")
     fns = {name: (lambda name=name: calls.append(name)) for name in names}
-    times = time_interleaved(fns, torch.device("cpu"), rounds=4)
-    # one warm-up call each, then rounds that each start one function later
-    assert calls == [*names, *names, "sparse", "auto", "dense", "auto", "dense", "sparse", *names]
+    times = time_interleaved(fns, torch.device("cpu"), rounds=12)
+    # one warm-up call each, then rounds that call every function once
+    assert calls[:4] == list(names)
+    rounds = [calls[i : i + 4] for i in range(4, len(calls), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == sorted(names) for r in rounds)
+    # no function always runs right after the same one (a rotation would give one predecessor)
+    sequence = calls[3:]
+    before = {name: {a for a, b in itertools.pairwise(sequence) if b == name} for name in names}
+    assert all(len(seen) > 1 for seen in before.values())
     assert set(times) == set(names) and all(t >= 0 for t in times.values())
+    calls.clear()
+    time_interleaved(fns, torch.device("cpu"), rounds=12)
+    assert calls[4:] == sequence[1:]  # seeded: the same orders every run
 
 
 def test_write_results_names_the_file_by_stem_and_recorded_date(tmp_path, capsys):

@@ -13,6 +13,7 @@ import ctypes
 import gc
 import os
 import platform
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -125,14 +126,16 @@ def time_interleaved(
     """Median seconds of each ``fn()`` over ``rounds`` rounds that call every function once in
     turn, after one warm-up call each: slow phases of a shared machine then hit all of them
     alike, so ratios between them hold better than with one function timed after the other.
-    Each round starts one function later than the one before, so no function always runs first
-    (after the previous round's last one has left the caches cold)."""
+    Each round calls them in a new random order (seeded: a run repeats), so no function always
+    runs first or always right after the same one (under a rotation each function always
+    follows the same other, e.g. always the L x L reference that leaves the caches cold)."""
     for fn in fns.values():
         fn()
     names = list(fns)
+    order = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             times[name].append(seconds(fns[name], device))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
