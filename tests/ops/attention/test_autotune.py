@@ -188,7 +188,7 @@ def test_a_cached_class_is_not_timed_again(cache, monkeypatch):
     assert explain(q, k, v, P.causal()).source == "measured" and len(calls) > timed
 
 
-@pytest.mark.parametrize("field", ["headwise", "torch"])
+@pytest.mark.parametrize("field", ["headwise", "torch", "kernel"])
 def test_another_version_invalidates_the_cache(cache, monkeypatch, field):
     calls = fake_clock(monkeypatch)
     q, k, v = inputs()

@@ -31,9 +31,10 @@ timed, the fixed rule is the order (its first candidate wins ties).
 
 The disk cache is ``autotune-<CPU model>.json`` in the private headwise cache
 (:func:`headwise.ops.attention.native.build.private_cache`), read once per process on first
-need. It records the headwise and torch versions: a file of other versions is ignored and
-rewritten. A file that cannot be read or parsed, or has the wrong shape, is ignored with one
-warning and rewritten with the next measurement. Each write takes an exclusive ``flock`` on a
+need. It records the headwise and torch versions and a digest of the native kernel's source: a
+file of other versions, or timed on another kernel, is ignored and rewritten. A file that
+cannot be read or parsed, or has the wrong shape, is ignored with one warning and rewritten with
+the next measurement. Each write takes an exclusive ``flock`` on a
 lock file beside it, merges its classes into what is on disk, writes a temporary file and
 renames it over the old one: threads and processes writing at once keep every class, and
 readers never see a partial file. ``HEADWISE_AUTOTUNE=0`` turns all of this off (the fixed
@@ -66,7 +67,7 @@ import torch
 from headwise import measure
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dropout import Dropout
-from headwise.ops.attention.native.build import private_cache
+from headwise.ops.attention.native.build import private_cache, source_digest
 from headwise.ops.attention.problem import AttentionProblem
 from headwise.patterns import Pattern
 from headwise.types import ScoreMod
@@ -308,7 +309,13 @@ def _stamp() -> dict[str, object]:
         version = importlib.metadata.version("headwise")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return {"format": FORMAT, "headwise": version, "torch": torch.__version__, "machine": machine()}
+    return {
+        "format": FORMAT,
+        "headwise": version,
+        "torch": torch.__version__,
+        "machine": machine(),
+        "kernel": source_digest(),  # a changed C kernel (same version, e.g. in development)
+    }
 
 
 class _Stale(Exception):

@@ -123,6 +123,12 @@ _KERNEL_FALLBACK = (
 )
 
 
+@functools.cache
+def source_digest() -> str:
+    """A digest of the kernel's C source: times measured on another kernel are stale."""
+    return _digest(SOURCE.read_bytes())
+
+
 def private_cache(fallback: str = _KERNEL_FALLBACK) -> Path | None:
     """The headwise cache directory (``$HEADWISE_CACHE/headwise``, else
     ``$XDG_CACHE_HOME/headwise``, else ``~/.cache/headwise``; created ``0700``) when only this
