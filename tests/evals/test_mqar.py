@@ -131,13 +131,15 @@ def _conv_forward_backward(module, x, run):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("length", "dim", "kernel", "max_len"),
-    [(7, 5, 3, 7), (2, 3, 4, 2), (13, 6, -1, 13), (9, 4, -1, 16), (64, 8, -1, 64)],
+    [(7, 5, 3, 7), (2, 3, 4, 2), (13, 6, -1, 13), (9, 4, -1, 16), (64, 8, -1, 64), (67, 4, -1, 69)],
 )
 def test_base_conv_convolutions_match_zoology(dtype, length, dim, kernel, max_len):
     """The short convolution's shifted multiply-adds equal the depthwise ``nn.Conv1d`` (a kernel
-    longer than the sequence included), the long one's Toeplitz product Zoology's FFT
-    convolution (a sequence shorter than ``max_len`` included): outputs and the gradients of the
+    longer than the sequence included), the long one's Toeplitz product (and beyond
+    ``TOEPLITZ_MAX_LENGTH`` its FFTs) Zoology's FFT convolution (a sequence shorter than
+    ``max_len`` included): outputs and the gradients of the
     input and every parameter, against the float64 reference."""
+    assert mqar.TOEPLITZ_MAX_LENGTH == 64  # length 67 takes the FFT path
     torch.manual_seed(0)
     conv = mqar.BaseConv(dim, max_len, kernel).conv
     reference = _conv1d_reference if kernel > 0 else _fft_reference
