@@ -95,8 +95,13 @@ def taylor_similarity(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     ``q: (B, L, H, D)``, ``k: (B, S, H, D)`` -> ``(B, H, L, S)``: ``O(L S D)`` work instead of the
     ``O(L S D^2)`` of the features (the "quadratic" view of Based, Arora et al. 2024).
     """
-    z = torch.einsum("blhd,bshd->bhls", q, k) * q.shape[-1] ** -0.5
-    return 1.0 + z * (1.0 + 0.5 * z)
+    return taylor_of(torch.einsum("blhd,bshd->bhls", q, k) * q.shape[-1] ** -0.5)
+
+
+def taylor_of(z: torch.Tensor) -> torch.Tensor:
+    """``1 + z + z^2 / 2`` of scaled dot products ``z``, as ``(z / 2 + 1) z + 1`` (one new
+    tensor, the rest in place)."""
+    return (z * 0.5).add_(1.0).mul_(z).add_(1.0)
 
 
 class InLineFeatureMap:

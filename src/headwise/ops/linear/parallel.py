@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from headwise.ops.linear.feature_maps import taylor_of
+
 
 def _heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(B, L, H, X) -> (B, H, L, X)``: ``bmm`` takes each matrix with any row stride, but
@@ -88,8 +90,8 @@ class ParallelLinearAttention(torch.autograd.Function):
 class ParallelFeatureLinearAttention(torch.autograd.Function):
     """``o = parallel(S, v)`` from ``qf, kf: (B, L, H, F)``: ``S = qf kf^T`` (features), or with
     ``taylor`` Based's closed form ``S = 1 + z + z^2 / 2``, ``z = qf kf^T / sqrt(F)`` on the raw
-    ``q, k`` (:func:`headwise.ops.linear.feature_maps.taylor_similarity`, the same operations
-    in the same order; ``dz = dS (1 + z)``, ``z`` recomputed in the backward). The other
+    ``q, k`` (:func:`headwise.ops.linear.feature_maps.taylor_of`, as ``taylor_similarity``
+    computes it; ``dz = dS (1 + z)``, ``z`` recomputed in the backward). The other
     arguments as :class:`ParallelLinearAttention`. Backward ``dQf = dz Kf``, ``dKf = dz^T Qf``
     (times ``1 / sqrt(F)`` with ``taylor``), each returned contiguous in ``(B, L, H, F)``."""
 
@@ -99,8 +101,7 @@ class ParallelFeatureLinearAttention(torch.autograd.Function):
         qh, kh = _heads_first(qf, dtype), _heads_first(kf, dtype)
         scores = qh @ kh.mT
         if taylor:
-            z = scores.mul_(qh.shape[-1] ** -0.5)
-            scores = (z * 0.5).add_(1.0).mul_(z).add_(1.0)
+            scores = taylor_of(scores.mul_(qh.shape[-1] ** -0.5))
         a = _mask_(scores, weight, causal)
         o, saved = _attend(ctx, a, v, normalize, eps)
         ctx.save_for_backward(qh, kh, *saved, weight)
