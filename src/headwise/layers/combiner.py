@@ -18,6 +18,7 @@ from headwise._checks import ArgumentTypeError, check_bool, check_choice, check_
 from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
 from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed, keep_mask
+from headwise.ops.attention.nonfinite import has_non_finite
 from headwise.types import Backend
 
 Variant = Literal["fixed", "axial"]
@@ -285,9 +286,7 @@ class CombinerAttention(nn.Module):
         logits = b * h * length * (self.segment_len + length // self.segment_len)
         if self.backend != "auto" or logits > EXPLICIT_LIMIT:
             return False
-        # a non-finite entry makes its sum non-finite (an overflowing sum only costs the fast path)
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return bool(sum(t.sum(dtype=dtype) for t in (q, k, v)).isfinite())
+        return not has_non_finite(q, k, v)  # (a false alarm only costs the fast path)
 
     def _fixed_explicit(self, q, k, v):
         """Combiner-Fixed as one explicit softmax per query over its ``s`` direct and ``n``
