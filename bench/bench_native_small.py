@@ -40,28 +40,22 @@ def _median(values: list[float]) -> float:
 
 def _worker(mixers: list[str], steps: int) -> dict[str, float]:
     """ms per MQAR training step of each mixer, and of the native operator alone."""
-    import torch.nn.functional as F
-
     import headwise.patterns as P
-    from headwise.evals.mqar import IGNORE, MQARModel, mqar_data
+    from bench_mqar_step import training_steps  # the step as train_run takes it
+    from headwise.evals.mqar import MQARModel, mqar_data
     from headwise.ops.attention.native import native_attention
 
     torch.set_num_threads(1)
     tokens, labels = mqar_data(512, 64 * (steps + 3), 64, 4, 1)
+    batches = list(zip(tokens.split(64), labels.split(64)))
     result = {}
     for name in mixers:
         torch.manual_seed(0)
-        model = MQARModel(name, vocab_size=512, dim=64, seq_len=64)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+        step = training_steps(MQARModel(name, vocab_size=512, dim=64, seq_len=64), batches, 1)
         times = []
-        for i in range(steps + 3):
-            tok, lab = tokens[i * 64 : (i + 1) * 64], labels[i * 64 : (i + 1) * 64]
-            keep = lab != IGNORE
+        for _ in batches:
             start = time.thread_time()
-            loss = F.cross_entropy(model(tok, keep), lab[keep])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step()
             times.append(time.thread_time() - start)
         result[f"step {name}"] = _median(times[3:]) * 1e3
     # the operator alone: q, k, v as slices of one projection, as the layers give them
