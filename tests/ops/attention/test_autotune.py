@@ -195,8 +195,11 @@ def test_another_version_invalidates_the_cache(cache, monkeypatch, field):
     explain(q, k, v, P.causal())
     explain(q, k, v, P.sliding_window(3))
     assert len(stored(cache)["classes"]) == 2
-    stamp = autotune._stamp
-    monkeypatch.setattr(autotune, "_stamp", lambda: {**stamp(), field: "0.0.0-other"})
+    if field == "kernel":  # a changed tiles.c under the same versions
+        monkeypatch.setattr(autotune, "source_digest", lambda: "0.0.0-other")
+    else:
+        stamp = autotune._stamp
+        monkeypatch.setattr(autotune, "_stamp", lambda: {**stamp(), field: "0.0.0-other"})
     monkeypatch.setattr(autotune, "TABLE", autotune.TimesTable())
     timed = len(calls)
     with warnings.catch_warnings():
