@@ -1,5 +1,6 @@
 """The benchmark timer: interleaved rounds, medians; results files and progress bars."""
 
+import collections
 import itertools
 import sys
 
@@ -18,10 +19,11 @@ def test_time_interleaved_calls_each_function_once_a_round_in_varied_order():
     assert calls[:4] == list(names)
     rounds = [calls[i : i + 4] for i in range(4, len(calls), 4)]
     assert len(rounds) == 12 and all(sorted(r) == sorted(names) for r in rounds)
-    # no function always runs right after the same one (a rotation would give one predecessor)
+    # no function runs right after the same one in most rounds (a rotation: in 3 rounds of 4)
     sequence = calls[3:]
-    before = {name: {a for a, b in itertools.pairwise(sequence) if b == name} for name in names}
-    assert all(len(seen) > 1 for seen in before.values())
+    for name in names:
+        before = collections.Counter(a for a, b in itertools.pairwise(sequence) if b == name)
+        assert before.most_common(1)[0][1] <= len(rounds) // 2, (name, before)
     assert set(times) == set(names) and all(t >= 0 for t in times.values())
     calls.clear()
     time_interleaved(fns, torch.device("cpu"), rounds=12)

@@ -127,8 +127,9 @@ def time_interleaved(
     turn, after one warm-up call each: slow phases of a shared machine then hit all of them
     alike, so ratios between them hold better than with one function timed after the other.
     Each round calls them in a new random order (seeded: a run repeats), so no function always
-    runs first or always right after the same one (under a rotation each function always
-    follows the same other, e.g. always the L x L reference that leaves the caches cold)."""
+    runs first or mostly right after the same one (under a rotation each function follows the
+    same other in all rounds but those it opens, e.g. the L x L reference that leaves the caches
+    cold)."""
     for fn in fns.values():
         fn()
     names = list(fns)
