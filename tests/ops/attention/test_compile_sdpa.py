@@ -12,6 +12,8 @@ import headwise.patterns as P
 from headwise.layers import MultiHeadAttention
 from headwise.ops.attention import attention
 from headwise.ops.attention import sdpa as sdpa_ops
+from headwise.ops.attention.backends import BACKENDS
+from headwise.ops.attention.problem import check_problem
 
 INF, NAN = float("inf"), float("nan")
 
@@ -166,3 +168,52 @@ def test_bad_entries_get_zero_gradient_even_from_rows_giving_them_a_subnormal_we
         grads = torch.autograd.grad(out.sum(), leaves)
         assert all(torch.isfinite(g).all() for g in grads)
         assert grads[2][0, 2, 0, 1] == 0, backend
+
+
+def test_auto_passes_over_sdpa_where_it_would_break_the_graph():
+    # a causal call with a bias that takes a gradient runs outside sdpa's operators, where the
+    # non-finite rule looks at values in Python: fullgraph=True failed through auto; while
+    # tracing auto now takes the next backend that serves the call (blockwise), eager keeps
+    # timing sdpa with the others
+    torch.manual_seed(0)
+    pattern = P.causal()
+    q, k, v = (torch.randn(1, 23, 2, 8) for _ in range(3))
+    bias = torch.randn(2, 23, 23).requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    problem = check_problem(*leaves, pattern, bias, None, False, 0.0, None)
+    assert BACKENDS["sdpa"].breaks_graph(problem)
+    assert not BACKENDS["blockwise"].breaks_graph(problem)
+
+    def call(q, k, v, bias):
+        return attention(q, k, v, pattern=pattern, bias=bias)
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    compiled_leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    y_eager, y_compiled = call(*eager_leaves), compiled(*compiled_leaves)
+    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y_eager)
+    for a, b in zip(
+        torch.autograd.grad(y_compiled, compiled_leaves, grad),
+        torch.autograd.grad(y_eager, eager_leaves, grad),
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_breaks_the_graph_only_outside_its_cpu_operators():
+    pattern, full = P.causal(), P.full()
+    q = torch.randn(1, 5, 2, 4, requires_grad=True)
+
+    def problem(pattern, bias=None, dropout_p=0.0, device="cpu"):
+        tensors = [torch.empty(1, 5, 2, 4, device="meta") if device == "meta" else q] * 3
+        return check_problem(*tensors, pattern, bias, None, False, dropout_p, None)
+
+    sdpa = BACKENDS["sdpa"]
+    assert not sdpa.breaks_graph(problem(pattern))  # its operator serves plain causal
+    assert not sdpa.breaks_graph(problem(full, dropout_p=0.1))  # nothing hidden: no check
+    assert sdpa.breaks_graph(problem(pattern, dropout_p=0.1))
+    assert sdpa.breaks_graph(problem(pattern, device="meta"))  # off CPU
+    grad_bias = torch.zeros(2, 5, 5, requires_grad=True)
+    assert sdpa.breaks_graph(problem(full, bias=grad_bias))
+    with torch.no_grad():
+        assert not sdpa.breaks_graph(problem(full, bias=grad_bias))

@@ -49,6 +49,11 @@ class Backend:
     def reasons(self, problem: AttentionProblem) -> list[str]:
         raise NotImplementedError
 
+    def breaks_graph(self, problem: AttentionProblem) -> bool:
+        """Whether a call of ``problem`` breaks a ``torch.compile`` graph (Python looks at
+        tensor values). ``auto`` tries the backends that do not first while tracing."""
+        return False
+
     def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
         raise NotImplementedError
 
@@ -101,6 +106,16 @@ class SdpaBackend(Backend):
                 "dropout_seed"
             )
         return reasons
+
+    def breaks_graph(self, problem):
+        # outside its CPU operators (.sdpa: no dropout, no bias gradient) a call that can hide
+        # keys looks for non-finite values in Python
+        hides = problem.has_bias or _sdpa_causal_kind(problem.pattern) != "none"
+        return hides and (
+            problem.device.type != "cpu"
+            or problem.dropout_p > 0
+            or (problem.bias_needs_grad and problem.needs_grad)
+        )
 
     def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):
         kind = _sdpa_causal_kind(pattern)

@@ -11,6 +11,10 @@ Priority (first backend with no reasons against it wins):
   for inference without LSE and pays a compilation per shape, so it is used on CPU only when
   asked for by name.
 
+While ``torch.compile`` traces, a backend whose call would break the graph
+(:meth:`~headwise.ops.attention.backends.Backend.breaks_graph`: ``sdpa`` with dropout or a bias
+gradient where keys can be hidden, or off CPU) goes after those that would not.
+
 ``reference`` is the last resort and is refused by ``auto`` above ``REFERENCE_AUTO_LIMIT`` score
 entries: a large problem never silently falls back to the L x L path.
 
@@ -117,11 +121,20 @@ def choose(
             reasons[name] = why
             continue
         viable.append(name)
-        if not tuning:  # the fixed rule: the first backend that can serve
-            return Explanation(name, candidates, reasons, note=f"{autotune.ENV}=0")
     if not viable:
         return Explanation(None, candidates, reasons)
+    note = ""
+    if torch.compiler.is_compiling():
+        # a graph break costs more than a slower backend, and fails fullgraph=True
+        breaking = [name for name in viable if BACKENDS[name].breaks_graph(problem)]
+        if breaking and len(breaking) < len(viable):
+            viable = [name for name in viable if name not in breaking] + breaking
+            note = f"under torch.compile, {' and '.join(breaking)} would break the graph"
+    if not tuning:  # the fixed rule: the first backend that can serve
+        return Explanation(viable[0], candidates, reasons, note=note or f"{autotune.ENV}=0")
     tuned = autotune.tune(problem, tuple(viable), call)
+    if note and tuned.source == "fixed":
+        tuned = tuned._replace(note=f"{tuned.note}; {note}")
     if tuned.source in ("measured", "cached"):
         # the class's times are in the table now: the same problem gets this answer again
         answer = (tuned.backend, {name: list(why) for name, why in reasons.items()}, tuned.times)
