@@ -858,7 +858,10 @@ def runs_as_dicts(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 def plot_sweep(runs: Sequence[Run], path: Path) -> Path:
     """Figure 2 of Zoology: best accuracy vs model width, one line per mixer, one panel per
-    sequence length. Needs matplotlib."""
+    sequence length; below each, the test accuracy per epoch of every mixer's best run at the
+    smallest width (with one width, as in the CPU preset, the top panel is a column of points and
+    the curves show how each mixer got there). Each mixer keeps one color and marker in every
+    panel. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -866,18 +869,40 @@ def plot_sweep(runs: Sequence[Run], path: Path) -> Path:
 
     top = best(runs)
     lengths = sorted({k[1] for k in top})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.4), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        for mixer in dict.fromkeys(k[0] for k in top):
+    mixers = list(dict.fromkeys(k[0] for k in top))
+    colors = plt.get_cmap("tab20").colors
+    style = {
+        mixer: {"color": colors[i % len(colors)], "marker": "os^vDP*Xhp<>"[i % 12]}
+        for i, mixer in enumerate(mixers)
+    }
+    fig, axes = plt.subplots(2, len(lengths), figsize=(4 * len(lengths) + 2, 6.4), squeeze=False)
+    for column, length in enumerate(lengths):
+        widths = sorted({k[2] for k in top if k[1] == length})
+        width_ax, curve_ax = axes[0][column], axes[1][column]
+        for mixer in mixers:
             points = sorted((k[2], r.accuracy) for k, r in top.items() if k[:2] == (mixer, length))
             if points:
-                ax.plot(*zip(*points), marker="o", label=mixer)
-        ax.set(
+                width_ax.plot(*zip(*points), label=mixer, **style[mixer])
+            run = top.get((mixer, length, widths[0]))
+            if run is not None and run.curve:
+                epochs = [p["epoch"] for p in run.curve]
+                accuracies = [p["accuracy"] for p in run.curve]
+                curve_ax.plot(epochs, accuracies, markersize=3, label=mixer, **style[mixer])
+        width_ax.set(
             title=f"L = {length}", xlabel="model width d", ylabel="MQAR accuracy", ylim=(0, 1.02)
         )
-        ax.set_xscale("log", base=2)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        width_ax.set_xscale("log", base=2)
+        width_ax.set_xticks(widths, [str(w) for w in widths])
+        curve_ax.set(
+            title=f"L = {length}, d = {widths[0]}: best lr per mixer",
+            xlabel="epoch",
+            ylabel="test accuracy",
+            ylim=(0, 1.02),
+        )
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    right = 1 - 1.7 / fig.get_figwidth()  # the legend's column
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(right, 0.5))
+    fig.tight_layout(rect=(0, 0, right, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
