@@ -674,6 +674,25 @@ static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const stru
     return scores_of(p, hs, t, it, xt, s);
 }
 
+/* max(m, s[0..keys-1]) per lane, NaNs ignored, in four running maxima: one chain through every
+ * key waits on a compare and a select per key. Only which of +0 and -0 a zero maximum gets may
+ * differ from one chain's (the first of the equal ones), and no result depends on that sign:
+ * 2^(x - m) and ln 2 (m + log2 l) read the same for either. */
+static inline vf max_scores(const vf *s, int64_t keys, vf m) {
+    vf m1 = splat(-INFINITY), m2 = m1, m3 = m1;
+    int64_t n = 0;
+    for (; n + 4 <= keys; n += 4) {
+        m = select_bits(s[n] > m, s[n], m);
+        m1 = select_bits(s[n + 1] > m1, s[n + 1], m1);
+        m2 = select_bits(s[n + 2] > m2, s[n + 2], m2);
+        m3 = select_bits(s[n + 3] > m3, s[n + 3], m3);
+    }
+    for (; n < keys; ++n) m = select_bits(s[n] > m, s[n], m);
+    m = select_bits(m1 > m, m1, m);
+    m2 = select_bits(m3 > m2, m3, m2);
+    return select_bits(m2 > m, m2, m);
+}
+
 /* the tile's lse: ln 2 (m + log2 l), -inf for a query that sees no key */
 static void write_lse(const struct problem *p, const struct item *it, vf m_safe, vf l) {
     for (int lane = 0; lane < LANES; ++lane) {
@@ -742,8 +761,7 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
             entry[j] += keys;
             vf *s = w->chunk_s;
             scores_of(p, hs, t0 + j, &chunk, w->group_xt + j * p->dim, s);
-            vf m_new = m[j];
-            for (int64_t n = 0; n < keys; ++n) m_new = select_bits(s[n] > m_new, s[n], m_new);
+            const vf m_new = max_scores(s, keys, m[j]);
             const vf m_safe = select_bits(m_new == neg_inf, splat(0.0f), m_new);
             const vf alpha = exp2_vec(m[j] - m_safe); /* 0 while nothing was seen */
             vf sum = splat(0.0f);
@@ -787,8 +805,7 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     vf *s = w->s;
 
     const vf neg_inf = splat(-INFINITY);
-    vf m = neg_inf;
-    for (int64_t n = 0; n < keys; ++n) m = select_bits(s[n] > m, s[n], m);
+    const vf m = max_scores(s, keys, neg_inf);
     const vf m_safe = select_bits(m == neg_inf, splat(0.0f), m);
     vf l = splat(0.0f);
     for (int64_t n = 0; n < keys; ++n) {
