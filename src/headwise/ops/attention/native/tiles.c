@@ -338,6 +338,7 @@ struct scratch {
     vf *group_xt, *group_o, *chunk_s;
     int32_t *chunk_start, *chunk_len;
     vf *z; /* dropout: per key, 1/(1-p) in the lanes that keep it, else 0 */
+    const char **lines; /* tile_forward's prefetch hints: cache lines of q and out rows */
     /* half-precision calls: the row cache, K and V rows widened to float32 at their key
      * positions ([kv_len][dim], [kv_len][dim_v]); cached[j]: the (batch, K/V head) tag of
      * row j's contents (0: none) */
@@ -355,6 +356,16 @@ struct grad_rows {
 };
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* the cache lines a row of n elements of the call's dtype may touch */
+static int64_t row_lines(const struct problem *p, int64_t n) {
+    return (n * (p->dtype == DTYPE_F32 ? 4 : 2) + 63) / 64 + 1;
+}
+
+/* the most prefetch hints of a tile: LANES q rows and LANES out rows */
+static int64_t max_lines(const struct problem *p) {
+    return LANES * (row_lines(p, p->dim) + row_lines(p, p->dim_v));
+}
 
 static int scratch_init(struct scratch *w, const struct problem *p, int backward) {
     const int64_t dim = p->dim > p->dim_v ? p->dim : p->dim_v;
@@ -380,6 +391,7 @@ static int scratch_init(struct scratch *w, const struct problem *p, int backward
         w->o_row = malloc(sizeof(float) * (size_t)dim); /* max(dim, dim_v) */
         if (!w->ds || !w->q_rows || !w->do_rows || !w->o_row) return -1;
     }
+    if (!backward && !(w->lines = malloc(sizeof(char *) * (size_t)max_lines(p)))) return -1;
     if (p->dropout && !(w->z = aligned_alloc(sizeof(vf), sizeof(vf) * keys))) return -1;
     if (p->dtype != DTYPE_F32) {
         w->k_rows = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim));
@@ -408,6 +420,7 @@ static void scratch_free(struct scratch *w) {
     free(w->chunk_start);
     free(w->chunk_len);
     free(w->z);
+    free(w->lines);
     free(w->k_rows);
     free(w->v_rows);
     free(w->cached);
@@ -797,6 +810,49 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
     }
 }
 
+/* a cache-line hint (GCC drops __builtin_prefetch from these loops, so x86 gets the
+ * instructions themselves) */
+static inline void prefetch(const char *at, int write) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (write)
+        __asm__ volatile("prefetchw %0" : : "m"(*at));
+    else
+        __asm__ volatile("prefetcht0 %0" : : "m"(*at));
+#else
+    __builtin_prefetch(at, write, 3);
+#endif
+}
+
+/* Where the rows a forward tile reads and writes outside its key loops lie: the q rows of tile
+ * `next` of the head (the item a thread runs after this one, usually) and the out rows of tile
+ * t, as the cache lines they touch, out's first (`*writes` of them). Those rows lie H x D
+ * elements apart in (B, L, H, D), a stride the hardware prefetcher does not follow, and a fresh
+ * batch's q and out are not in cache. Returns the count. */
+static int64_t tile_lines(const struct problem *p, int64_t b, int64_t hs, int64_t t, int64_t next,
+                          const char **lines, int64_t *writes) {
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    const int64_t h = p->heads[hs], size = p->dtype == DTYPE_F32 ? 4 : 2;
+    const char *out = elem(p, p->out, b * p->o_sb + h * p->o_sh);
+    const char *q = elem(p, p->q, b * p->q_sb + h * p->q_sh);
+    int64_t count = 0;
+    for (int lane = 0; lane < LANES; ++lane) {
+        const int32_t row = plan->rows[t * LANES + lane];
+        if (row < 0) continue;
+        const char *at = out + row * p->o_st * size;
+        for (int64_t k = 0; k < row_lines(p, p->dim_v) - 1; ++k) lines[count++] = at + 64 * k;
+        lines[count++] = at + p->dim_v * size - 1;
+    }
+    *writes = count;
+    for (int lane = 0; lane < LANES && next < plan->tiles; ++lane) {
+        const int32_t row = plan->rows[next * LANES + lane];
+        if (row < 0) continue;
+        const char *at = q + row * p->q_st * size;
+        for (int64_t k = 0; k < row_lines(p, p->dim) - 1; ++k) lines[count++] = at + 64 * k;
+        lines[count++] = at + p->dim * size - 1;
+    }
+    return count;
+}
+
 static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                          struct scratch *w) {
     const struct item it = item_at(p, b, hs, t, w);
@@ -807,11 +863,17 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     const vf neg_inf = splat(-INFINITY);
     const vf m = max_scores(s, keys, neg_inf);
     const vf m_safe = select_bits(m == neg_inf, splat(0.0f), m);
+    /* the prefetch hints, one per key of the exp pass (a burst of them would stall on the
+     * misses it starts); results do not change */
+    int64_t writes;
+    const int64_t lines = tile_lines(p, b, hs, t, t + 1, w->lines, &writes);
     vf l = splat(0.0f);
     for (int64_t n = 0; n < keys; ++n) {
+        if (n < lines) prefetch(w->lines[n], n < writes);
         s[n] = exp2_vec(s[n] - m_safe);
         l += s[n];
     }
+    for (int64_t n = keys; n < lines; ++n) prefetch(w->lines[n], n < writes);
     vf inv_l;
     for (int lane = 0; lane < LANES; ++lane) inv_l[lane] = l[lane] > 0 ? 1.0f / l[lane] : 0.0f;
     if (p->dropout) { /* after the sum: l and lse are the undropped ones */
