@@ -357,7 +357,7 @@ struct grad_rows {
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
 
-/* the cache lines a row of n elements of the call's dtype may touch */
+/* the entries add_lines makes for a row of n elements of the call's dtype */
 static int64_t row_lines(const struct problem *p, int64_t n) {
     return (n * (p->dtype == DTYPE_F32 ? 4 : 2) + 63) / 64 + 1;
 }
@@ -823,11 +823,19 @@ static inline void prefetch(const char *at, int write) {
 #endif
 }
 
+/* lines[count..]: the cache lines of the `bytes` bytes at `at` (the last one read from the last
+ * byte: a row need not start on a line); returns the new count */
+static int64_t add_lines(const char **lines, int64_t count, const char *at, int64_t bytes) {
+    for (int64_t k = 0; k < bytes; k += 64) lines[count++] = at + k;
+    if (bytes > 0) lines[count++] = at + bytes - 1;
+    return count;
+}
+
 /* Where the rows a forward tile reads and writes outside its key loops lie: the q rows of tile
  * `next` of the head (the item a thread runs after this one, usually) and the out rows of tile
  * t, as the cache lines they touch, out's first (`*writes` of them). Those rows lie H x D
  * elements apart in (B, L, H, D), a stride the hardware prefetcher does not follow, and a fresh
- * batch's q and out are not in cache. Returns the count. */
+ * batch's q and out are not in cache. Returns the count (at most max_lines). */
 static int64_t tile_lines(const struct problem *p, int64_t b, int64_t hs, int64_t t, int64_t next,
                           const char **lines, int64_t *writes) {
     const struct plan *plan = p->plans + p->head_plan[hs];
@@ -837,18 +845,14 @@ static int64_t tile_lines(const struct problem *p, int64_t b, int64_t hs, int64_
     int64_t count = 0;
     for (int lane = 0; lane < LANES; ++lane) {
         const int32_t row = plan->rows[t * LANES + lane];
-        if (row < 0) continue;
-        const char *at = out + row * p->o_st * size;
-        for (int64_t k = 0; k < row_lines(p, p->dim_v) - 1; ++k) lines[count++] = at + 64 * k;
-        lines[count++] = at + p->dim_v * size - 1;
+        if (row >= 0)
+            count = add_lines(lines, count, out + row * p->o_st * size, p->dim_v * size);
     }
     *writes = count;
     for (int lane = 0; lane < LANES && next < plan->tiles; ++lane) {
         const int32_t row = plan->rows[next * LANES + lane];
-        if (row < 0) continue;
-        const char *at = q + row * p->q_st * size;
-        for (int64_t k = 0; k < row_lines(p, p->dim) - 1; ++k) lines[count++] = at + 64 * k;
-        lines[count++] = at + p->dim * size - 1;
+        if (row >= 0)
+            count = add_lines(lines, count, q + row * p->q_st * size, p->dim * size);
     }
     return count;
 }
