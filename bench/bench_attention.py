@@ -17,6 +17,7 @@ and date.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -41,6 +42,8 @@ from headwise.measure import (
 from headwise.ops.attention.blockwise import plan as blockwise_plan
 from headwise.ops.attention.blockwise.heads import group_heads, head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK, plan_for
+from headwise.ops.attention.native import build as native_build
+from headwise.ops.attention.native import call as native_call
 from headwise.ops.attention.native import plan as native_plan
 from headwise.ops.attention.native.plan import _shared_tile_plan
 from headwise.patterns import base as pattern_base
@@ -236,11 +239,46 @@ def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
     return time.perf_counter() - start
 
 
+def _kernel_built_from(source: Path):
+    """The native kernel compiled from another ``tiles.c`` (an earlier commit's, say), loaded
+    beside this checkout's so that both are timed in the same process."""
+    default = native_build.SOURCE
+    native_build.SOURCE = source
+    try:
+        lib = native_build.build_library()
+    finally:
+        native_build.SOURCE = default
+    if lib is None:
+        raise SystemExit(f"--baseline-kernel: {source} does not build")
+    return lib
+
+
+@contextlib.contextmanager
+def _kernel(lib):
+    """Native calls inside use ``lib`` (``None``: this checkout's kernel)."""
+    default = native_call.library
+    native_call.library = default if lib is None else lambda: lib
+    try:
+        yield
+    finally:
+        native_call.library = default
+
+
+def _packed_forward(batches, data, device, lib) -> None:
+    """``attention_varlen`` forward on the next batch of ``batches``, on the kernel ``lib``."""
+    cu, causal = next(batches)
+    with torch.no_grad(), _kernel(lib):
+        attention_varlen(*(t[: int(cu[-1])] for t in data), cu.to(device), causal=causal)
+
+
 def bench_fresh_varlen(args, device, dtype, lines):
     """Packed training with new ``cu_seqlens`` every batch (no plan reused): the plan's share of
     an ``attention_varlen`` call, and packed headwise vs a loop of SDPA calls, one per document,
     timed round by round in the same run; each loop call runs on the batch the packed call
-    before it had (random batches differ in work by tens of percent)."""
+    before it had (random batches differ in work by tens of percent). With
+    ``--baseline-kernel``, the packed forward on another kernel build runs on that batch too."""
+    baseline = None if args.baseline_kernel is None else _kernel_built_from(args.baseline_kernel)
+    against = []
     lines.append("\n## Fresh cu_seqlens every call: packed attention vs a per-document SDPA loop\n")
     lines.append(
         f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents. "
@@ -299,6 +337,27 @@ def bench_fresh_varlen(args, device, dtype, lines):
             rounds=args.repeats,
         )
         ms = {name: seconds * 1e3 for name, seconds in times.items()}
+        if baseline is not None:
+            # each kernel draws from its own copy of one batch sequence: round r gives both the
+            # same batch
+            pair = {
+                name: functools.partial(
+                    _packed_forward,
+                    _fresh_batches(kind, torch.Generator().manual_seed(1)),
+                    data,
+                    device,
+                    lib,
+                )
+                for name, lib in (("this", None), ("baseline", baseline))
+            }
+            kernels = {
+                name: s * 1e3
+                for name, s in time_interleaved(pair, device, rounds=args.repeats).items()
+            }
+            against.append(
+                f"| {kind} | {kernels['this']:.1f} | {kernels['baseline']:.1f} | "
+                f"{kernels['this'] / kernels['baseline']:.3f} |"
+            )
         row = (
             f"| {kind} | {ms['plan']:.1f} | {ms['packed fwd']:.1f} | {ms['loop fwd']:.1f} | "
             f"{ms['packed fwd'] / ms['loop fwd']:.2f} | {ms['plan'] / ms['packed fwd']:.0%} | "
@@ -307,6 +366,15 @@ def bench_fresh_varlen(args, device, dtype, lines):
         )
         print(row, flush=True)
         lines.append(row)
+    if against:
+        lines.append(
+            f"\nThis kernel vs the baseline build ({args.baseline_kernel.name}), packed forward, "
+            "on the same batches, interleaved (< 1: this one is faster):\n"
+        )
+        lines.append("| batch | packed fwd ms | baseline kernel fwd ms | ratio |")
+        lines.append("|---|---|---|---|")
+        lines += against
+        print("\n".join(lines[-len(against) - 2 :]), flush=True)
 
 
 def _forget_plans():
@@ -547,6 +615,12 @@ def main() -> None:
         choices=["lengths", "auto", "packed", "fresh", "plans", "compile", "compiled"],
     )
     parser.add_argument("--name", default="attention", help="results file stem")
+    parser.add_argument(
+        "--baseline-kernel",
+        type=Path,
+        help="another tiles.c (e.g. `git show REV:src/headwise/ops/attention/native/tiles.c`) "
+        "whose packed forward the fresh section times too, on the same batches",
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = environment(device)
