@@ -229,7 +229,8 @@ def _fresh_batches(kind: str, gen: torch.Generator):
 
 def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
     """Seconds to build the native plan of these documents (what a call with new ``cu_seqlens``
-    builds before any attention; the patterns differ per call, so nothing is cached)."""
+    builds before any attention; the caches are emptied first, so nothing is reused)."""
+    _forget_plans()
     lengths = cu.diff().tolist()
     start = time.perf_counter()
     pattern = P.documents(lengths, causal=causal)
@@ -264,50 +265,44 @@ def _kernel(lib):
         native_call.library = default
 
 
-def _packed_forward(batches, data, device, lib) -> None:
-    """``attention_varlen`` forward on the next batch of ``batches``, on the kernel ``lib``."""
-    cu, causal = next(batches)
-    with torch.no_grad(), _kernel(lib):
-        attention_varlen(*(t[: int(cu[-1])] for t in data), cu.to(device), causal=causal)
-
-
 def bench_fresh_varlen(args, device, dtype, lines):
     """Packed training with new ``cu_seqlens`` every batch (no plan reused): the plan's share of
     an ``attention_varlen`` call, and packed headwise vs a loop of SDPA calls, one per document,
-    timed round by round in the same run; each loop call runs on the batch the packed call
-    before it had (random batches differ in work by tens of percent). With
-    ``--baseline-kernel``, the packed forward on another kernel build runs on that batch too."""
+    timed round by round in the same run. Every candidate draws from its own copy of one batch
+    sequence, so round r gives all of them the same batch (random batches differ in work by
+    tens of percent; the order within a round is random). With ``--baseline-kernel``, the
+    packed forward on another kernel build is one more candidate."""
     baseline = None if args.baseline_kernel is None else _kernel_built_from(args.baseline_kernel)
-    against = []
     lines.append("\n## Fresh cu_seqlens every call: packed attention vs a per-document SDPA loop\n")
     lines.append(
-        f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents. "
-        "plan share = native plan build / packed call (same kind of batch); ratio = packed / "
-        "SDPA loop (< 1: packed is faster). Medians over rounds, candidates interleaved.\n"
+        f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents, "
+        "round r the same one for every candidate. plan share = native plan build / packed call; "
+        "ratio = packed / SDPA loop (< 1: packed is faster). Medians over rounds, candidates "
+        "interleaved.\n"
     )
     lines.append(
         "| batch | plan ms | packed fwd ms | loop fwd ms | fwd ratio | plan share fwd | "
         "packed fwd+bwd ms | loop fwd+bwd ms | fwd+bwd ratio | plan share fwd+bwd |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    against = []
     for kind in ("16k/10", "bert"):
-        batches = _fresh_batches(kind, torch.Generator().manual_seed(0))
         total = 16384 if kind == "16k/10" else 32 * 512
         data = [torch.randn(total, args.heads, args.dim, device=device, dtype=dtype) for _ in "qkv"]
 
-        # the loop runs on the batch the packed call just had (same documents, same work);
-        # the next packed call draws a new one
-        current = {}
+        def draws(kind=kind):
+            return _fresh_batches(kind, torch.Generator().manual_seed(0))
 
-        def packed(grad, batches=batches, data=data, current=current):
-            cu, causal = current["batch"] = next(batches)
+        def packed(grad, batches, data=data):
+            cu, causal = next(batches)
+            _forget_plans()  # another candidate had this batch in this round: no plan reused
             leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
             return _run(
                 lambda: attention_varlen(*leaves, cu.to(device), causal=causal), leaves, grad
             )
 
-        def loop(grad, data=data, current=current):
-            cu, causal = current["batch"]
+        def loop(grad, batches, data=data):
+            cu, causal = next(batches)
             leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
 
             def forward():
@@ -322,42 +317,19 @@ def bench_fresh_varlen(args, device, dtype, lines):
 
             return _run(forward, leaves, grad)
 
-        def plan(batches=batches):
-            _plan_seconds(*next(batches))
-
-        times = time_interleaved(
-            {
-                "plan": plan,
-                "packed fwd": lambda: packed(False),
-                "loop fwd": lambda: loop(False),
-                "packed step": lambda: packed(True),
-                "loop step": lambda: loop(True),
-            },
-            device,
-            rounds=args.repeats,
-        )
-        ms = {name: seconds * 1e3 for name, seconds in times.items()}
+        candidates = {
+            "plan": functools.partial(lambda batches: _plan_seconds(*next(batches)), draws()),
+            "packed fwd": functools.partial(packed, False, draws()),
+            "loop fwd": functools.partial(loop, False, draws()),
+            "packed step": functools.partial(packed, True, draws()),
+            "loop step": functools.partial(loop, True, draws()),
+        }
         if baseline is not None:
-            # each kernel draws from its own copy of one batch sequence: round r gives both the
-            # same batch
-            pair = {
-                name: functools.partial(
-                    _packed_forward,
-                    _fresh_batches(kind, torch.Generator().manual_seed(1)),
-                    data,
-                    device,
-                    lib,
-                )
-                for name, lib in (("this", None), ("baseline", baseline))
-            }
-            kernels = {
-                name: s * 1e3
-                for name, s in time_interleaved(pair, device, rounds=args.repeats).items()
-            }
-            against.append(
-                f"| {kind} | {kernels['this']:.1f} | {kernels['baseline']:.1f} | "
-                f"{kernels['this'] / kernels['baseline']:.3f} |"
+            candidates["baseline fwd"] = functools.partial(
+                _packed_forward, draws(), data, device, baseline
             )
+        times = time_interleaved(candidates, device, rounds=args.repeats)
+        ms = {name: seconds * 1e3 for name, seconds in times.items()}
         row = (
             f"| {kind} | {ms['plan']:.1f} | {ms['packed fwd']:.1f} | {ms['loop fwd']:.1f} | "
             f"{ms['packed fwd'] / ms['loop fwd']:.2f} | {ms['plan'] / ms['packed fwd']:.0%} | "
@@ -366,15 +338,32 @@ def bench_fresh_varlen(args, device, dtype, lines):
         )
         print(row, flush=True)
         lines.append(row)
+        if baseline is not None:
+            against.append(
+                f"| {kind} | {ms['packed fwd']:.1f} | {ms['baseline fwd']:.1f} | "
+                f"{ms['packed fwd'] / ms['baseline fwd']:.3f} | {ms['loop fwd']:.1f} | "
+                f"{ms['baseline fwd'] / ms['loop fwd']:.2f} |"
+            )
     if against:
         lines.append(
-            f"\nThis kernel vs the baseline build ({args.baseline_kernel.name}), packed forward, "
-            "on the same batches, interleaved (< 1: this one is faster):\n"
+            f"\nThis kernel vs the baseline build ({args.baseline_kernel.name}), packed forward "
+            "in the same rounds (< 1: this one is faster):\n"
         )
-        lines.append("| batch | packed fwd ms | baseline kernel fwd ms | ratio |")
-        lines.append("|---|---|---|---|")
+        lines.append(
+            "| batch | packed fwd ms | baseline kernel fwd ms | ratio | loop fwd ms | "
+            "baseline fwd ratio |"
+        )
+        lines.append("|---|---|---|---|---|---|")
         lines += against
         print("\n".join(lines[-len(against) - 2 :]), flush=True)
+
+
+def _packed_forward(batches, data, device, lib) -> None:
+    """``attention_varlen`` forward on the next batch of ``batches``, on the kernel ``lib``."""
+    cu, causal = next(batches)
+    _forget_plans()
+    with torch.no_grad(), _kernel(lib):
+        attention_varlen(*(t[: int(cu[-1])] for t in data), cu.to(device), causal=causal)
 
 
 def _forget_plans():

@@ -228,6 +228,19 @@ static inline vf exp2_vec(vf x) {
     return select_bits(underflow, splat(0.0f), p * two_n);
 }
 
+/* a cache-line hint (GCC drops __builtin_prefetch from these loops, so x86 gets the
+ * instructions themselves) */
+static inline void prefetch(const char *at, int write) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (write)
+        __asm__ volatile("prefetchw %0" : : "m"(*at));
+    else
+        __asm__ volatile("prefetcht0 %0" : : "m"(*at));
+#else
+    __builtin_prefetch(at, write, 3);
+#endif
+}
+
 /* s[c] = sum_d xt[d] * rows[c][d] for N rows at stride st: N accumulators, one broadcast FMA per
  * row and dimension, each row through its own pointer at constant displacements */
 #define DEFINE_DOT(N)                                                                     \
@@ -264,6 +277,7 @@ static inline vf exp2_vec(vf x) {
             const float *row = rows + start[g] * st;                                          \
             for (int32_t n = 0; n < len[g]; ++n, ++p, row += st) {                            \
                 const vf pn = *p;                                                             \
+                if (n + KEY_CHUNK < len[g]) prefetch((const char *)(row + KEY_CHUNK * st), 0);  \
                 _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) acc[c] += pn * row[c];   \
             }                                                                                 \
         }                                                                                     \
@@ -545,6 +559,11 @@ static int64_t dot_keys(const vf *xt, const float *base, int64_t st, const int32
     for (int64_t g = 0; g < segs; ++g) {
         for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
             const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
+            /* the next chunk's rows while this one's FMAs run */
+            const int32_t ahead = len[g] - off - n < KEY_CHUNK ? len[g] - off - n : KEY_CHUNK;
+            for (int32_t c = 0; c < ahead; ++c)
+                for (int64_t d = 0; d < dim; d += 16)
+                    prefetch((const char *)(base + (start[g] + off + n + c) * st + d), 0);
             DOT[n](xt, base + (start[g] + off) * st, st, dim, s + keys);
             keys += n;
         }
@@ -808,19 +827,6 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
         }
         write_lse(p, it, select_bits(m[j] == neg_inf, splat(0.0f), m[j]), l[j]);
     }
-}
-
-/* a cache-line hint (GCC drops __builtin_prefetch from these loops, so x86 gets the
- * instructions themselves) */
-static inline void prefetch(const char *at, int write) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (write)
-        __asm__ volatile("prefetchw %0" : : "m"(*at));
-    else
-        __asm__ volatile("prefetcht0 %0" : : "m"(*at));
-#else
-    __builtin_prefetch(at, write, 3);
-#endif
 }
 
 /* lines[count..]: the cache lines of the `bytes` bytes at `at` (the last one read from the last
