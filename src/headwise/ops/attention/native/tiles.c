@@ -559,11 +559,11 @@ static int64_t dot_keys(const vf *xt, const float *base, int64_t st, const int32
     for (int64_t g = 0; g < segs; ++g) {
         for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
             const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
-            /* the next chunk's rows while this one's FMAs run */
+            /* the next chunk's rows while this one's FMAs run (a row's first line: the
+             * hardware brings the lines after it, and more hints measured slower) */
             const int32_t ahead = len[g] - off - n < KEY_CHUNK ? len[g] - off - n : KEY_CHUNK;
             for (int32_t c = 0; c < ahead; ++c)
-                for (int64_t d = 0; d < dim; d += 16)
-                    prefetch((const char *)(base + (start[g] + off + n + c) * st + d), 0);
+                prefetch((const char *)(base + (start[g] + off + n + c) * st), 0);
             DOT[n](xt, base + (start[g] + off) * st, st, dim, s + keys);
             keys += n;
         }
