@@ -240,7 +240,7 @@ def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
     return time.perf_counter() - start
 
 
-def _kernel_built_from(source: Path):
+def kernel_built_from(source: Path):
     """The native kernel compiled from another ``tiles.c`` (an earlier commit's, say), loaded
     beside this checkout's so that both are timed in the same process."""
     default = native_build.SOURCE
@@ -255,7 +255,7 @@ def _kernel_built_from(source: Path):
 
 
 @contextlib.contextmanager
-def _kernel(lib):
+def using_kernel(lib):
     """Native calls inside use ``lib`` (``None``: this checkout's kernel)."""
     default = native_call.library
     native_call.library = default if lib is None else lambda: lib
@@ -272,7 +272,7 @@ def bench_fresh_varlen(args, device, dtype, lines):
     sequence, so round r gives all of them the same batch (random batches differ in work by
     tens of percent; the order within a round is random). With ``--baseline-kernel``, the
     packed forward on another kernel build is one more candidate."""
-    baseline = None if args.baseline_kernel is None else _kernel_built_from(args.baseline_kernel)
+    baseline = None if args.baseline_kernel is None else kernel_built_from(args.baseline_kernel)
     lines.append("\n## Fresh cu_seqlens every call: packed attention vs a per-document SDPA loop\n")
     lines.append(
         f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents, "
@@ -362,7 +362,7 @@ def _packed_forward(batches, data, device, lib) -> None:
     """``attention_varlen`` forward on the next batch of ``batches``, on the kernel ``lib``."""
     cu, causal = next(batches)
     _forget_plans()
-    with torch.no_grad(), _kernel(lib):
+    with torch.no_grad(), using_kernel(lib):
         attention_varlen(*(t[: int(cu[-1])] for t in data), cu.to(device), causal=causal)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import headwise.patterns as P
-from bench_attention import _kernel, _kernel_built_from
+from bench_attention import kernel_built_from, using_kernel
 from headwise.ops.attention.native.call import tiles_backward, tiles_forward
 
 CASES = {
@@ -83,9 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("baseline", type=Path, help="the other tiles.c")
     args = parser.parse_args()
-    baseline = _kernel_built_from(args.baseline)
+    baseline = kernel_built_from(args.baseline)
     mine = results()
-    with _kernel(baseline):
+    with using_kernel(baseline):
         theirs = results()
     differ = [name for name in mine if not torch.equal(bits(mine[name]), bits(theirs[name]))]
     print(f"{len(mine)} outputs compared; {len(differ)} differ in some bit")
