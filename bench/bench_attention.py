@@ -17,6 +17,7 @@ and date.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -41,6 +42,8 @@ from headwise.measure import (
 from headwise.ops.attention.blockwise import plan as blockwise_plan
 from headwise.ops.attention.blockwise.heads import group_heads, head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK, plan_for
+from headwise.ops.attention.native import build as native_build
+from headwise.ops.attention.native import call as native_call
 from headwise.ops.attention.native import plan as native_plan
 from headwise.ops.attention.native.plan import _shared_tile_plan
 from headwise.patterns import base as pattern_base
@@ -226,7 +229,8 @@ def _fresh_batches(kind: str, gen: torch.Generator):
 
 def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
     """Seconds to build the native plan of these documents (what a call with new ``cu_seqlens``
-    builds before any attention; the patterns differ per call, so nothing is cached)."""
+    builds before any attention; the caches are emptied first, so nothing is reused)."""
+    _forget_plans()
     lengths = cu.diff().tolist()
     start = time.perf_counter()
     pattern = P.documents(lengths, causal=causal)
@@ -236,40 +240,69 @@ def _plan_seconds(cu: torch.Tensor, causal: bool) -> float:
     return time.perf_counter() - start
 
 
+def kernel_built_from(source: Path):
+    """The native kernel compiled from another ``tiles.c`` (an earlier commit's, say), loaded
+    beside this checkout's so that both are timed in the same process."""
+    default = native_build.SOURCE
+    native_build.SOURCE = source
+    try:
+        lib = native_build.build_library()
+    finally:
+        native_build.SOURCE = default
+    if lib is None:
+        raise SystemExit(f"--baseline-kernel: {source} does not build")
+    return lib
+
+
+@contextlib.contextmanager
+def using_kernel(lib):
+    """Native calls inside use ``lib`` (``None``: this checkout's kernel)."""
+    default = native_call.library
+    native_call.library = default if lib is None else lambda: lib
+    try:
+        yield
+    finally:
+        native_call.library = default
+
+
 def bench_fresh_varlen(args, device, dtype, lines):
     """Packed training with new ``cu_seqlens`` every batch (no plan reused): the plan's share of
     an ``attention_varlen`` call, and packed headwise vs a loop of SDPA calls, one per document,
-    timed round by round in the same run; each loop call runs on the batch the packed call
-    before it had (random batches differ in work by tens of percent)."""
+    timed round by round in the same run. Every candidate draws from its own copy of one batch
+    sequence, so round r gives all of them the same batch (random batches differ in work by
+    tens of percent; the order within a round is random). With ``--baseline-kernel``, the
+    packed forward on another kernel build is one more candidate."""
+    baseline = None if args.baseline_kernel is None else kernel_built_from(args.baseline_kernel)
     lines.append("\n## Fresh cu_seqlens every call: packed attention vs a per-document SDPA loop\n")
     lines.append(
-        f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents. "
-        "plan share = native plan build / packed call (same kind of batch); ratio = packed / "
-        "SDPA loop (< 1: packed is faster). Medians over rounds, candidates interleaved.\n"
+        f"H={args.heads}, D={args.dim}, {args.dtype}; every call gets a new batch of documents, "
+        "round r the same one for every candidate. plan share = native plan build / packed call; "
+        "ratio = packed / SDPA loop (< 1: packed is faster). Medians over rounds, candidates "
+        "interleaved.\n"
     )
     lines.append(
         "| batch | plan ms | packed fwd ms | loop fwd ms | fwd ratio | plan share fwd | "
         "packed fwd+bwd ms | loop fwd+bwd ms | fwd+bwd ratio | plan share fwd+bwd |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    against = []
     for kind in ("16k/10", "bert"):
-        batches = _fresh_batches(kind, torch.Generator().manual_seed(0))
         total = 16384 if kind == "16k/10" else 32 * 512
         data = [torch.randn(total, args.heads, args.dim, device=device, dtype=dtype) for _ in "qkv"]
 
-        # the loop runs on the batch the packed call just had (same documents, same work);
-        # the next packed call draws a new one
-        current = {}
+        def draws(kind=kind):
+            return _fresh_batches(kind, torch.Generator().manual_seed(0))
 
-        def packed(grad, batches=batches, data=data, current=current):
-            cu, causal = current["batch"] = next(batches)
+        def packed(grad, batches, data=data):
+            cu, causal = next(batches)
+            _forget_plans()  # another candidate had this batch in this round: no plan reused
             leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
             return _run(
                 lambda: attention_varlen(*leaves, cu.to(device), causal=causal), leaves, grad
             )
 
-        def loop(grad, data=data, current=current):
-            cu, causal = current["batch"]
+        def loop(grad, batches, data=data):
+            cu, causal = next(batches)
             leaves = [t[: int(cu[-1])].detach().requires_grad_(grad) for t in data]
 
             def forward():
@@ -284,20 +317,18 @@ def bench_fresh_varlen(args, device, dtype, lines):
 
             return _run(forward, leaves, grad)
 
-        def plan(batches=batches):
-            _plan_seconds(*next(batches))
-
-        times = time_interleaved(
-            {
-                "plan": plan,
-                "packed fwd": lambda: packed(False),
-                "loop fwd": lambda: loop(False),
-                "packed step": lambda: packed(True),
-                "loop step": lambda: loop(True),
-            },
-            device,
-            rounds=args.repeats,
-        )
+        candidates = {
+            "plan": functools.partial(lambda batches: _plan_seconds(*next(batches)), draws()),
+            "packed fwd": functools.partial(packed, False, draws()),
+            "loop fwd": functools.partial(loop, False, draws()),
+            "packed step": functools.partial(packed, True, draws()),
+            "loop step": functools.partial(loop, True, draws()),
+        }
+        if baseline is not None:
+            candidates["baseline fwd"] = functools.partial(
+                _packed_forward, draws(), data, device, baseline
+            )
+        times = time_interleaved(candidates, device, rounds=args.repeats)
         ms = {name: seconds * 1e3 for name, seconds in times.items()}
         row = (
             f"| {kind} | {ms['plan']:.1f} | {ms['packed fwd']:.1f} | {ms['loop fwd']:.1f} | "
@@ -307,6 +338,32 @@ def bench_fresh_varlen(args, device, dtype, lines):
         )
         print(row, flush=True)
         lines.append(row)
+        if baseline is not None:
+            against.append(
+                f"| {kind} | {ms['packed fwd']:.1f} | {ms['baseline fwd']:.1f} | "
+                f"{ms['packed fwd'] / ms['baseline fwd']:.3f} | {ms['loop fwd']:.1f} | "
+                f"{ms['baseline fwd'] / ms['loop fwd']:.2f} |"
+            )
+    if against:
+        lines.append(
+            f"\nThis kernel vs the baseline build ({args.baseline_kernel.name}), packed forward "
+            "in the same rounds (< 1: this one is faster):\n"
+        )
+        lines.append(
+            "| batch | packed fwd ms | baseline kernel fwd ms | ratio | loop fwd ms | "
+            "baseline fwd ratio |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        lines += against
+        print("\n".join(lines[-len(against) - 2 :]), flush=True)
+
+
+def _packed_forward(batches, data, device, lib) -> None:
+    """``attention_varlen`` forward on the next batch of ``batches``, on the kernel ``lib``."""
+    cu, causal = next(batches)
+    _forget_plans()
+    with torch.no_grad(), using_kernel(lib):
+        attention_varlen(*(t[: int(cu[-1])] for t in data), cu.to(device), causal=causal)
 
 
 def _forget_plans():
@@ -547,6 +604,12 @@ def main() -> None:
         choices=["lengths", "auto", "packed", "fresh", "plans", "compile", "compiled"],
     )
     parser.add_argument("--name", default="attention", help="results file stem")
+    parser.add_argument(
+        "--baseline-kernel",
+        type=Path,
+        help="another tiles.c (e.g. `git show REV:src/headwise/ops/attention/native/tiles.c`) "
+        "whose packed forward the fresh section times too, on the same batches",
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = environment(device)

@@ -224,6 +224,26 @@ def test_grouped_long_tiles_do_not_depend_on_the_thread_count(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("long_keys", [1024, 4])
+def test_softmax_shift_is_the_largest_score_wherever_it_lies(monkeypatch, long_keys):
+    # the kernel takes a tile's largest score in four running maxima (then a tail); a key that
+    # outweighs the others by e^300 must be the shift at every position of its tile's keys, or
+    # 2^(s - shift) overflows; long_keys=4 sends the tile through the grouped forward
+    import headwise.ops.attention.native.call as call
+
+    monkeypatch.setattr(call, "LONG_TILE_KEYS", long_keys)
+    keys = 13  # three rounds of four maxima and a tail of one
+    q = torch.ones(1, 16, 1, 4)
+    v = torch.randn(1, keys, 1, 3, generator=torch.Generator().manual_seed(0))
+    for top in range(keys):
+        k = torch.zeros(1, keys, 1, 4)
+        k[0, top] = 150.0  # score 300 at scale 0.5, the others 0
+        out, lse = tiles_forward(q, k, v, P.full(), 0.5)
+        assert torch.equal(out[0, :, 0], v[0, top, 0].expand(16, 3)), top
+        torch.testing.assert_close(lse, torch.full_like(lse, 300.0), atol=0, rtol=1e-6)
+
+
+@needs_kernel
 def test_lse_gradient_flows_through_the_native_backward():
     q, k, v = make_inputs()
     pattern = P.neighborhood((37,), 5) | P.sinks(2)

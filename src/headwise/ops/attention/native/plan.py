@@ -162,8 +162,13 @@ def _ranged_tiles(
     real = (rows >= 0).view(1, -1, 1)
     lo, hi = lo.expand(heads, -1, -1), hi.expand(heads, -1, -1)
     hi = torch.where(real, hi, lo)  # padding lanes see nothing
-    lane_of = torch.arange(heads * tiles * width).repeat_interleave(lo.shape[-1])
-    lane_of, row_start, row_stop = merge_ranges(lo.flatten(), hi.flatten(), lane_of, span)
+    if lo.shape[-1] == 1:  # one range a row (causal, a window, documents): its own run or none
+        keep = (hi > lo).flatten()
+        lane_of = torch.arange(heads * tiles * width)[keep]
+        row_start, row_stop = lo.flatten()[keep], hi.flatten()[keep]
+    else:
+        lane_of = torch.arange(heads * tiles * width).repeat_interleave(lo.shape[-1])
+        lane_of, row_start, row_stop = merge_ranges(lo.flatten(), hi.flatten(), lane_of, span)
     sizes = torch.zeros(heads * tiles * width, dtype=torch.long)
     sizes.index_add_(0, lane_of, row_stop - row_start)
     row_tile = lane_of // width % tiles

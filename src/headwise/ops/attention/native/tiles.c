@@ -228,6 +228,20 @@ static inline vf exp2_vec(vf x) {
     return select_bits(underflow, splat(0.0f), p * two_n);
 }
 
+/* a hint to bring the cache line at `at` in (for writing when `write`); never faults. x86 gets
+ * the instructions themselves: GCC 12 left no __builtin_prefetch of these loops in the built
+ * library from -O1 on. */
+static inline void prefetch(const char *at, int write) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (write)
+        __asm__ volatile("prefetchw %0" : : "m"(*at));
+    else
+        __asm__ volatile("prefetcht0 %0" : : "m"(*at));
+#else
+    __builtin_prefetch(at, write, 3);
+#endif
+}
+
 /* s[c] = sum_d xt[d] * rows[c][d] for N rows at stride st: N accumulators, one broadcast FMA per
  * row and dimension, each row through its own pointer at constant displacements */
 #define DEFINE_DOT(N)                                                                     \
@@ -264,6 +278,7 @@ static inline vf exp2_vec(vf x) {
             const float *row = rows + start[g] * st;                                          \
             for (int32_t n = 0; n < len[g]; ++n, ++p, row += st) {                            \
                 const vf pn = *p;                                                             \
+                if (n + KEY_CHUNK < len[g]) prefetch((const char *)(row + KEY_CHUNK * st), 0);  \
                 _Pragma("GCC unroll 32") for (int c = 0; c < W; ++c) acc[c] += pn * row[c];   \
             }                                                                                 \
         }                                                                                     \
@@ -338,6 +353,7 @@ struct scratch {
     vf *group_xt, *group_o, *chunk_s;
     int32_t *chunk_start, *chunk_len;
     vf *z; /* dropout: per key, 1/(1-p) in the lanes that keep it, else 0 */
+    const char **lines; /* tile_forward's prefetch hints: cache lines of q and out rows */
     /* half-precision calls: the row cache, K and V rows widened to float32 at their key
      * positions ([kv_len][dim], [kv_len][dim_v]); cached[j]: the (batch, K/V head) tag of
      * row j's contents (0: none) */
@@ -355,6 +371,16 @@ struct grad_rows {
 };
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* the entries add_lines makes for a row of n elements of the call's dtype */
+static int64_t row_lines(const struct problem *p, int64_t n) {
+    return (n * (p->dtype == DTYPE_F32 ? 4 : 2) + 63) / 64 + 1;
+}
+
+/* the most prefetch hints of a tile: LANES q rows and LANES out rows */
+static int64_t max_lines(const struct problem *p) {
+    return LANES * (row_lines(p, p->dim) + row_lines(p, p->dim_v));
+}
 
 static int scratch_init(struct scratch *w, const struct problem *p, int backward) {
     const int64_t dim = p->dim > p->dim_v ? p->dim : p->dim_v;
@@ -380,6 +406,7 @@ static int scratch_init(struct scratch *w, const struct problem *p, int backward
         w->o_row = malloc(sizeof(float) * (size_t)dim); /* max(dim, dim_v) */
         if (!w->ds || !w->q_rows || !w->do_rows || !w->o_row) return -1;
     }
+    if (!backward && !(w->lines = malloc(sizeof(char *) * (size_t)max_lines(p)))) return -1;
     if (p->dropout && !(w->z = aligned_alloc(sizeof(vf), sizeof(vf) * keys))) return -1;
     if (p->dtype != DTYPE_F32) {
         w->k_rows = malloc(sizeof(float) * (size_t)(p->kv_len * p->dim));
@@ -408,6 +435,7 @@ static void scratch_free(struct scratch *w) {
     free(w->chunk_start);
     free(w->chunk_len);
     free(w->z);
+    free(w->lines);
     free(w->k_rows);
     free(w->v_rows);
     free(w->cached);
@@ -532,6 +560,11 @@ static int64_t dot_keys(const vf *xt, const float *base, int64_t st, const int32
     for (int64_t g = 0; g < segs; ++g) {
         for (int32_t off = 0; off < len[g]; off += KEY_CHUNK) {
             const int32_t n = len[g] - off < KEY_CHUNK ? len[g] - off : KEY_CHUNK;
+            /* the next chunk's rows while this one's FMAs run (a row's first line: the
+             * hardware brings the lines after it, and more hints measured slower) */
+            const int32_t ahead = len[g] - off - n < KEY_CHUNK ? len[g] - off - n : KEY_CHUNK;
+            for (int32_t c = 0; c < ahead; ++c)
+                prefetch((const char *)(base + (start[g] + off + n + c) * st), 0);
             DOT[n](xt, base + (start[g] + off) * st, st, dim, s + keys);
             keys += n;
         }
@@ -674,6 +707,25 @@ static int64_t scores(const struct problem *p, int64_t hs, int64_t t, const stru
     return scores_of(p, hs, t, it, xt, s);
 }
 
+/* max(m, s[0..keys-1]) per lane, NaNs ignored, in four running maxima: one chain through every
+ * key waits on a compare and a select per key. Only which of +0 and -0 a zero maximum gets may
+ * differ from one chain's (the first of the equal ones), and no result depends on that sign:
+ * 2^(x - m) and ln 2 (m + log2 l) read the same for either. */
+static inline vf max_scores(const vf *s, int64_t keys, vf m) {
+    vf m1 = splat(-INFINITY), m2 = m1, m3 = m1;
+    int64_t n = 0;
+    for (; n + 4 <= keys; n += 4) {
+        m = select_bits(s[n] > m, s[n], m);
+        m1 = select_bits(s[n + 1] > m1, s[n + 1], m1);
+        m2 = select_bits(s[n + 2] > m2, s[n + 2], m2);
+        m3 = select_bits(s[n + 3] > m3, s[n + 3], m3);
+    }
+    for (; n < keys; ++n) m = select_bits(s[n] > m, s[n], m);
+    m = select_bits(m1 > m, m1, m);
+    m2 = select_bits(m3 > m2, m3, m2);
+    return select_bits(m2 > m, m2, m);
+}
+
 /* the tile's lse: ln 2 (m + log2 l), -inf for a query that sees no key */
 static void write_lse(const struct problem *p, const struct item *it, vf m_safe, vf l) {
     for (int lane = 0; lane < LANES; ++lane) {
@@ -742,8 +794,7 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
             entry[j] += keys;
             vf *s = w->chunk_s;
             scores_of(p, hs, t0 + j, &chunk, w->group_xt + j * p->dim, s);
-            vf m_new = m[j];
-            for (int64_t n = 0; n < keys; ++n) m_new = select_bits(s[n] > m_new, s[n], m_new);
+            const vf m_new = max_scores(s, keys, m[j]);
             const vf m_safe = select_bits(m_new == neg_inf, splat(0.0f), m_new);
             const vf alpha = exp2_vec(m[j] - m_safe); /* 0 while nothing was seen */
             vf sum = splat(0.0f);
@@ -779,6 +830,40 @@ static void forward_group(const struct problem *p, int64_t b, int64_t hs, int64_
     }
 }
 
+/* lines[count..]: the cache lines of the `bytes` bytes at `at` (the last one read from the last
+ * byte: a row need not start on a line); returns the new count */
+static int64_t add_lines(const char **lines, int64_t count, const char *at, int64_t bytes) {
+    for (int64_t k = 0; k < bytes; k += 64) lines[count++] = at + k;
+    if (bytes > 0) lines[count++] = at + bytes - 1;
+    return count;
+}
+
+/* Where the rows a forward tile reads and writes outside its key loops lie: the q rows of tile
+ * `next` of the head (the item a thread runs after this one, usually) and the out rows of tile
+ * t, as the cache lines they touch, out's first (`*writes` of them). Those rows lie H x D
+ * elements apart in (B, L, H, D), a stride the hardware prefetcher does not follow, and a fresh
+ * batch's q and out are not in cache. Returns the count (at most max_lines). */
+static int64_t tile_lines(const struct problem *p, int64_t b, int64_t hs, int64_t t, int64_t next,
+                          const char **lines, int64_t *writes) {
+    const struct plan *plan = p->plans + p->head_plan[hs];
+    const int64_t h = p->heads[hs], size = p->dtype == DTYPE_F32 ? 4 : 2;
+    const char *out = elem(p, p->out, b * p->o_sb + h * p->o_sh);
+    const char *q = elem(p, p->q, b * p->q_sb + h * p->q_sh);
+    int64_t count = 0;
+    for (int lane = 0; lane < LANES; ++lane) {
+        const int32_t row = plan->rows[t * LANES + lane];
+        if (row >= 0)
+            count = add_lines(lines, count, out + row * p->o_st * size, p->dim_v * size);
+    }
+    *writes = count;
+    for (int lane = 0; lane < LANES && next < plan->tiles; ++lane) {
+        const int32_t row = plan->rows[next * LANES + lane];
+        if (row >= 0)
+            count = add_lines(lines, count, q + row * p->q_st * size, p->dim * size);
+    }
+    return count;
+}
+
 static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t t,
                          struct scratch *w) {
     const struct item it = item_at(p, b, hs, t, w);
@@ -787,14 +872,19 @@ static void tile_forward(const struct problem *p, int64_t b, int64_t hs, int64_t
     vf *s = w->s;
 
     const vf neg_inf = splat(-INFINITY);
-    vf m = neg_inf;
-    for (int64_t n = 0; n < keys; ++n) m = select_bits(s[n] > m, s[n], m);
+    const vf m = max_scores(s, keys, neg_inf);
     const vf m_safe = select_bits(m == neg_inf, splat(0.0f), m);
+    /* the prefetch hints, one per key of the exp pass (a burst of them would stall on the
+     * misses it starts); results do not change */
+    int64_t writes;
+    const int64_t lines = tile_lines(p, b, hs, t, t + 1, w->lines, &writes);
     vf l = splat(0.0f);
     for (int64_t n = 0; n < keys; ++n) {
+        if (n < lines) prefetch(w->lines[n], n < writes);
         s[n] = exp2_vec(s[n] - m_safe);
         l += s[n];
     }
+    for (int64_t n = keys; n < lines; ++n) prefetch(w->lines[n], n < writes);
     vf inv_l;
     for (int lane = 0; lane < LANES; ++lane) inv_l[lane] = l[lane] > 0 ? 1.0f / l[lane] : 0.0f;
     if (p->dropout) { /* after the sum: l and lse are the undropped ones */
