@@ -90,13 +90,14 @@ def operator_cases():
     bias = torch.randn(4, 12, 12, generator=gen)
     strided_q = q.transpose(1, 2).contiguous().transpose(1, 2)
     stacked = P.per_head([P.sliding_window(3), P.causal()] * 2)
+    zero = torch.tensor(0)  # the seed tensor of calls without dropout
     return [
-        ((q, k, v, None, window, 0.3, 32, 0.0, 0), "window"),
-        ((q, *kv, bias, stacked, 0.5, 4, 0.0, 0), "gqa-bias"),
-        ((strided_q, *kv, bias, window, 0.5, 4, 0.0, 0), "stepwise"),
-        ((q, k, v, None, window, 0.3, 32, 0.25, -12345), "dropout"),
-        ((*(t.bfloat16() for t in (q, k, v)), None, window, 0.3, 32, 0.0, 0), "bf16"),
-        ((*(t.double() for t in (q, k, v)), None, window, 0.3, 32, 0.0, 0), "f64"),
+        ((q, k, v, None, window, 0.3, 32, 0.0, zero), "window"),
+        ((q, *kv, bias, stacked, 0.5, 4, 0.0, zero), "gqa-bias"),
+        ((strided_q, *kv, bias, window, 0.5, 4, 0.0, zero), "stepwise"),
+        ((q, k, v, None, window, 0.3, 32, 0.25, torch.tensor(-12345)), "dropout"),
+        ((*(t.bfloat16() for t in (q, k, v)), None, window, 0.3, 32, 0.0, zero), "bf16"),
+        ((*(t.double() for t in (q, k, v)), None, window, 0.3, 32, 0.0, zero), "f64"),
     ]
 
 
