@@ -91,6 +91,10 @@ def draw_seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=generator)
 
 
+#: the ``seed`` input of operator calls without dropout (never read; one tensor, made once)
+NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
 def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
     """``seed`` as the 0-d int64 tensor of the custom operators' ``seed`` input (an int's bits as
     an int64, :func:`to_int64`; a tensor as it is)."""

@@ -36,7 +36,7 @@ import torch
 
 from headwise.ops.attention.blockwise.function import backward_groups, forward_groups
 from headwise.ops.attention.blockwise.heads import head_passes
-from headwise.ops.attention.dropout import Dropout, from_int64, seed_tensor
+from headwise.ops.attention.dropout import NO_SEED, Dropout, from_int64, seed_tensor
 from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
 from headwise.ops.attention.pattern_keys import pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
@@ -175,8 +175,8 @@ def blockwise_operator(
     dropout: Dropout | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``headwise::blockwise_attention_fwd``, the non-finite rule applied."""
-    p, seed = (0.0, 0) if dropout is None else (dropout.p, dropout.seed)
+    p, seed = (0.0, NO_SEED) if dropout is None else (dropout.p, seed_tensor(dropout.seed))
     out, lse, _ = torch.ops.headwise.blockwise_attention_fwd(
-        q, k, v, bias, pattern_key(pattern), scale, block, p, seed_tensor(seed)
+        q, k, v, bias, pattern_key(pattern), scale, block, p, seed
     )
     return out, lse

@@ -33,6 +33,7 @@ import torch
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
 from headwise.ops.attention.dropout import (
+    NO_SEED,
     check_dropout,
     draw_seed_tensor,
     from_int64,
@@ -202,7 +203,7 @@ def native_attention(
             f"{not fixed_bias}, score_mod={score_mod is not None}"
         )
     p = check_dropout(dropout_p)
-    seed = seed_tensor(0 if p == 0 else draw_seed_tensor() if seed is None else seed)
+    seed = NO_SEED if p == 0 else seed_tensor(draw_seed_tensor() if seed is None else seed)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     table = None if relative is None else relative.table
     return torch.ops.headwise.native_attention_fwd(
