@@ -66,15 +66,16 @@ def assert_same_step_under_seed(eager, compiled, leaves, manual_seed):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", PATTERNS)
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_seedless_dropout_compiles_in_one_graph_and_matches_eager(backend, name):
+def test_seedless_dropout_compiles_in_one_graph_and_matches_eager(backend, name, dtype):
     pattern = PATTERNS[name]
 
     def run(q, k, v, seed=None):
         return attention(q, k, v, pattern, dropout_p=P_DROP, dropout_seed=seed, backend=backend)
 
-    q, k, v = inputs()
+    q, k, v = inputs(dtype=dtype)
     explained = torch._dynamo.explain(run)(q, k, v)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     # aot_eager traces what inductor would (dynamo + AOT autograd) and draws the seed from
