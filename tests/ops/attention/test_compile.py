@@ -107,15 +107,16 @@ def operator_cases():
     table = torch.randn(4, 5, 5, generator=gen)
     bias = torch.randn(4, 12, 12, generator=gen)
     half = tuple(t.bfloat16() for t in (q, k, v))
+    zero = torch.tensor(0)  # the seed tensor of calls without dropout
     return [
-        ((q, k, v, None, None, pattern_key(window), 0.3, 0.0, 0), "window"),
+        ((q, k, v, None, None, pattern_key(window), 0.3, 0.0, zero), "window"),
         (
-            (q, *kv, bias, None, pattern_key(P.per_head([window, P.causal()] * 2)), 0.5, 0.0, 0),
+            (q, *kv, bias, None, pattern_key(P.per_head([window, P.causal()] * 2)), 0.5, 0.0, zero),
             "gqa",
         ),
-        ((q, k, v, None, table, pattern_key(hood), 0.35, 0.0, 0), "table"),
-        ((q, k, v, None, None, pattern_key(window), 0.3, 0.25, -12345), "dropout"),
-        ((*half, None, None, pattern_key(window), 0.3, 0.0, 0), "bfloat16"),
+        ((q, k, v, None, table, pattern_key(hood), 0.35, 0.0, zero), "table"),
+        ((q, k, v, None, None, pattern_key(window), 0.3, 0.25, torch.tensor(-12345)), "dropout"),
+        ((*half, None, None, pattern_key(window), 0.3, 0.0, zero), "bfloat16"),
     ]
 
 

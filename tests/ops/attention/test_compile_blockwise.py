@@ -1,7 +1,7 @@
 """torch.compile over the blockwise backend: its custom operators (opcheck: schema, fake shapes,
 autograd registration) and a layer with ``backend="blockwise"`` compiled with
 ``fullgraph=True`` and 0 graph breaks, equal to eager forward and backward, with the non-finite
-rule and attention dropout."""
+rule and attention dropout; a ``score_mod`` call's plan built while tracing."""
 
 from __future__ import annotations
 
@@ -80,6 +80,27 @@ def test_compiled_dropout_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name", ["sliding_window", "documents", "per_head"])
+def test_score_mod_plan_is_built_while_tracing(name):
+    # a score_mod is traced (no operator input): its plan is a constant of the graph, so the
+    # planner's data-dependent steps break nothing (20 breaks for a window before); what breaks
+    # is the non-finite screen's branch
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 35, 4, 8, generator=gen) for _ in range(3))
+    pattern = PATTERNS[name]
+
+    def run(q, k, v):
+        mod = lambda s, b, h, i, j: s - 0.1 * (i - j).abs()  # noqa: E731
+        return attention(q, k, v, pattern, score_mod=mod, backend="blockwise")
+
+    with torch.no_grad():
+        explained = torch._dynamo.explain(run)(q, k, v)
+        assert explained.graph_break_count <= 1, explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(run, backend="aot_eager")
+        torch.testing.assert_close(compiled(q, k, v), run(q, k, v), atol=1e-6, rtol=1e-5)
+
+
 def operator_cases():
     """Operator arguments with the pattern in place of its key: keys are made in the test, as
     an eager call makes them (made at collection, they could make way for newer ones first)."""
@@ -90,13 +111,14 @@ def operator_cases():
     bias = torch.randn(4, 12, 12, generator=gen)
     strided_q = q.transpose(1, 2).contiguous().transpose(1, 2)
     stacked = P.per_head([P.sliding_window(3), P.causal()] * 2)
+    zero = torch.tensor(0)  # the seed tensor of calls without dropout
     return [
-        ((q, k, v, None, window, 0.3, 32, 0.0, 0), "window"),
-        ((q, *kv, bias, stacked, 0.5, 4, 0.0, 0), "gqa-bias"),
-        ((strided_q, *kv, bias, window, 0.5, 4, 0.0, 0), "stepwise"),
-        ((q, k, v, None, window, 0.3, 32, 0.25, -12345), "dropout"),
-        ((*(t.bfloat16() for t in (q, k, v)), None, window, 0.3, 32, 0.0, 0), "bf16"),
-        ((*(t.double() for t in (q, k, v)), None, window, 0.3, 32, 0.0, 0), "f64"),
+        ((q, k, v, None, window, 0.3, 32, 0.0, zero), "window"),
+        ((q, *kv, bias, stacked, 0.5, 4, 0.0, zero), "gqa-bias"),
+        ((strided_q, *kv, bias, window, 0.5, 4, 0.0, zero), "stepwise"),
+        ((q, k, v, None, window, 0.3, 32, 0.25, torch.tensor(-12345)), "dropout"),
+        ((*(t.bfloat16() for t in (q, k, v)), None, window, 0.3, 32, 0.0, zero), "bf16"),
+        ((*(t.double() for t in (q, k, v)), None, window, 0.3, 32, 0.0, zero), "f64"),
     ]
 
 

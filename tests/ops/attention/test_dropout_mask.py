@@ -1,10 +1,11 @@
 """The attention-dropout keep mask (headwise.ops.attention.dropout): the counter-based rule as
-written in its docstring, its keep rate, and blocks that agree with the whole mask."""
+written in its docstring, its keep rate, blocks that agree with the whole mask, and seeds given as
+0-d int64 tensors (the seeds of calls without ``dropout_seed``)."""
 
 import pytest
 import torch
 
-from headwise.ops.attention.dropout import check_dropout, draw_seed, keep_mask
+from headwise.ops.attention.dropout import check_dropout, draw_seed, draw_seed_tensor, keep_mask
 
 M64 = (1 << 64) - 1
 
@@ -63,8 +64,29 @@ def test_bad_probability(p):
         check_dropout(p)
 
 
+def test_tensor_seed_is_the_int_of_its_bits():
+    # a 0-d int64 tensor holds the seed's bits as an int64 (seeds from 2^63 are negative)
+    for seed in (0, 12345, (1 << 63) + 7, (1 << 64) - 1):
+        bits = torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed)
+        assert torch.equal(keep_mask(bits, 0.3, 2, 3, 5, 7), keep_mask(seed, 0.3, 2, 3, 5, 7))
+
+
+def test_draw_seed_tensor_is_draw_seeds_draw():
+    torch.manual_seed(4)
+    drawn = draw_seed_tensor()
+    state = torch.get_rng_state()
+    torch.manual_seed(4)
+    assert (drawn.shape, drawn.dtype) == ((), torch.int64)
+    assert draw_seed() == int(drawn)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_bad_seed():
     with pytest.raises(TypeError, match="seed"):
         keep_mask(1.5, 0.1, 1, 1, 2, 2)
     with pytest.raises(ValueError, match="seed"):
         keep_mask(-1, 0.1, 1, 1, 2, 2)
+    with pytest.raises(TypeError, match="seed must be int64; got torch"):
+        keep_mask(torch.tensor(1.0), 0.1, 1, 1, 2, 2)
+    with pytest.raises(ValueError, match="seed must be 0-d"):
+        keep_mask(torch.tensor([1]), 0.1, 1, 1, 2, 2)

@@ -19,7 +19,9 @@ Attention dropout (``dropout_p``) follows :mod:`headwise.ops.attention.dropout`:
 probabilities are multiplied by a keep mask ``Z / (1 - p)`` (the LSE stays the undropped one).
 ``native``, ``blockwise`` and ``reference`` draw ``Z`` from
 :func:`~headwise.ops.attention.dropout.keep_mask` with the call's seed (``dropout_seed``, else
-one drawn from torch's default generator, so ``torch.manual_seed`` fixes it); ``sdpa`` draws its
+one drawn from torch's default generator, so ``torch.manual_seed`` fixes it: a 0-d tensor,
+:func:`~headwise.ops.attention.dropout.draw_seed_tensor`, never read here, so that
+``torch.compile`` keeps the draw in its graph and draws a fresh seed every run); ``sdpa`` draws its
 own mask from torch's generator (another mask than ``keep_mask``'s, with the same keep rate; on
 CPU the very mask eager attention's ``F.dropout`` draws from the same generator state) and so
 serves no call with a
@@ -34,7 +36,7 @@ from headwise._checks import check_bool
 from headwise.ops.attention.autotune import Call
 from headwise.ops.attention.backends import BACKENDS
 from headwise.ops.attention.dispatch import Explanation, choose
-from headwise.ops.attention.dropout import Dropout, draw_seed
+from headwise.ops.attention.dropout import Dropout, draw_seed_tensor
 from headwise.ops.attention.nonfinite import has_non_finite, run_poisoned
 from headwise.ops.attention.problem import check_problem, check_scale, hides_keys
 from headwise.ops.attention.varlen import seqlens_from_cu
@@ -93,7 +95,7 @@ def attention(
     if problem.dropout_p > 0:
         seed = dropout_seed
         if seed is None and not chosen.draws_own_mask:
-            seed = draw_seed()
+            seed = draw_seed_tensor()
         dropout = Dropout(problem.dropout_p, seed)
     if (
         not chosen.screens_non_finite

@@ -19,6 +19,11 @@ counter-based generator in the spirit of Philox (Salmon et al., 2011):
 
 The C tile kernel implements the same function; tests check the two agree bit for bit. A call
 carries its dropout to a backend as a :class:`Dropout` (``p`` and the call's ``seed``).
+
+A seed is an int, or a 0-d int64 tensor holding the seed's bits as an int64 (:func:`to_int64`).
+A call given no seed draws it as a tensor (:func:`draw_seed_tensor`): ``torch.compile`` traces
+the draw into the graph (a fresh seed per run) instead of breaking the graph on ``.item()``; the
+custom operators take the tensor as an input and read it only in their real implementations.
 """
 
 from __future__ import annotations
@@ -76,12 +81,38 @@ def check_seed(seed: object, name: str = "seed") -> int:
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """A fresh 62-bit seed from ``generator`` (torch's default CPU generator when ``None``), so
-    ``torch.manual_seed`` fixes the masks."""
-    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=generator))
+    ``torch.manual_seed`` fixes the masks: the int of :func:`draw_seed_tensor`."""
+    return int(draw_seed_tensor(generator))
+
+
+def draw_seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`draw_seed`'s draw (the same number from the same generator, one draw) as a 0-d
+    int64 tensor, without reading it: ``torch.compile`` keeps the draw in its graph."""
+    return torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=generator)
+
+
+#: the ``seed`` input of operator calls without dropout (never read; one tensor, made once)
+NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """``seed`` as the 0-d int64 tensor of the custom operators' ``seed`` input (an int's bits as
+    an int64, :func:`to_int64`; a tensor as it is)."""
+    if isinstance(seed, torch.Tensor):
+        return _check_seed_tensor(seed)
+    return torch.tensor(to_int64(check_seed(seed)), dtype=torch.int64)
+
+
+def _check_seed_tensor(seed: torch.Tensor) -> torch.Tensor:
+    if seed.dtype != torch.int64:
+        raise ArgumentTypeError(f"a tensor seed must be int64; got {seed.dtype}")
+    if seed.dim() != 0:
+        raise ValueError(f"a tensor seed must be 0-d; got shape {tuple(seed.shape)}")
+    return seed
 
 
 def keep_mask(
-    seed: int,
+    seed: int | torch.Tensor,
     p: float,
     batch: int,
     heads: int,
@@ -95,8 +126,12 @@ def keep_mask(
 ) -> torch.Tensor:
     """The keep mask ``Z`` ``(batch, len(head_ids), len(rows), len(keys))`` (bool) of a call with
     these sizes; ``rows``/``keys``/``head_ids`` pick query rows, key positions and query heads
-    (all when ``None``), so a block of the mask is generated without the rest."""
-    check_seed(seed)
+    (all when ``None``), so a block of the mask is generated without the rest. ``seed``: an int
+    or a 0-d int64 tensor of its bits (module docstring), read by tensor arithmetic only."""
+    if isinstance(seed, torch.Tensor):
+        start = _check_seed_tensor(seed)  # 0-d: it meets tensors on any device
+    else:
+        start = to_int64(check_seed(seed))
     cut = threshold(p)
     sizes = [
         check_int(name, value, minimum=0)
@@ -114,7 +149,7 @@ def keep_mask(
     h = _positions(head_ids, heads, device)
     counter = (b.view(-1, 1, 1, 1) * heads + h.view(1, -1, 1, 1)) * q_len + i.view(1, 1, -1, 1)
     counter = counter * kv_len + j.view(1, 1, 1, -1)
-    z = to_int64(seed) + (counter + 1) * to_int64(_GOLDEN)
+    z = start + (counter + 1) * to_int64(_GOLDEN)
     z = (z ^ _shift(z, 30)) * to_int64(_MIX1)
     z = (z ^ _shift(z, 27)) * to_int64(_MIX2)
     z = z ^ _shift(z, 31)
@@ -132,11 +167,11 @@ def _positions(index, length: int, device) -> torch.Tensor:
 @dataclass(frozen=True)
 class Dropout:
     """The dropout of one attention call, as backends receive it: rate ``p`` in ``(0, 1)`` and
-    the call's ``seed`` of :func:`keep_mask` (``None`` for ``sdpa``, which draws its own mask
-    from torch's generator)."""
+    the call's ``seed`` of :func:`keep_mask`, an int or a 0-d int64 tensor (``None`` for
+    ``sdpa``, which draws its own mask from torch's generator)."""
 
     p: float
-    seed: int | None
+    seed: int | torch.Tensor | None
 
     def weights(
         self,

@@ -36,7 +36,10 @@ number of threads; on the step-by-step path they agree to a few ulps only.
 (``headwise::blockwise_attention_fwd``, its backward ``headwise::blockwise_attention_bwd``), so a
 model compiles into one graph with ``fullgraph=True``; the plan is built inside the operator, as
 in eager calls, and the non-finite rule is applied there too. A ``score_mod`` (a Python function)
-runs through an autograd Function instead, which dynamo breaks the graph around.
+runs through an autograd Function instead, its plan built while tracing (a constant of the
+graph): without gradients the groups are traced, and the non-finite screen's branch is the one
+break; with gradients dynamo runs the Function eagerly (its backward, score_mod's local
+autograd, is not traceable), one more break.
 
 Files, in reading order (the oracle is :mod:`headwise.ops.attention.reference`):
 ``plan.py`` (plan structures and the planner), ``fused.py`` (the fused CPU kernel path),

@@ -201,9 +201,9 @@ def dropout_blocks(dropout, q, k, heads):
 
 
 def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
-    """Tensors requiring grad that ``fn`` closes over (e.g. learnable ALiBi slopes or a relative
-    position table), including the parameters of a captured ``nn.Module``. Their gradients are
-    computed block by block in the backward pass."""
+    """Tensors requiring grad that ``fn`` closes over or names as globals (e.g. learnable ALiBi
+    slopes or a relative position table), including the parameters of such an ``nn.Module``.
+    Their gradients are computed block by block in the backward pass."""
     if fn is None:
         return ()
     found: dict[int, torch.Tensor] = {}
@@ -213,6 +213,8 @@ def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
             owners.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
+    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+    owners += [names[name] for name in (code.co_names if code else ()) if name in names]
     for owner in owners:
         if isinstance(owner, torch.Tensor):
             tensors = [owner]

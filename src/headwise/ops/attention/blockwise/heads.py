@@ -39,11 +39,14 @@ def group_heads(
     return tuple((p, tuple(heads)) for p, heads in groups.items())
 
 
+@torch.compiler.assume_constant_result
 def head_passes(
     pattern: Pattern | None, q_len: int, kv_len: int, block: int
 ) -> tuple[tuple[Pattern | None, tuple[int, ...] | None], ...]:
     """``((pattern, heads), ...)``: one pass per distinct pattern of :func:`group_heads`, each
-    skipping its own empty blocks, or ``((pattern, None),)``: one pass over every head."""
+    skipping its own empty blocks, or ``((pattern, None),)``: one pass over every head.
+    ``torch.compile`` runs it while tracing, its result a constant of the graph (as
+    :func:`~.plan.plan_for`)."""
     groups = group_heads(pattern, q_len, kv_len, block)
     return ((pattern, None),) if groups is None else groups
 

@@ -21,8 +21,11 @@ they are, and the graph grows with the number of groups.
 
 Inputs are ``(B, L, H, D)`` tensors of any dtype and device the blockwise path serves; ``bias``
 is optional and gets its gradient when it requires one; attention dropout is ``(dropout_p,
-seed)`` (:class:`~headwise.ops.attention.dropout.Dropout`). The backward pass is hand-written and
-not differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupported`.
+seed)`` (:class:`~headwise.ops.attention.dropout.Dropout`), the seed a 0-d int64 tensor input,
+saved for the backward pass and read only in the operators' implementations, so a seed drawn in a
+compiled graph (:func:`~headwise.ops.attention.dropout.draw_seed_tensor`) never breaks it. The
+backward pass is hand-written and not differentiable: ``create_graph=True`` raises
+:class:`headwise._checks.Unsupported`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from headwise.ops.attention.blockwise.function import backward_groups, forward_groups
 from headwise.ops.attention.blockwise.heads import head_passes
-from headwise.ops.attention.dropout import Dropout, from_int64, to_int64
+from headwise.ops.attention.dropout import NO_SEED, Dropout, from_int64, seed_tensor
 from headwise.ops.attention.nonfinite import has_non_finite, poisoned_rows, run_poisoned
 from headwise.ops.attention.pattern_keys import pattern_key, pattern_of
 from headwise.ops.attention.problem import hides_keys, refuse_double_backward
@@ -44,11 +47,11 @@ from headwise.patterns import Pattern
 def _runner(key, q, k, block, dropout_p, seed):
     """``(pattern, run, dropout)``: ``run`` is a backend's ``run`` (for :mod:`..nonfinite`) over
     :func:`.function.forward_groups` with the pattern's head groups; ``dropout`` ``None`` when
-    ``dropout_p`` is 0."""
+    ``dropout_p`` is 0 (``seed``: the operator's 0-d int64 tensor, read here)."""
     pattern = pattern_of(key)
     groups = head_passes(pattern, q.shape[1], k.shape[1], block)
-    # the operator's int is int64: seeds at or above 2^63 travel as their two's complement
-    dropout = Dropout(dropout_p, from_int64(seed)) if dropout_p > 0 else None
+    # the seed tensor is int64: seeds at or above 2^63 travel as their two's complement
+    dropout = Dropout(dropout_p, from_int64(int(seed))) if dropout_p > 0 else None
 
     def run(q, k, v, _pattern, scale, bias, _score_mod, dropout):
         return forward_groups(q, k, v, bias, groups, scale, None, block, dropout)
@@ -66,7 +69,7 @@ def _forward(
     scale: float,
     block: int,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out (B, Lq, H, Dv) in q's dtype, lse (B, H, Lq) float32, float64 for float64,
     screened)``: ``screened`` (a bool scalar) tells the backward pass whether the non-finite rule
@@ -103,7 +106,7 @@ def _backward(
     scale: float,
     block: int,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dbias)`` of :func:`_forward` (``dbias`` empty unless ``bias_grad``).
@@ -141,19 +144,19 @@ def _(grad_out, grad_lse, q, k, v, bias, out, lse, screened, key, scale, block, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, key, scale, block, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, bias, *output)
-    ctx.pattern, ctx.params = pattern_of(key), (scale, block, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, bias, *output, seed)
+    ctx.pattern, ctx.params = pattern_of(key), (scale, block, dropout_p)
 
 
 def _gradients(ctx, grad_out, grad_lse, _):
     refuse_double_backward("the 'blockwise' backend")
-    q, k, v, bias, out, lse, screened = ctx.saved_tensors
+    q, k, v, bias, out, lse, screened, seed = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     bias = None if bias is None else bias.detach()
     # the key again: an eager call's key may have made way for newer patterns since
     key = pattern_key(ctx.pattern)
     dq, dk, dv, d_bias = torch.ops.headwise.blockwise_attention_bwd(
-        grad_out, grad_lse, q, k, v, bias, out, lse, screened, key, *ctx.params, bias_grad
+        grad_out, grad_lse, q, k, v, bias, out, lse, screened, key, *ctx.params, seed, bias_grad
     )
     return dq, dk, dv, d_bias if bias_grad else None, None, None, None, None, None
 
@@ -172,8 +175,7 @@ def blockwise_operator(
     dropout: Dropout | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``headwise::blockwise_attention_fwd``, the non-finite rule applied."""
-    p, seed = (0.0, 0) if dropout is None else (dropout.p, dropout.seed)
-    seed = to_int64(seed)  # the operator's int
+    p, seed = (0.0, NO_SEED) if dropout is None else (dropout.p, seed_tensor(dropout.seed))
     out, lse, _ = torch.ops.headwise.blockwise_attention_fwd(
         q, k, v, bias, pattern_key(pattern), scale, block, p, seed
     )

@@ -19,7 +19,9 @@ kernel in place, one pass over each tensor's bits. The backward pass is hand-wri
 differentiable: ``create_graph=True`` raises :class:`headwise._checks.Unsupported`. bfloat16 and
 float16 inputs are read by the kernel as they are (gradients accumulate in float32 and are rounded
 once); attention dropout (``dropout_p`` > 0) regenerates its keep mask in the backward pass from
-the seed (:mod:`headwise.ops.attention.dropout`).
+the seed (:mod:`headwise.ops.attention.dropout`). The seed is a 0-d int64 tensor input, saved for
+the backward pass and read only in the operators' implementations: a seed drawn in a compiled
+graph (:func:`~headwise.ops.attention.dropout.draw_seed_tensor`) never breaks it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ import torch
 
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
-from headwise.ops.attention.dropout import check_dropout, draw_seed, from_int64, to_int64
+from headwise.ops.attention.dropout import (
+    NO_SEED,
+    check_dropout,
+    draw_seed_tensor,
+    from_int64,
+    seed_tensor,
+)
 from headwise.ops.attention.mods import RelativePositionTable, relative_position_of
 from headwise.ops.attention.native.build import available
 from headwise.ops.attention.native.call import (
@@ -51,14 +59,14 @@ def _runner(key, q, k, bias, table, scale, dropout_p, seed):
     lse)`` (a backend's ``run`` for :mod:`..nonfinite`, which passes ``dropout`` ``None`` for its
     weight pass) and :func:`.call.tiles_backward` on the kernel with the pattern's head groups,
     the table, the bias and ``dropout``: ``(dropout_p, seed)``, ``None`` when ``dropout_p`` is
-    0."""
+    0 (``seed``: the operator's 0-d int64 tensor, read here)."""
     pattern = pattern_of(key)
     passes = head_passes(pattern, q.shape[1], k.shape[1], DEFAULT_BLOCK)
     groups = [(p or full(), heads) for p, heads in passes]
     relative = None if table is None else RelativePositionTable(pattern, table)
 
-    # the operator's int is int64: seeds at or above 2^63 travel as their two's complement
-    dropout = (dropout_p, from_int64(seed)) if dropout_p > 0 else None
+    # the seed tensor is int64: seeds at or above 2^63 travel as their two's complement
+    dropout = (dropout_p, from_int64(int(seed))) if dropout_p > 0 else None
 
     def run(q, k, v, _pattern=None, _scale=None, _bias=None, _mod=None, dropout=dropout):
         return tiles_forward(q, k, v, groups, scale, relative=relative, bias=bias, dropout=dropout)
@@ -80,7 +88,7 @@ def _forward(
     pattern_key: str,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Lq, H, Dv), lse (B, H, Lq))`` of ``(B, L, H, D)`` inputs (float32, bfloat16
     or float16; ``out`` in their dtype, ``lse`` float32)."""
@@ -111,7 +119,7 @@ def _backward(
     pattern_key: str,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dtable)`` of :func:`_forward` (``dtable`` empty without a table). Under
     the non-finite rule the backward is that of the clean inputs with the poisoned rows' output
@@ -142,18 +150,18 @@ def _(grad_out, grad_lse, q, k, v, bias, table, out, lse, pattern_key, scale, dr
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, table, key, scale, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, bias, table, *output)
-    ctx.pattern, ctx.scale, ctx.dropout = pattern_of(key), scale, (dropout_p, seed)
+    ctx.save_for_backward(q, k, v, bias, table, *output, seed)
+    ctx.pattern, ctx.scale, ctx.dropout_p = pattern_of(key), scale, dropout_p
 
 
 def _gradients(ctx, grad_out, grad_lse):
     refuse_double_backward("the 'native' backend")
-    q, k, v, bias, table, out, lse = ctx.saved_tensors
+    q, k, v, bias, table, out, lse, seed = ctx.saved_tensors
     bias = None if bias is None else bias.detach()
     # the key again: an eager call's key may have made way for newer patterns since
     key = intern(ctx.pattern, pin=False)
     dq, dk, dv, d_table = torch.ops.headwise.native_attention_bwd(
-        grad_out, grad_lse, q, k, v, bias, table, out, lse, key, ctx.scale, *ctx.dropout
+        grad_out, grad_lse, q, k, v, bias, table, out, lse, key, ctx.scale, ctx.dropout_p, seed
     )
     return dq, dk, dv, None, None if table is None else d_table, None, None, None, None
 
@@ -171,7 +179,7 @@ def native_attention(
     bias: torch.Tensor | None = None,
     score_mod: ScoreMod | None = None,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (B, Lq, H, Dv), lse (B, H, Lq))`` of CPU ``(B, L, H, D)`` inputs of one
     dtype (float32, bfloat16 or float16; ``out`` in it, ``lse`` float32) on headwise's C tile
@@ -179,9 +187,10 @@ def native_attention(
     ``score_mod`` but a relative-position table of the pattern. Applies the non-finite rule of
     :func:`headwise.ops.attention.attention` itself. ``dropout_p``: attention dropout on the
     normalized probabilities with the keep mask
-    :func:`~headwise.ops.attention.dropout.keep_mask` of ``seed`` (``None``: drawn from torch's
-    default generator by :func:`~headwise.ops.attention.dropout.draw_seed`, so
-    ``torch.manual_seed`` fixes it); 0 is exactly no dropout."""
+    :func:`~headwise.ops.attention.dropout.keep_mask` of ``seed`` (an int or a 0-d int64 tensor;
+    ``None``: drawn from torch's default generator by
+    :func:`~headwise.ops.attention.dropout.draw_seed_tensor`, so ``torch.manual_seed`` fixes it);
+    0 is exactly no dropout."""
     relative = relative_position_of(score_mod, pattern)
     plain_mod = score_mod is None or relative is not None
     fixed_bias = bias is None or not (bias.requires_grad and torch.is_grad_enabled())
@@ -194,8 +203,7 @@ def native_attention(
             f"{not fixed_bias}, score_mod={score_mod is not None}"
         )
     p = check_dropout(dropout_p)
-    seed = 0 if p == 0 else draw_seed() if seed is None else seed
-    seed = to_int64(seed)  # the operator's int
+    seed = NO_SEED if p == 0 else seed_tensor(draw_seed_tensor() if seed is None else seed)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     table = None if relative is None else relative.table
     return torch.ops.headwise.native_attention_fwd(
