@@ -111,6 +111,30 @@ def test_layer_with_dropout_compiles_in_train_mode(backend):
     assert torch.equal(layer.eval()(x), compiled(x))  # no dropout in eval()
 
 
+@pytest.mark.skipif(not available(), reason="native kernel not built")
+def test_causal_layer_with_dropout_compiles_through_auto():
+    # the common training case: causal attention with dropout. While tracing, auto passes over
+    # sdpa (its dropout path looks for non-finite values in Python: fullgraph=True failed) and
+    # takes native, whose seed is drawn in the graph; the same step as eager on native
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, pattern=P.causal(), dropout=0.1).train()
+    x = torch.randn(2, 23, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    grad = torch.randn(2, 23, 16)
+    results = []
+    for backend, run in (("native", layer), ("auto", compiled)):
+        layer.backend = backend
+        torch.manual_seed(5)
+        x_leaf = x.clone().requires_grad_()
+        out = run(x_leaf)
+        results.append((out, torch.autograd.grad(out, [x_leaf, *layer.parameters()], grad)))
+    (eager, g_eager), (done, g_done) = results
+    assert torch.equal(done, eager)
+    for a, b in zip(g_done, g_eager):
+        assert torch.equal(a, b)
+    assert not torch.equal(compiled(x), compiled(x))
+
+
 @pytest.mark.parametrize("backend", ["reference", *BACKEND_NAMES])
 def test_eager_seedless_mask_is_that_of_the_generators_int(backend):
     # the golden check: a call without dropout_seed takes the mask of the int that one draw of
