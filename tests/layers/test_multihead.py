@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import headwise.patterns as P
 from headwise.layers.multihead import KVCache, MultiHeadAttention, apply_rotary
 from headwise.patterns import per_head, sinks, sliding_window
 
@@ -304,3 +305,20 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_effective_pattern_follows_assignments():
+    # built once per assignment of pattern or causal (the constructor builds the first): the
+    # same object while nothing changes, a new one after a swap
+    window = P.sliding_window(3)
+    layer = MultiHeadAttention(8, 2, causal=True)
+    first = layer.effective_pattern()
+    assert first == P.causal() and layer.effective_pattern() is first
+    layer.pattern = window
+    assert layer.effective_pattern() == window & P.causal()
+    layer.causal = False
+    assert layer.effective_pattern() is window
+    layer.causal = True
+    assert layer.effective_pattern() == window & P.causal()
+    layer.pattern = None
+    assert layer.effective_pattern() == P.causal()

@@ -165,6 +165,7 @@ class SequenceAttention(nn.Module):
         self.rope_base = rope_base
         self.pattern = pattern
         self.causal = causal
+        self.effective_pattern()  # built here, before any compiled call
         self.scale = scale
         self.backend = backend
         self.dropout = dropout
@@ -267,11 +268,36 @@ class SequenceAttention(nn.Module):
         through ``hook_result``."""
         return self.hook_result(self.out_proj(z.flatten(-2)))
 
+    @property
+    def pattern(self) -> Pattern | None:
+        return self._pattern
+
+    @pattern.setter
+    def pattern(self, pattern: Pattern | None) -> None:
+        self._pattern = pattern
+        self._effective = None
+
+    @property
+    def causal(self) -> bool:
+        return self._causal
+
+    @causal.setter
+    def causal(self, causal: bool) -> None:
+        self._causal = causal
+        self._effective = None
+
     def effective_pattern(self) -> Pattern | None:
-        """The layer's pattern, intersected with ``patterns.causal()`` if ``causal``."""
+        """The layer's pattern, intersected with ``patterns.causal()`` if ``causal``: built once
+        per assignment of ``pattern`` or ``causal`` (the constructor builds the first), so a
+        compiled forward gets a pattern built before the traced code runs, which reaches the
+        attention operators without a graph break."""
         if not self.causal:
             return self.pattern
-        return patterns.causal() if self.pattern is None else self.pattern & patterns.causal()
+        if self._effective is None:
+            self._effective = (
+                patterns.causal() if self.pattern is None else self.pattern & patterns.causal()
+            )
+        return self._effective
 
     def attention_dropout(self) -> float:
         """The attention dropout rate of a call: ``dropout`` in training mode, 0 in ``eval()``."""

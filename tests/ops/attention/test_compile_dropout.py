@@ -112,12 +112,16 @@ def test_layer_with_dropout_compiles_in_train_mode(backend):
 
 
 @pytest.mark.skipif(not available(), reason="native kernel not built")
-def test_causal_layer_with_dropout_compiles_through_auto():
+@pytest.mark.parametrize("how", ["pattern", "flag"])
+def test_causal_layer_with_dropout_compiles_through_auto(how):
     # the common training case: causal attention with dropout. While tracing, auto passes over
     # sdpa (its dropout path looks for non-finite values in Python: fullgraph=True failed) and
-    # takes native, whose seed is drawn in the graph; the same step as eager on native
+    # takes native, whose seed is drawn in the graph; the same step as eager on native. With
+    # causal=True the layer's causal pattern is built before the traced code (it was built in
+    # every forward: a pattern made while tracing breaks the graph at the operators' key)
     torch.manual_seed(0)
-    layer = MultiHeadAttention(16, 4, pattern=P.causal(), dropout=0.1).train()
+    causal = {"pattern": P.causal()} if how == "pattern" else {"causal": True}
+    layer = MultiHeadAttention(16, 4, **causal, dropout=0.1).train()
     x = torch.randn(2, 23, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     grad = torch.randn(2, 23, 16)
