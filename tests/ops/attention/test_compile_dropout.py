@@ -217,3 +217,46 @@ def test_inductor_draws_a_fresh_seed_per_call_and_matches_eager(tmp_path):
         torch.testing.assert_close(out, wanted)
         for a, b in zip(got, torch.autograd.grad(wanted, leaves, grad)):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow  # inductor's C++ build, from an empty cache: tens of seconds when loaded
+def test_inductor_keeps_the_mask_of_keep_mask_traced_in_python(tmp_path):
+    # keep_mask traced in Python (the reference backend, Combiner's explicit path, a patched
+    # hook_pattern): inductor folded the hash's wrapping int64 products into index arithmetic on
+    # Python ints, which gave other masks than eager (silently) or an OverflowError. While
+    # tracing it runs as the operator headwise::keep_mask: the eager code.
+    from headwise.ops.attention.dropout import keep_mask
+
+    torch.manual_seed(0)
+    seed = draw_seed_tensor()
+    x = torch.randn(2, 2, 18, 10)
+    leaves = [t.requires_grad_() for t in inputs()]
+
+    def masked(seed, x):
+        return x * keep_mask(seed, P_DROP, 2, 2, 19, 19, rows=slice(1, None), keys=slice(0, 19, 2))
+
+    def reference(q, k, v, seed):
+        run = BACKENDS["reference"].run
+        return run(q, k, v, PATTERNS["sliding_window"], 0.5, None, None, Dropout(P_DROP, seed))[0]
+
+    with fresh_cache(dir=str(tmp_path)):
+        got = torch.compile(masked, fullgraph=True)(seed, x)
+        out = torch.compile(reference)(*leaves, seed)  # its non-finite screen: one break
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad)
+    assert torch.equal(got, masked(seed, x))
+    wanted = reference(*leaves, int(seed))
+    torch.testing.assert_close(out, wanted)
+    for a, b in zip(grads, torch.autograd.grad(wanted, leaves, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_keep_mask_operator_opcheck():
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    h, i, j = torch.tensor([1]), torch.arange(2, 7), torch.arange(0, 9, 3)
+    args = (seed, 5_000_000, 2, 3, 7, 9, h, i, j)
+    torch.library.opcheck(torch.ops.headwise.keep_mask.default, args)
+    from headwise.ops.attention.dropout import keep_mask
+
+    wanted = keep_mask(123456789, 5_000_000 / 2**24, 2, 3, 7, 9, head_ids=h, rows=i, keys=j)
+    assert torch.equal(torch.ops.headwise.keep_mask(*args), wanted)

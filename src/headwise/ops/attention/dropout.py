@@ -145,8 +145,20 @@ def keep_mask(
     batch, heads, q_len, kv_len = sizes
     i = _positions(rows, q_len, device)
     j = _positions(keys, kv_len, device)
-    b = torch.arange(batch, device=device, dtype=torch.int64)
     h = _positions(head_ids, heads, device)
+    if torch.compiler.is_compiling():
+        # inductor folds the hash's wrapping int64 products into index arithmetic on Python
+        # ints: wrong masks, or an OverflowError in code generation. The operator runs the
+        # same eager code.
+        start = start if isinstance(start, torch.Tensor) else torch.tensor(start)
+        return torch.ops.headwise.keep_mask(start, cut, batch, heads, q_len, kv_len, h, i, j)
+    return _hashed(start, cut, batch, heads, q_len, kv_len, h, i, j)
+
+
+def _hashed(start, cut, batch, heads, q_len, kv_len, h, i, j) -> torch.Tensor:
+    """:func:`keep_mask` from its checked arguments: the seed as an int64 (or 0-d tensor), the
+    threshold, the sizes and the head, row and key positions."""
+    b = torch.arange(batch, device=i.device, dtype=torch.int64)
     counter = (b.view(-1, 1, 1, 1) * heads + h.view(1, -1, 1, 1)) * q_len + i.view(1, 1, -1, 1)
     counter = counter * kv_len + j.view(1, 1, 1, -1)
     z = start + (counter + 1) * to_int64(_GOLDEN)
@@ -154,6 +166,26 @@ def keep_mask(
     z = (z ^ _shift(z, 27)) * to_int64(_MIX2)
     z = z ^ _shift(z, 31)
     return _shift(z, 64 - UNIFORM_BITS) >= cut
+
+
+@torch.library.custom_op("headwise::keep_mask", mutates_args=())
+def _keep_mask_operator(
+    seed: torch.Tensor,
+    cut: int,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    h: torch.Tensor,
+    i: torch.Tensor,
+    j: torch.Tensor,
+) -> torch.Tensor:
+    return _hashed(seed, cut, batch, heads, q_len, kv_len, h, i, j)
+
+
+@_keep_mask_operator.register_fake
+def _(seed, cut, batch, heads, q_len, kv_len, h, i, j):
+    return i.new_empty((batch, h.shape[0], i.shape[0], j.shape[0]), dtype=torch.bool)
 
 
 def _positions(index, length: int, device) -> torch.Tensor:
