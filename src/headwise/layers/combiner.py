@@ -6,7 +6,6 @@ Shapes: activations ``(B, L, E)``, heads ``(B, L, H, D)``.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Literal
 
@@ -17,7 +16,7 @@ from headwise import patterns
 from headwise._checks import ArgumentTypeError, check_bool, check_choice, check_int, check_real
 from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
-from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed, keep_mask
+from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed_tensor, keep_mask
 from headwise.ops.attention.nonfinite import has_non_finite
 from headwise.types import Backend
 
@@ -28,6 +27,10 @@ Variant = Literal["fixed", "axial"]
 #: calls on ``native``, E = 64, H = 4, one thread: 0.83x at 0.25M logits (B=64, L=64, s=8),
 #: 0.94x at 0.5M (16, 256, 16), 1.29x at 2M (8, 1024, 32)
 EXPLICIT_LIMIT = 1 << 19
+
+# built once, outside any traced forward: a pattern made while torch.compile traces breaks the
+# graph at the attention operators' key
+_CAUSAL = patterns.causal()
 
 
 def _merge(
@@ -41,34 +44,36 @@ def _merge(
     return (w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_b.dtype)).to(out_a.dtype)
 
 
-@functools.lru_cache(maxsize=4)
-def _seen_entries(
-    batch: int, n: int, heads: int, s: int, causal: bool, device: torch.device
-) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """The joint logits ``(B, n, H, s, s + n)`` (``s`` wide when ``n = 1``) of
-    :meth:`CombinerAttention._fixed_explicit` that their query sees, as (flat position, counter)
-    pairs: the direct logits, then (``n > 1``) the region logits. A counter is the logit's flat
-    index in its attention call of :meth:`CombinerAttention._fixed`: direct ``(B n, H, s, s)``,
-    region ``(B, H, L, n)``. int32 (at most ``EXPLICIT_LIMIT`` logits)."""
+def _joint_keep_mask(
+    direct_seed: torch.Tensor,
+    region_seed: torch.Tensor,
+    p: float,
+    batch: int,
+    n: int,
+    heads: int,
+    s: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The keep mask of the joint logits ``(B, n, H, s, s + n)`` (``s`` wide when ``n = 1``) of
+    :meth:`CombinerAttention._fixed_explicit`: each logit takes the
+    :func:`~headwise.ops.attention.dropout.keep_mask` entry of its attention call in
+    :meth:`CombinerAttention._fixed`, at its flat index there (direct ``(B n, H, s, s)``, region
+    ``(B, H, L, n)``). Hidden logits get an entry too: their probability is 0 either way."""
     b, g, h, i = (
-        torch.arange(size, device=device).view([-1] + [1] * (3 - axis) + [1])
+        torch.arange(size, device=device).view([-1] + [1] * (4 - axis))
         for axis, size in enumerate((batch, n, heads, s))
     )
-    shape = (batch, n, heads, s)
-    row = (((b * n + g) * heads + h) * s + i) * (s + n if n > 1 else s)
-    j = torch.arange(s, device=device)
-    seen = (j <= i) if causal else torch.ones(s, dtype=torch.bool, device=device)
-    pairs = [(row + j, (((b * n + g) * heads + h) * s + i) * s + j, seen)]
+    direct = (((b * n + g) * heads + h) * s + i) * s + torch.arange(s, device=device)
+    calls = [(direct_seed, direct, batch * n * heads * s * s)]
     if n > 1:
-        r = torch.arange(n, device=device)
-        seen = (r < g) if causal else (r != g)
-        pairs.append((row + s + r, ((b * heads + h) * (n * s) + g * s + i) * n + r, seen))
-    out = []
-    for where, counter, visible in pairs:
-        full = (*shape, where.shape[-1])
-        mask = visible.expand(full)
-        out.append(tuple(t.expand(full)[mask].to(torch.int32) for t in (where, counter)))
-    return tuple(out)
+        region = ((b * heads + h) * (n * s) + g * s + i) * n + torch.arange(n, device=device)
+        calls.append((region_seed, region, batch * heads * n * s * n))
+    # keep_mask of each call flattened to one row of `size` keys: the counter is the key index
+    kept = [
+        keep_mask(seed, p, 1, 1, 1, size, keys=counter.flatten(), device=device).view(counter.shape)
+        for seed, counter, size in calls
+    ]
+    return torch.cat(kept, -1)
 
 
 class _SegmentMax(torch.autograd.Function):
@@ -248,7 +253,7 @@ class CombinerAttention(nn.Module):
             q.reshape(groups),
             k.reshape(groups),
             v.reshape(groups),
-            patterns.causal() if self.causal else None,
+            _CAUSAL if self.causal else None,
         )
         return out.reshape(b, length, h, d), lse.reshape(b, -1, h, width).permute(
             0, 2, 1, 3
@@ -281,11 +286,23 @@ class CombinerAttention(nn.Module):
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether the fixed variant takes :meth:`_fixed_explicit`: ``backend="auto"``, at most
         ``EXPLICIT_LIMIT`` joint logits, and finite ``q``, ``k``, ``v`` (a non-finite entry takes
-        the attention calls, which apply headwise's non-finite rule)."""
+        the attention calls, which apply headwise's non-finite rule).
+
+        While ``torch.compile`` traces, the graph cannot branch on values: the explicit path is
+        taken, and a non-finite ``q``, ``k`` or ``v`` raises a ``RuntimeError`` when the compiled
+        code runs instead of taking the calls."""
         b, length, h, _ = q.shape
         logits = b * h * length * (self.segment_len + length // self.segment_len)
         if self.backend != "auto" or logits > EXPLICIT_LIMIT:
             return False
+        if torch.compiler.is_compiling():
+            finite = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+            torch._assert_async(
+                finite,
+                "CombinerAttention compiled: q, k and v must be finite (eager calls apply the "
+                "non-finite rule of headwise.attention)",
+            )
+            return True
         return not has_non_finite(q, k, v)  # (a false alarm only costs the fast path)
 
     def _fixed_explicit(self, q, k, v):
@@ -301,7 +318,8 @@ class CombinerAttention(nn.Module):
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = d**-0.5 if self.scale is None else self.scale
         p = self.dropout if self.training else 0.0
-        seeds = [draw_seed() for _ in range(1 if n == 1 else 3)] if p > 0 else []
+        # 0-d tensors (the same draws as ints): torch.compile keeps the draws in its graph
+        seeds = [draw_seed_tensor() for _ in range(1 if n == 1 else 3)] if p > 0 else []
         segments = [t.view(b, n, s, h, d).to(dtype) for t in (q, k, v)]
         # (B, n, H, s, D): segment, head, position in the segment
         q_s, keys, values = (t.transpose(2, 3) for t in segments)
@@ -329,15 +347,8 @@ class CombinerAttention(nn.Module):
         )
         probs = torch.softmax(logits + hidden, -1)
         if p > 0:
-            # the keep mask only where a query sees the logit (elsewhere its probability is 0)
-            keep = probs.new_zeros(probs.numel())
-            sizes = (b * n * h * s * s, b * h * length * n)  # direct call, region call
-            entries = _seen_entries(b, n, h, s, self.causal, q.device)
-            for seed, size, (where, counter) in zip((seeds[0], seeds[-1]), sizes, entries):
-                # keep_mask of the call flattened to one row of `size` keys: counter = index
-                kept = keep_mask(seed, p, 1, 1, 1, size, keys=counter, device=q.device)
-                keep[where] = kept.flatten().to(dtype) * (1 / (1 - p))
-            probs = probs * keep.view(probs.shape)
+            keep = _joint_keep_mask(seeds[0], seeds[-1], p, b, n, h, s, q.device)
+            probs = probs * (keep.to(dtype) * (1 / (1 - p)))
         out = probs @ values  # (B, n, H, s, D)
         return out.transpose(2, 3).reshape(b, length, h, d).to(q.dtype)
 
@@ -380,7 +391,7 @@ class CombinerAttention(nn.Module):
         q_c, k_c, v_c = by_column(q), by_column(k_bar), by_column(row_out)
         if self.causal:
             # Rows 0..R-2 as keys with bottom-right causal alignment: query row r sees r' < r.
-            region, region_lse = self._attend(q_c, k_c[:, :-1], v_c[:, :-1], patterns.causal())
+            region, region_lse = self._attend(q_c, k_c[:, :-1], v_c[:, :-1], _CAUSAL)
         else:
             diagonal = torch.eye(rows, dtype=torch.bool, device=q.device)
             hide = torch.zeros(rows, rows, dtype=q.dtype, device=q.device)

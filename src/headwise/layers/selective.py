@@ -18,6 +18,10 @@ from headwise.ops.attention import attention
 from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
+# built once, outside any traced forward: a pattern made while torch.compile traces breaks the
+# graph at the attention operators' key
+_CAUSAL = patterns.causal()
+
 
 class SelectiveMultiHeadAttention(nn.Module):
     """Heads as experts: each head attends over, and writes back to, only the tokens routed to it.
@@ -154,7 +158,7 @@ class SelectiveMultiHeadAttention(nn.Module):
             q,
             k,
             v,
-            patterns.causal() if self.causal else None,
+            _CAUSAL if self.causal else None,
             scale=self.scale,
             bias=bias,
             backend=self.backend,
