@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from headwise.layers import CombinerAttention, MultiHeadAttention, SelectiveMultiHeadAttention
+from headwise.layers.combiner import _joint_keep_mask, _seen_entries
 from headwise.layers.moa import MoAAttention, MoASpan
 from headwise.layers.s2 import S2Attention, S2Pattern
+from headwise.ops.attention.dropout import keep_mask
 from headwise.ops.attention.native import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="native tile kernel not built")
@@ -133,3 +135,19 @@ def test_pattern_reprs_are_the_dataclass_text():
         "MoASpan(alpha=inf, beta=0.25, block=64, sink_size=64, min_cache=128, extra_tokens=0, "
         "length=7)"
     )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_compiled_combiner_keep_mask_is_the_eager_one(n, causal):
+    # the compiled path keeps every logit (static shapes), eager only the seen ones: the same
+    # entries where a query sees the logit
+    batch, heads, s, p = 2, 3, 4, 0.3
+    seeds = torch.tensor(11), torch.tensor(1 << 61)
+    full = _joint_keep_mask(*seeds, p, batch, n, heads, s, torch.device("cpu")).flatten()
+    sizes = (batch * n * heads * s * s, batch * heads * n * s * n)
+    entries = _seen_entries(batch, n, heads, s, causal, torch.device("cpu"))
+    for seed, size, (where, counter) in zip(seeds, sizes, entries):
+        kept = keep_mask(seed, p, 1, 1, 1, size, keys=counter).flatten()
+        assert torch.equal(full[where.long()], kept)
+    assert len(entries) == (1 if n == 1 else 2)

@@ -6,6 +6,7 @@ Shapes: activations ``(B, L, E)``, heads ``(B, L, H, D)``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Literal
 
@@ -44,6 +45,36 @@ def _merge(
     return (w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_b.dtype)).to(out_a.dtype)
 
 
+@functools.lru_cache(maxsize=4)
+def _seen_entries(
+    batch: int, n: int, heads: int, s: int, causal: bool, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The joint logits ``(B, n, H, s, s + n)`` (``s`` wide when ``n = 1``) of
+    :meth:`CombinerAttention._fixed_explicit` that their query sees, as (flat position, counter)
+    pairs: the direct logits, then (``n > 1``) the region logits. A counter is the logit's flat
+    index in its attention call of :meth:`CombinerAttention._fixed`: direct ``(B n, H, s, s)``,
+    region ``(B, H, L, n)``. int32 (at most ``EXPLICIT_LIMIT`` logits)."""
+    b, g, h, i = (
+        torch.arange(size, device=device).view([-1] + [1] * (3 - axis) + [1])
+        for axis, size in enumerate((batch, n, heads, s))
+    )
+    shape = (batch, n, heads, s)
+    row = (((b * n + g) * heads + h) * s + i) * (s + n if n > 1 else s)
+    j = torch.arange(s, device=device)
+    seen = (j <= i) if causal else torch.ones(s, dtype=torch.bool, device=device)
+    pairs = [(row + j, (((b * n + g) * heads + h) * s + i) * s + j, seen)]
+    if n > 1:
+        r = torch.arange(n, device=device)
+        seen = (r < g) if causal else (r != g)
+        pairs.append((row + s + r, ((b * heads + h) * (n * s) + g * s + i) * n + r, seen))
+    out = []
+    for where, counter, visible in pairs:
+        full = (*shape, where.shape[-1])
+        mask = visible.expand(full)
+        out.append(tuple(t.expand(full)[mask].to(torch.int32) for t in (where, counter)))
+    return tuple(out)
+
+
 def _joint_keep_mask(
     direct_seed: torch.Tensor,
     region_seed: torch.Tensor,
@@ -58,7 +89,8 @@ def _joint_keep_mask(
     :meth:`CombinerAttention._fixed_explicit`: each logit takes the
     :func:`~headwise.ops.attention.dropout.keep_mask` entry of its attention call in
     :meth:`CombinerAttention._fixed`, at its flat index there (direct ``(B n, H, s, s)``, region
-    ``(B, H, L, n)``). Hidden logits get an entry too: their probability is 0 either way."""
+    ``(B, H, L, n)``). Hidden logits get an entry too (their probability is 0 either way): the
+    static-shape form, for torch.compile, of the entries :func:`_seen_entries` picks."""
     b, g, h, i = (
         torch.arange(size, device=device).view([-1] + [1] * (4 - axis))
         for axis, size in enumerate((batch, n, heads, s))
@@ -346,9 +378,20 @@ class CombinerAttention(nn.Module):
             ~self._visible(n, q.device), float("-inf")
         )
         probs = torch.softmax(logits + hidden, -1)
-        if p > 0:
+        if p > 0 and torch.compiler.is_compiling():
+            # static shapes for the graph: an entry for every logit (about twice the hashing)
             keep = _joint_keep_mask(seeds[0], seeds[-1], p, b, n, h, s, q.device)
             probs = probs * (keep.to(dtype) * (1 / (1 - p)))
+        elif p > 0:
+            # the keep mask only where a query sees the logit (elsewhere its probability is 0)
+            keep = probs.new_zeros(probs.numel())
+            sizes = (b * n * h * s * s, b * h * length * n)  # direct call, region call
+            entries = _seen_entries(b, n, h, s, self.causal, q.device)
+            for seed, size, (where, counter) in zip((seeds[0], seeds[-1]), sizes, entries):
+                # keep_mask of the call flattened to one row of `size` keys: counter = index
+                kept = keep_mask(seed, p, 1, 1, 1, size, keys=counter, device=q.device)
+                keep[where] = kept.flatten().to(dtype) * (1 / (1 - p))
+            probs = probs * keep.view(probs.shape)
         out = probs @ values  # (B, n, H, s, D)
         return out.transpose(2, 3).reshape(b, length, h, d).to(q.dtype)
 
