@@ -22,6 +22,19 @@ pytestmark = pytest.mark.skipif(not available(), reason="native tile kernel not 
 LAYERS = {
     "combiner": lambda: CombinerAttention(32, 4, segment_len=8, causal=True, dropout=0.1),
     "combiner_one_segment": lambda: CombinerAttention(32, 4, segment_len=32, dropout=0.1),
+    # the attention calls (a named backend, or above EXPLICIT_LIMIT) and the axial variant
+    "combiner_calls": lambda: CombinerAttention(
+        32, 4, segment_len=8, dropout=0.1, backend="native"
+    ),
+    "combiner_calls_bidirectional": lambda: CombinerAttention(
+        32, 4, segment_len=8, causal=False, dropout=0.1, backend="native"
+    ),
+    "combiner_axial": lambda: CombinerAttention(
+        32, 4, segment_len=8, variant="axial", dropout=0.1, backend="native"
+    ),
+    "combiner_axial_bidirectional": lambda: CombinerAttention(
+        32, 4, segment_len=8, variant="axial", causal=False, dropout=0.1, backend="native"
+    ),
     "moa": lambda: MoAAttention(
         32,
         4,
@@ -76,8 +89,9 @@ def assert_same_seeded_step(layer, x):
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_compiles_in_one_graph_and_matches_eager(name, training):
     # Combiner drew its seeds with .item() and scattered its keep mask through a boolean index
-    # (a dynamic shape); MoA's and S2's patterns had the dataclass's generated repr, which auto's
-    # reasons call and dynamo skips: 2 to 4 graph breaks, and fullgraph=True failed
+    # (a dynamic shape), and its attention calls built their patterns in forward; MoA's and
+    # S2's patterns had the dataclass's generated repr, which auto's reasons call and dynamo
+    # skips: 2 to 4 graph breaks, and fullgraph=True failed
     torch.manual_seed(0)
     layer = LAYERS[name]().train(training)
     x = torch.randn(2, 32, 32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,6 +20,7 @@ from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
 from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed_tensor, keep_mask
 from headwise.ops.attention.nonfinite import has_non_finite
+from headwise.patterns import Pattern
 from headwise.types import Backend
 
 Variant = Literal["fixed", "axial"]
@@ -106,6 +108,39 @@ def _joint_keep_mask(
         for seed, counter, size in calls
     ]
     return torch.cat(kept, -1)
+
+
+@dataclass(frozen=True)
+class _Regions(Pattern):
+    """Combiner-Fixed's region call: query ``i`` sees the summary ``r`` of an earlier segment,
+    ``r < i // s`` (``causal``), or of every other segment, ``r != i // s``; the block-sparse
+    layout of ``(s, 1)`` blocks, for any length (built once per ``segment_len`` and ``causal``,
+    outside the code torch.compile traces)."""
+
+    segment_len: int
+    causal: bool
+
+    def __repr__(self) -> str:
+        return f"combiner_regions({self.segment_len!r}, causal={self.causal!r})"
+
+    def query_groups(self, q_len, size):
+        # the queries of one segment see the same summaries: never split a segment
+        rows = max(size, self.segment_len) // self.segment_len * self.segment_len
+        return super().query_groups(q_len, rows)
+
+    def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
+        segment = q_idx // self.segment_len
+        return kv_idx < segment if self.causal else kv_idx != segment
+
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        segment = q_idx // self.segment_len
+        if self.causal:
+            lo, hi = torch.zeros_like(segment)[..., None], segment[..., None]
+        else:
+            zero = torch.zeros_like(segment)
+            lo = torch.stack([zero, segment + 1], -1)
+            hi = torch.stack([segment, torch.full_like(segment, kv_len)], -1)
+        return lo.clamp(0, kv_len)[None], hi.clamp(0, kv_len)[None]
 
 
 class _SegmentMax(torch.autograd.Function):
@@ -218,6 +253,7 @@ class CombinerAttention(nn.Module):
         self.segment_len, self.variant, self.causal = segment_len, variant, causal
         self.scale, self.backend = scale, backend
         self.dropout = check_dropout(dropout, "dropout")
+        self._regions = _Regions(segment_len, causal)
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=bias)
         self.k_proj = nn.Linear(dim, inner, bias=bias)
@@ -308,12 +344,15 @@ class CombinerAttention(nn.Module):
             v_seg.reshape(b * n, s, h, d),
             lse=False,
         ).reshape(b, n, h, d)
-        earlier = torch.ones(n, n, dtype=torch.bool, device=q.device)
-        layout = earlier.tril(-1) if self.causal else ~torch.eye(n, dtype=torch.bool)
-        region, region_lse = self._attend(
-            q, k_bar, v_bar, patterns.block_sparse(layout.cpu(), (s, 1))
-        )
+        region, region_lse = self._attend(q, k_bar, v_bar, self._region_pattern())
         return _merge(direct, direct_lse, region, region_lse)
+
+    def _region_pattern(self) -> _Regions:
+        """The region call's pattern, rebuilt only when ``segment_len`` or ``causal`` changed
+        (the constructor builds the first)."""
+        if (self._regions.segment_len, self._regions.causal) != (self.segment_len, self.causal):
+            self._regions = _Regions(self.segment_len, self.causal)
+        return self._regions
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether the fixed variant takes :meth:`_fixed_explicit`: ``backend="auto"``, at most
