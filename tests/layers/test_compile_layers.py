@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from headwise.layers import CombinerAttention, MultiHeadAttention, SelectiveMultiHeadAttention
 from headwise.layers.combiner import _joint_keep_mask, _seen_entries
@@ -119,12 +120,38 @@ def test_selective_breaks_only_at_its_data_dependent_length():
     # the causal pattern is built once (it was built in every forward: a graph break at the
     # operators' key); what remains is the padded length max_h |S_h| read with .item(), a
     # data-dependent shape (slots of every (sequence, head), and the dropout counters, depend
-    # on it)
+    # on it), unless capture_scalar_outputs keeps it a symbol (the next test)
     torch.manual_seed(0)
     layer = SelectiveMultiHeadAttention(32, 4, dropout=0.1).train()
     graphs, breaks, reasons = explained(layer, torch.randn(2, 32, 32))
     assert (graphs, breaks) == (2, 1)
     assert "Tensor.item()" in reasons[0].reason
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_selective_compiles_in_one_graph_with_captured_scalars(causal, training):
+    # with capture_scalar_outputs the padded length stays a symbol, bounded by the layer's
+    # torch._check hints (without them fullgraph=True failed: data-dependent guards); one graph
+    # serves every routing
+    torch.manual_seed(0)
+    layer = SelectiveMultiHeadAttention(32, 4, causal=causal, dropout=0.1, backend="native")
+    layer.train(training)
+    x = torch.randn(2, 32, 32)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        graphs, breaks, reasons = explained(layer, x)
+        assert (graphs, breaks) == (1, 0), reasons
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = assert_same_seeded_step(layer, x)
+        # equal tokens all pick the same heads: a padded length of L (x's is less)
+        other = x[:, :1].expand(x.shape).clone().requires_grad_()
+        assert int(layer.route(other).sum(1).max()) != int(layer.route(x).sum(1).max())
+        torch.manual_seed(3)
+        eager = layer(other)
+        torch.manual_seed(3)
+        torch.testing.assert_close(compiled(other), eager, atol=1e-6, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_hooked_probabilities_with_dropout_compile():
