@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import headwise.patterns as P
 from conftest import assert_fa3_close
 from headwise.layers import combiner
 from headwise.layers.combiner import CombinerAttention
@@ -248,3 +249,32 @@ def test_segment_max_has_amax_gradient_with_ties():
     assert torch.equal(combiner._SegmentMax.apply(t), t.amax(2))
     torch.testing.assert_close(got, want)
     assert (got[0, 1, :3] != 0).all() and (got[0, 1, 3] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("n", "s"), [(1, 4), (2, 1), (5, 3), (4, 8)])
+def test_region_pattern_is_the_block_sparse_layout(n, s, causal):
+    """The region call's pattern, built once for any length, shows the keys of the block-sparse
+    layout of ``(s, 1)`` blocks it replaces (earlier or other segments); its key ranges too."""
+    layer = CombinerAttention(8, 2, segment_len=s, causal=causal)
+    regions = layer._region_pattern()
+    layout = torch.ones(n, n, dtype=torch.bool)
+    layout = layout.tril(-1) if causal else layout & ~torch.eye(n, dtype=torch.bool)
+    want = P.block_sparse(layout, (s, 1)).dense_mask(n * s, n)
+    assert torch.equal(regions.dense_mask(n * s, n), want)
+    lo, hi = regions._key_ranges(torch.arange(n * s), n * s, n)
+    keys = torch.arange(n)
+    seen = ((keys >= lo[..., None]) & (keys < hi[..., None])).any(-2)
+    assert torch.equal(seen, want)
+
+
+def test_region_pattern_follows_assignments():
+    """Built by the constructor, the same object while nothing changes, rebuilt after
+    ``segment_len`` or ``causal`` is assigned."""
+    layer = CombinerAttention(8, 2, segment_len=4)
+    first = layer._region_pattern()
+    assert layer._region_pattern() is first and first == combiner._Regions(4, True)
+    layer.causal = False
+    assert layer._region_pattern() == combiner._Regions(4, False)
+    layer.segment_len = 2
+    assert layer._region_pattern() == combiner._Regions(2, False)

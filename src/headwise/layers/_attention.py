@@ -20,7 +20,7 @@ from headwise._checks import Unsupported, check_bool, check_choice, check_int, c
 from headwise.hooks import HookPoint
 from headwise.layers._init import head_dim_of, reset_submodules
 from headwise.ops.attention import attention, attention_varlen
-from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed
+from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed_tensor
 from headwise.patterns import Pattern
 from headwise.patterns.base import check_pattern
 from headwise.types import Backend
@@ -346,7 +346,8 @@ class SequenceAttention(nn.Module):
             return None
         p = self.attention_dropout()
         if p > 0:  # the patched probabilities take the layer's dropout, as the core's would
-            keep = Dropout(p, draw_seed()).weights(*probs.shape, device=probs.device, dtype=dtype)
+            seed = draw_seed_tensor()  # (in the graph under torch.compile; the same draw)
+            keep = Dropout(p, seed).weights(*probs.shape, device=probs.device, dtype=dtype)
             probs = probs.to(dtype) * keep
         vh = v.transpose(1, 2).to(dtype).repeat_interleave(group, dim=1)
         return (probs.to(dtype) @ vh).transpose(1, 2).to(q.dtype)

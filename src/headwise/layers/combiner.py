@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,8 +18,9 @@ from headwise import patterns
 from headwise._checks import ArgumentTypeError, check_bool, check_choice, check_int, check_real
 from headwise.layers._init import check_input, head_dim_of, reset_submodules
 from headwise.ops.attention import attention
-from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed, keep_mask
+from headwise.ops.attention.dropout import Dropout, check_dropout, draw_seed_tensor, keep_mask
 from headwise.ops.attention.nonfinite import has_non_finite
+from headwise.patterns import Pattern
 from headwise.types import Backend
 
 Variant = Literal["fixed", "axial"]
@@ -28,6 +30,10 @@ Variant = Literal["fixed", "axial"]
 #: calls on ``native``, E = 64, H = 4, one thread: 0.83x at 0.25M logits (B=64, L=64, s=8),
 #: 0.94x at 0.5M (16, 256, 16), 1.29x at 2M (8, 1024, 32)
 EXPLICIT_LIMIT = 1 << 19
+
+# built once, outside any traced forward: a pattern made while torch.compile traces breaks the
+# graph at the attention operators' key
+_CAUSAL = patterns.causal()
 
 
 def _merge(
@@ -69,6 +75,72 @@ def _seen_entries(
         mask = visible.expand(full)
         out.append(tuple(t.expand(full)[mask].to(torch.int32) for t in (where, counter)))
     return tuple(out)
+
+
+def _joint_keep_mask(
+    direct_seed: torch.Tensor,
+    region_seed: torch.Tensor,
+    p: float,
+    batch: int,
+    n: int,
+    heads: int,
+    s: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The keep mask of the joint logits ``(B, n, H, s, s + n)`` (``s`` wide when ``n = 1``) of
+    :meth:`CombinerAttention._fixed_explicit`: each logit takes the
+    :func:`~headwise.ops.attention.dropout.keep_mask` entry of its attention call in
+    :meth:`CombinerAttention._fixed`, at its flat index there (direct ``(B n, H, s, s)``, region
+    ``(B, H, L, n)``). Hidden logits get an entry too (their probability is 0 either way): the
+    static-shape form, for torch.compile, of the entries :func:`_seen_entries` picks."""
+    b, g, h, i = (
+        torch.arange(size, device=device).view([-1] + [1] * (4 - axis))
+        for axis, size in enumerate((batch, n, heads, s))
+    )
+    direct = (((b * n + g) * heads + h) * s + i) * s + torch.arange(s, device=device)
+    calls = [(direct_seed, direct, batch * n * heads * s * s)]
+    if n > 1:
+        region = ((b * heads + h) * (n * s) + g * s + i) * n + torch.arange(n, device=device)
+        calls.append((region_seed, region, batch * heads * n * s * n))
+    # keep_mask of each call flattened to one row of `size` keys: the counter is the key index
+    kept = [
+        keep_mask(seed, p, 1, 1, 1, size, keys=counter.flatten(), device=device).view(counter.shape)
+        for seed, counter, size in calls
+    ]
+    return torch.cat(kept, -1)
+
+
+@dataclass(frozen=True)
+class _Regions(Pattern):
+    """Combiner-Fixed's region call: query ``i`` sees the summary ``r`` of an earlier segment,
+    ``r < i // s`` (``causal``), or of every other segment, ``r != i // s``; the block-sparse
+    layout of ``(s, 1)`` blocks, for any length (built once per ``segment_len`` and ``causal``,
+    outside the code torch.compile traces)."""
+
+    segment_len: int
+    causal: bool
+
+    def __repr__(self) -> str:
+        return f"combiner_regions({self.segment_len!r}, causal={self.causal!r})"
+
+    def query_groups(self, q_len, size):
+        # the queries of one segment see the same summaries: never split a segment
+        rows = max(size, self.segment_len) // self.segment_len * self.segment_len
+        return super().query_groups(q_len, rows)
+
+    def _allowed(self, h, q_idx, kv_idx, q_len, kv_len):
+        segment = q_idx // self.segment_len
+        return kv_idx < segment if self.causal else kv_idx != segment
+
+    def _key_ranges(self, q_idx, q_len, kv_len):
+        segment = q_idx // self.segment_len
+        if self.causal:
+            lo, hi = torch.zeros_like(segment)[..., None], segment[..., None]
+        else:
+            zero = torch.zeros_like(segment)
+            lo = torch.stack([zero, segment + 1], -1)
+            hi = torch.stack([segment, torch.full_like(segment, kv_len)], -1)
+        return lo.clamp(0, kv_len)[None], hi.clamp(0, kv_len)[None]
 
 
 class _SegmentMax(torch.autograd.Function):
@@ -181,6 +253,7 @@ class CombinerAttention(nn.Module):
         self.segment_len, self.variant, self.causal = segment_len, variant, causal
         self.scale, self.backend = scale, backend
         self.dropout = check_dropout(dropout, "dropout")
+        self._regions = _Regions(segment_len, causal)
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=bias)
         self.k_proj = nn.Linear(dim, inner, bias=bias)
@@ -248,7 +321,7 @@ class CombinerAttention(nn.Module):
             q.reshape(groups),
             k.reshape(groups),
             v.reshape(groups),
-            patterns.causal() if self.causal else None,
+            _CAUSAL if self.causal else None,
         )
         return out.reshape(b, length, h, d), lse.reshape(b, -1, h, width).permute(
             0, 2, 1, 3
@@ -271,21 +344,36 @@ class CombinerAttention(nn.Module):
             v_seg.reshape(b * n, s, h, d),
             lse=False,
         ).reshape(b, n, h, d)
-        earlier = torch.ones(n, n, dtype=torch.bool, device=q.device)
-        layout = earlier.tril(-1) if self.causal else ~torch.eye(n, dtype=torch.bool)
-        region, region_lse = self._attend(
-            q, k_bar, v_bar, patterns.block_sparse(layout.cpu(), (s, 1))
-        )
+        region, region_lse = self._attend(q, k_bar, v_bar, self._region_pattern())
         return _merge(direct, direct_lse, region, region_lse)
+
+    def _region_pattern(self) -> _Regions:
+        """The region call's pattern, rebuilt only when ``segment_len`` or ``causal`` changed
+        (the constructor builds the first)."""
+        if (self._regions.segment_len, self._regions.causal) != (self.segment_len, self.causal):
+            self._regions = _Regions(self.segment_len, self.causal)
+        return self._regions
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether the fixed variant takes :meth:`_fixed_explicit`: ``backend="auto"``, at most
         ``EXPLICIT_LIMIT`` joint logits, and finite ``q``, ``k``, ``v`` (a non-finite entry takes
-        the attention calls, which apply headwise's non-finite rule)."""
+        the attention calls, which apply headwise's non-finite rule).
+
+        While ``torch.compile`` traces, the graph cannot branch on values: the explicit path is
+        taken, and a non-finite ``q``, ``k`` or ``v`` raises a ``RuntimeError`` when the compiled
+        code runs instead of taking the calls."""
         b, length, h, _ = q.shape
         logits = b * h * length * (self.segment_len + length // self.segment_len)
         if self.backend != "auto" or logits > EXPLICIT_LIMIT:
             return False
+        if torch.compiler.is_compiling():
+            finite = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+            torch._assert_async(
+                finite,
+                "CombinerAttention compiled: q, k and v must be finite (eager calls apply the "
+                "non-finite rule of headwise.attention)",
+            )
+            return True
         return not has_non_finite(q, k, v)  # (a false alarm only costs the fast path)
 
     def _fixed_explicit(self, q, k, v):
@@ -301,7 +389,8 @@ class CombinerAttention(nn.Module):
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = d**-0.5 if self.scale is None else self.scale
         p = self.dropout if self.training else 0.0
-        seeds = [draw_seed() for _ in range(1 if n == 1 else 3)] if p > 0 else []
+        # 0-d tensors (the same draws as ints): torch.compile keeps the draws in its graph
+        seeds = [draw_seed_tensor() for _ in range(1 if n == 1 else 3)] if p > 0 else []
         segments = [t.view(b, n, s, h, d).to(dtype) for t in (q, k, v)]
         # (B, n, H, s, D): segment, head, position in the segment
         q_s, keys, values = (t.transpose(2, 3) for t in segments)
@@ -328,7 +417,11 @@ class CombinerAttention(nn.Module):
             ~self._visible(n, q.device), float("-inf")
         )
         probs = torch.softmax(logits + hidden, -1)
-        if p > 0:
+        if p > 0 and torch.compiler.is_compiling():
+            # static shapes for the graph: an entry for every logit (about twice the hashing)
+            keep = _joint_keep_mask(seeds[0], seeds[-1], p, b, n, h, s, q.device)
+            probs = probs * (keep.to(dtype) * (1 / (1 - p)))
+        elif p > 0:
             # the keep mask only where a query sees the logit (elsewhere its probability is 0)
             keep = probs.new_zeros(probs.numel())
             sizes = (b * n * h * s * s, b * h * length * n)  # direct call, region call
@@ -380,7 +473,7 @@ class CombinerAttention(nn.Module):
         q_c, k_c, v_c = by_column(q), by_column(k_bar), by_column(row_out)
         if self.causal:
             # Rows 0..R-2 as keys with bottom-right causal alignment: query row r sees r' < r.
-            region, region_lse = self._attend(q_c, k_c[:, :-1], v_c[:, :-1], patterns.causal())
+            region, region_lse = self._attend(q_c, k_c[:, :-1], v_c[:, :-1], _CAUSAL)
         else:
             diagonal = torch.eye(rows, dtype=torch.bool, device=q.device)
             hide = torch.zeros(rows, rows, dtype=q.dtype, device=q.device)

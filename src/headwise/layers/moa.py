@@ -107,6 +107,15 @@ class MoASpan(Pattern):
         if self.length is not None:
             check_int("length", self.length, minimum=0)
 
+    def __repr__(self) -> str:
+        # the dataclass's text, written out: torch.compile traces it (auto's reasons name the
+        # pattern), where the generated one is skipped and breaks the graph
+        return (
+            f"MoASpan(alpha={self.alpha!r}, beta={self.beta!r}, block={self.block!r}, "
+            f"sink_size={self.sink_size!r}, min_cache={self.min_cache!r}, "
+            f"extra_tokens={self.extra_tokens!r}, length={self.length!r})"
+        )
+
     def cache_size(self, total: int) -> tuple[int, int]:
         """``(sink, local)`` of this head for total length ``N = total``."""
         return moa_cache_size(

@@ -55,6 +55,17 @@ class S2Pattern(Pattern):
     def num_heads(self) -> int:  # type: ignore[override]
         return self.heads
 
+    def __repr__(self) -> str:
+        # the dataclass's text, written out: torch.compile traces it (auto's reasons name the
+        # pattern), where the generated one is skipped and breaks the graph
+        return (
+            f"S2Pattern(heads={self.heads!r}, num_kv_heads={self.num_kv_heads!r}, "
+            f"block={self.block!r}, n_local={self.n_local!r}, vert_stride={self.vert_stride!r}, "
+            f"head_step={self.head_step!r}, head_offset={self.head_offset!r}, "
+            f"num_dense_heads={self.num_dense_heads!r}, homo_head={self.homo_head!r}, "
+            f"causal={self.causal!r}, n_right={self.n_right!r})"
+        )
+
     def __post_init__(self) -> None:
         check_int("num_heads", self.heads, minimum=1)
         check_int("num_kv_heads", self.num_kv_heads, minimum=1)

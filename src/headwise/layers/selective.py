@@ -18,6 +18,10 @@ from headwise.ops.attention import attention
 from headwise.ops.attention.dropout import check_dropout
 from headwise.types import Backend
 
+# built once, outside any traced forward: a pattern made while torch.compile traces breaks the
+# graph at the attention operators' key
+_CAUSAL = patterns.causal()
+
 
 class SelectiveMultiHeadAttention(nn.Module):
     """Heads as experts: each head attends over, and writes back to, only the tokens routed to it.
@@ -44,6 +48,9 @@ class SelectiveMultiHeadAttention(nn.Module):
     token is not routed) before a single output projection: the same sums as projecting only
     the selected rows. The dense products do ``H / top_k`` times those rows' multiply-adds (2x
     by default) and still cost less than per-head batched products on gathered ``E``-wide rows.
+    ``T`` depends on the routing: ``torch.compile`` breaks the graph where it is read, unless
+    ``torch._dynamo.config.capture_scalar_outputs = True``, which keeps ``T`` a symbol (one
+    graph for every routing, ``fullgraph=True`` included).
 
     Differences from the official code: selection ranks tokens by their router probability within
     the sequence; the official code first divides scores by their sum over the *batch* (so one
@@ -136,6 +143,10 @@ class SelectiveMultiHeadAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         counts = selected.sum(1)  # (B, H)
         slots = int(counts.max()) if counts.numel() else 0
+        # always true (every token picks top_k >= 1 heads); with capture_scalar_outputs,
+        # torch.compile keeps this data-dependent length symbolic in one graph on these bounds
+        torch._check(slots >= min(1, b * length))
+        torch._check(slots <= length)
         position = torch.arange(length, device=x.device)
         # Selected positions first, in order; then the others (padding slots no one sees).
         order = torch.where(selected, position[:, None], position[:, None] + length)
@@ -154,7 +165,7 @@ class SelectiveMultiHeadAttention(nn.Module):
             q,
             k,
             v,
-            patterns.causal() if self.causal else None,
+            _CAUSAL if self.causal else None,
             scale=self.scale,
             bias=bias,
             backend=self.backend,
