@@ -479,10 +479,14 @@ def bench_recompiles(args, device, dtype, lines):
 class _Block(torch.nn.Module):
     """A pre-norm transformer block: ``x + mha(norm(x))``, then ``+ mlp(norm(.))``."""
 
-    def __init__(self, width: int, heads: int, pattern: P.Pattern | None, backend: str):
+    def __init__(
+        self, width: int, heads: int, pattern: P.Pattern | None, backend: str, dropout: float
+    ):
         super().__init__()
         self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
-        self.attn = MultiHeadAttention(width, heads, pattern=pattern, backend=backend)
+        self.attn = MultiHeadAttention(
+            width, heads, pattern=pattern, backend=backend, dropout=dropout
+        )
         self.mlp = torch.nn.Sequential(
             torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
         )
@@ -495,7 +499,8 @@ class _Block(torch.nn.Module):
 def bench_compiled(args, device, dtype, lines, env):
     """Eager vs ``torch.compile`` (inductor) step time of one transformer block per pattern,
     with dynamo's graph breaks counted (``torch._dynamo.explain``); also written on its own to
-    ``compile-<device>-<date>.md``."""
+    ``compile-<device>-<date>.md`` (``compile-dropout-...`` with ``--compile-dropout``: attention
+    dropout in training mode, a new mask every call)."""
     side = math.isqrt(args.compile_length)
     length, width = side * side, args.heads * args.dim
     windows = [P.sliding_window(w) for w in (16, 32, 64, 128)]
@@ -514,7 +519,7 @@ def bench_compiled(args, device, dtype, lines, env):
     cases = [(name, patterns[name], kind) for kind in args.compile_backends for name in rows[kind]]
     section = [
         f"\n## torch.compile: one transformer block (B={args.batch}, L={length}, E={width}, "
-        f"H={args.heads}, {args.dtype})\n",
+        f"H={args.heads}, {args.dtype}, attention dropout {args.compile_dropout:g})\n",
         "Pre-norm block (LayerNorm, MultiHeadAttention, LayerNorm, MLP 4E). step = forward + "
         "backward of the sum; forward under no_grad. Eager and compiled (inductor) timed in "
         f"turn, {args.repeats} rounds, medians. ratio = compiled / eager (lower is faster). "
@@ -528,7 +533,7 @@ def bench_compiled(args, device, dtype, lines, env):
     bar = progress(len(cases), "compiled blocks")
     for name, pattern, backend in cases:
         torch.manual_seed(0)
-        block = _Block(width, args.heads, pattern, backend).to(device, dtype)
+        block = _Block(width, args.heads, pattern, backend, args.compile_dropout).to(device, dtype)
         x = torch.randn(args.batch, length, width, device=device, dtype=dtype)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(lambda x, block=block: block(x).sum())(x)
@@ -565,7 +570,8 @@ def bench_compiled(args, device, dtype, lines, env):
     torch._dynamo.reset()
     lines += section
     header = ["# headwise: eager vs torch.compile\n", *(f"- {k}: {v}" for k, v in env.items())]
-    write_results(RESULTS, f"compile-{device.type}", env, "\n".join(header + section) + "\n")
+    stem = "compile-dropout" if args.compile_dropout else "compile"
+    write_results(RESULTS, f"{stem}-{device.type}", env, "\n".join(header + section) + "\n")
 
 
 def _load(when: str) -> str:
@@ -596,6 +602,12 @@ def main() -> None:
         default=["auto", "blockwise"],
         choices=["auto", "blockwise"],
         help="whose rows the compiled-block section times",
+    )
+    parser.add_argument(
+        "--compile-dropout",
+        type=float,
+        default=0.0,
+        help="attention dropout of the compiled blocks (training mode)",
     )
     parser.add_argument(
         "--skip",
