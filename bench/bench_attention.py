@@ -480,7 +480,7 @@ class _Block(torch.nn.Module):
     """A pre-norm transformer block: ``x + mha(norm(x))``, then ``+ mlp(norm(.))``."""
 
     def __init__(
-        self, width: int, heads: int, pattern: P.Pattern | None, backend: str, dropout: float
+        self, width: int, heads: int, pattern: P.Pattern | None, backend: str, dropout: float = 0.0
     ):
         super().__init__()
         self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
