@@ -240,6 +240,11 @@ class BlockwiseBackend(Backend):
     screens_non_finite = True  # blockwise_attention applies the rule itself
 
     def reasons(self, problem):
+        if problem.score_mod_unseen_grad:
+            return [
+                "score_mod depends on tensors requiring grad that blockwise cannot see (reached "
+                "through other functions): their gradients would be missing"
+            ]
         return []
 
     def run(self, q, k, v, pattern, scale, bias, score_mod, dropout):

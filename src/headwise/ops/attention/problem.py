@@ -37,6 +37,9 @@ class AttentionProblem:
     has_bias: bool
     bias_needs_grad: bool
     has_score_mod: bool
+    #: the score_mod's scores depend on tensors requiring grad that :func:`captured_leaves`
+    #: does not find (only when gradients are taken): ``blockwise`` would drop their gradients
+    score_mod_unseen_grad: bool
     #: the score_mod is a relative-position table of the pattern (RelativePositionTable)
     relative_position: bool
     return_lse: bool
@@ -118,6 +121,8 @@ def check_problem(
             raise ValueError(f"bias must be on q's device {q.device}; got {bias.device}")
     if score_mod is not None:
         _probe_score_mod(score_mod, batch, heads, q_len, kv_len, q.dtype, q.device)
+    unseen = score_mod is not None and torch.is_grad_enabled()
+    unseen = unseen and bool(unseen_leaves(score_mod, q.device))
     check_bool("return_lse", return_lse)
     dropout_p = check_dropout(dropout_p)
     if dropout_seed is not None:
@@ -139,6 +144,7 @@ def check_problem(
         has_bias=bias is not None,
         bias_needs_grad=bias is not None and bias.requires_grad,
         has_score_mod=score_mod is not None,
+        score_mod_unseen_grad=unseen,
         relative_position=relative_position_of(score_mod, pattern) is not None,
         return_lse=return_lse,
         needs_grad=needs_grad,
@@ -214,6 +220,75 @@ def _probe_score_mod(score_mod, batch, heads, q_len, kv_len, dtype, device) -> N
     q_idx, kv_idx = torch.arange(rows, device=device), torch.arange(keys, device=device)
     with torch.no_grad():
         apply_score_mod(score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx))
+
+
+def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
+    """Tensors requiring grad that ``fn`` closes over or names as globals (e.g. learnable ALiBi
+    slopes or a relative position table), including the parameters of such an ``nn.Module``.
+    Their gradients are computed block by block in the backward pass."""
+    if fn is None:
+        return ()
+    found: dict[int, torch.Tensor] = {}
+    owners = [getattr(fn, "__self__", None)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            owners.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+    owners += [names[name] for name in (code.co_names if code else ()) if name in names]
+    for owner in owners:
+        if isinstance(owner, torch.Tensor):
+            tensors = [owner]
+        elif isinstance(owner, torch.nn.Module):
+            tensors = list(owner.parameters())
+        else:
+            continue
+        for t in tensors:
+            if t.requires_grad:
+                found[id(t)] = t
+    return tuple(found.values())
+
+
+def _leaves(roots) -> dict[int, torch.Tensor]:
+    """The leaf tensors (``AccumulateGrad`` nodes) the autograd graphs of ``roots`` reach."""
+    seen, stack, found = set(), [node for node in roots if node is not None], {}
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found[id(variable)] = variable
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return found
+
+
+def unseen_leaves(score_mod: ScoreMod, device) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that ``score_mod``'s scores depend on but
+    :func:`captured_leaves` does not reach (e.g. through a helper function it calls): one call
+    on a 1 x 1 block with gradients on, its autograd graph walked to the leaves, less the
+    captured tensors' own leaves."""
+    probe = torch.zeros(1, 1, 1, 1, device=device)
+    index = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.enable_grad():
+        out = apply_score_mod(score_mod, probe, *score_indices(1, 1, index, index))
+    captured = captured_leaves(score_mod)
+    covered = _leaves([t.grad_fn for t in captured if not t.is_leaf])
+    covered.update((id(t), t) for t in captured if t.is_leaf)
+    return [t for key, t in _leaves([out.grad_fn]).items() if key not in covered]
+
+
+def unseen_message(missing: list[torch.Tensor]) -> str:
+    shapes = ", ".join(str(tuple(t.shape)) for t in missing)
+    return (
+        f"score_mod depends on {len(missing)} tensor(s) requiring grad ({shapes}) that the "
+        "blockwise backend cannot see: it finds those the score_mod closes over or names as "
+        "globals (and such modules' parameters), not those reached through other functions, so "
+        "their gradients would be missing. Close over them in the score_mod, or use "
+        "backend='reference'"
+    )
 
 
 def refuse_double_backward(what: str) -> None:

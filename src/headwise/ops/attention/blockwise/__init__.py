@@ -50,13 +50,13 @@ pattern), ``function.py`` (both passes over head groups; the autograd Function o
 """
 
 from headwise.ops.attention.blockwise.api import blockwise_attention
-from headwise.ops.attention.blockwise.function import captured_leaves
 from headwise.ops.attention.blockwise.heads import heads_first
 from headwise.ops.attention.blockwise.plan import (
     BACKWARD_BLOCK_FACTOR,
     DEFAULT_BLOCK,
     MASK_CACHE_ELEMENTS,
 )
+from headwise.ops.attention.problem import captured_leaves
 
 __all__ = [
     "BACKWARD_BLOCK_FACTOR",

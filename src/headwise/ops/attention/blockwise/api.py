@@ -6,12 +6,13 @@ import functools
 
 import torch
 
-from headwise.ops.attention.blockwise.function import BlockwiseFunction, captured_leaves
+from headwise.ops.attention.blockwise.function import BlockwiseFunction, check_captured
 from headwise.ops.attention.blockwise.heads import head_passes
 from headwise.ops.attention.blockwise.operators import blockwise_operator
 from headwise.ops.attention.blockwise.plan import DEFAULT_BLOCK
 from headwise.ops.attention.dropout import Dropout
 from headwise.ops.attention.nonfinite import has_non_finite, run_poisoned
+from headwise.ops.attention.problem import captured_leaves
 from headwise.patterns import Pattern
 from headwise.types import ScoreMod
 
@@ -46,7 +47,10 @@ def blockwise_attention(
 
 
 def _with_score_mod(q, k, v, pattern, scale, bias, score_mod, dropout, *, block):
-    captured = captured_leaves(score_mod) if torch.is_grad_enabled() else ()
+    captured = ()
+    if torch.is_grad_enabled():
+        check_captured(score_mod, q.device)
+        captured = captured_leaves(score_mod)
     head_groups = head_passes(pattern, q.shape[1], k.shape[1], block)
     return BlockwiseFunction.apply(
         q, k, v, bias, head_groups, scale, score_mod, block, dropout, *captured

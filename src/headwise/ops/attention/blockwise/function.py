@@ -16,14 +16,16 @@ block of :func:`~headwise.ops.attention.dropout.keep_mask` is generated in the f
 again in the backward pass, never stored.
 
 Tensors captured by ``score_mod`` that require grad (a learnable relative-position table, ALiBi
-slopes; :func:`captured_leaves`) are inputs of the Function, so they get their gradients too, by
-local autograd on each recomputed block.
+slopes; :func:`~headwise.ops.attention.problem.captured_leaves`) are inputs of the Function, so
+they get their gradients too, by local autograd on each recomputed block; a ``score_mod`` that
+depends on such tensors it does not capture is refused (:func:`check_captured`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from headwise._checks import Unsupported
 from headwise.ops.attention.blockwise.fused import fused_backward, fused_forward, use_fused
 from headwise.ops.attention.blockwise.heads import (
     head_index,
@@ -38,13 +40,19 @@ from headwise.ops.attention.blockwise.plan import (
     put_rows,
 )
 from headwise.ops.attention.blockwise.stepwise import stepwise_backward, stepwise_forward
-from headwise.ops.attention.problem import bias_4d, refuse_double_backward
+from headwise.ops.attention.problem import (
+    bias_4d,
+    refuse_double_backward,
+    unseen_leaves,
+    unseen_message,
+)
 from headwise.ops.attention.reference import compute_dtype
 
 
 class BlockwiseFunction(torch.autograd.Function):
     """The path with a ``score_mod``: :func:`forward_groups` and :func:`backward_groups`, with
-    the tensors ``score_mod`` captures as inputs (:func:`captured_leaves`)."""
+    the tensors ``score_mod`` captures as inputs
+    (:func:`~headwise.ops.attention.problem.captured_leaves`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, head_groups, scale, score_mod, block, dropout, *captured):
@@ -200,29 +208,11 @@ def dropout_blocks(dropout, q, k, heads):
     return dropped
 
 
-def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
-    """Tensors requiring grad that ``fn`` closes over or names as globals (e.g. learnable ALiBi
-    slopes or a relative position table), including the parameters of such an ``nn.Module``.
-    Their gradients are computed block by block in the backward pass."""
-    if fn is None:
-        return ()
-    found: dict[int, torch.Tensor] = {}
-    owners = [getattr(fn, "__self__", None)]
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            owners.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
-    owners += [names[name] for name in (code.co_names if code else ()) if name in names]
-    for owner in owners:
-        if isinstance(owner, torch.Tensor):
-            tensors = [owner]
-        elif isinstance(owner, torch.nn.Module):
-            tensors = list(owner.parameters())
-        else:
-            continue
-        for t in tensors:
-            if t.requires_grad:
-                found[id(t)] = t
-    return tuple(found.values())
+@torch.compiler.disable  # looks at autograd's graph: a graph break, in a call that has one
+def check_captured(score_mod, device) -> None:
+    """Refuse a ``score_mod`` whose scores depend on tensors requiring grad that
+    :func:`~headwise.ops.attention.problem.captured_leaves` does not find: their gradients
+    would silently be missing (:func:`~headwise.ops.attention.problem.unseen_leaves`)."""
+    missing = unseen_leaves(score_mod, device)
+    if missing:
+        raise Unsupported(unseen_message(missing))
