@@ -150,8 +150,9 @@ def keep_mask(
         # inductor folds the hash's wrapping int64 products into index arithmetic on Python
         # ints: wrong masks, or an OverflowError in code generation. The operator runs the
         # same eager code.
-        start = start if isinstance(start, torch.Tensor) else torch.tensor(start)
-        return torch.ops.headwise.keep_mask(start, cut, batch, heads, q_len, kv_len, h, i, j)
+        return torch.ops.headwise.keep_mask(
+            seed_tensor(seed), cut, batch, heads, q_len, kv_len, h, i, j
+        )
     return _hashed(start, cut, batch, heads, q_len, kv_len, h, i, j)
 
 

@@ -119,10 +119,10 @@ def check_problem(
             )
         if bias.device != q.device:
             raise ValueError(f"bias must be on q's device {q.device}; got {bias.device}")
+    unseen = False
     if score_mod is not None:
-        _probe_score_mod(score_mod, batch, heads, q_len, kv_len, q.dtype, q.device)
-    unseen = score_mod is not None and torch.is_grad_enabled()
-    unseen = unseen and bool(unseen_leaves(score_mod, q.device))
+        probed = probe_score_mod(score_mod, batch, heads, q_len, kv_len, q.dtype, q.device)
+        unseen = bool(unseen_leaves(score_mod, probed))
     check_bool("return_lse", return_lse)
     dropout_p = check_dropout(dropout_p)
     if dropout_seed is not None:
@@ -209,17 +209,18 @@ def apply_score_mod(
     return result
 
 
-def _probe_score_mod(score_mod, batch, heads, q_len, kv_len, dtype, device) -> None:
+def probe_score_mod(score_mod, batch, heads, q_len, kv_len, dtype, device) -> torch.Tensor:
     """Call ``score_mod`` once on a small block (at most 2 x 2 scores per batch element and head),
-    so that a broken one fails here with a clear message on every backend, before any kernel."""
+    so that a broken one fails here with a clear message on every backend, before any kernel;
+    its output, with the autograd graph of the tensors it used when gradients are on (for
+    :func:`unseen_leaves`)."""
     if not callable(score_mod):
         raise ArgumentTypeError(f"score_mod must be callable; got {type(score_mod).__name__}")
     rows, keys = min(q_len, 2), min(kv_len, 2)
     dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the backends' scores
     scores = torch.zeros(batch, heads, rows, keys, dtype=dtype, device=device)
     q_idx, kv_idx = torch.arange(rows, device=device), torch.arange(keys, device=device)
-    with torch.no_grad():
-        apply_score_mod(score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx))
+    return apply_score_mod(score_mod, scores, *score_indices(batch, heads, q_idx, kv_idx))
 
 
 def captured_leaves(fn: object) -> tuple[torch.Tensor, ...]:
@@ -265,19 +266,17 @@ def _leaves(roots) -> dict[int, torch.Tensor]:
     return found
 
 
-def unseen_leaves(score_mod: ScoreMod, device) -> list[torch.Tensor]:
+def unseen_leaves(score_mod: ScoreMod, probed: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors requiring grad that ``score_mod``'s scores depend on but
-    :func:`captured_leaves` does not reach (e.g. through a helper function it calls): one call
-    on a 1 x 1 block with gradients on, its autograd graph walked to the leaves, less the
-    captured tensors' own leaves."""
-    probe = torch.zeros(1, 1, 1, 1, device=device)
-    index = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.enable_grad():
-        out = apply_score_mod(score_mod, probe, *score_indices(1, 1, index, index))
+    :func:`captured_leaves` does not reach (e.g. through a helper function it calls): the
+    autograd graph of its output ``probed`` (:func:`probe_score_mod`, gradients on) walked to
+    the leaves, less the captured tensors' own leaves. None without gradients."""
+    if probed.grad_fn is None:
+        return []
     captured = captured_leaves(score_mod)
     covered = _leaves([t.grad_fn for t in captured if not t.is_leaf])
     covered.update((id(t), t) for t in captured if t.is_leaf)
-    return [t for key, t in _leaves([out.grad_fn]).items() if key not in covered]
+    return [t for key, t in _leaves([probed.grad_fn]).items() if key not in covered]
 
 
 def unseen_message(missing: list[torch.Tensor]) -> str:

@@ -49,7 +49,7 @@ def blockwise_attention(
 def _with_score_mod(q, k, v, pattern, scale, bias, score_mod, dropout, *, block):
     captured = ()
     if torch.is_grad_enabled():
-        check_captured(score_mod, q.device)
+        check_captured(score_mod, q, k)
         captured = captured_leaves(score_mod)
     head_groups = head_passes(pattern, q.shape[1], k.shape[1], block)
     return BlockwiseFunction.apply(

@@ -42,6 +42,7 @@ from headwise.ops.attention.blockwise.plan import (
 from headwise.ops.attention.blockwise.stepwise import stepwise_backward, stepwise_forward
 from headwise.ops.attention.problem import (
     bias_4d,
+    probe_score_mod,
     refuse_double_backward,
     unseen_leaves,
     unseen_message,
@@ -209,10 +210,12 @@ def dropout_blocks(dropout, q, k, heads):
 
 
 @torch.compiler.disable  # looks at autograd's graph: a graph break, in a call that has one
-def check_captured(score_mod, device) -> None:
+def check_captured(score_mod, q: torch.Tensor, k: torch.Tensor) -> None:
     """Refuse a ``score_mod`` whose scores depend on tensors requiring grad that
     :func:`~headwise.ops.attention.problem.captured_leaves` does not find: their gradients
     would silently be missing (:func:`~headwise.ops.attention.problem.unseen_leaves`)."""
-    missing = unseen_leaves(score_mod, device)
+    batch, q_len, heads = q.shape[:3]
+    probed = probe_score_mod(score_mod, batch, heads, q_len, k.shape[1], q.dtype, q.device)
+    missing = unseen_leaves(score_mod, probed)
     if missing:
         raise Unsupported(unseen_message(missing))
